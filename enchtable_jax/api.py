@@ -1,0 +1,139 @@
+"""The public Python API: load a model from any supported folder, run it, save it back.
+
+`Model` is a pytree (params are its leaves, config and source are static), so it passes through
+`jax.jit`, `jax.tree.map` and sharding utilities as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enchtable_jax.converters.hf import (DEFAULT_SHARD_SIZE, Sharding, index_weights, read_hf, write_hf)
+from enchtable_jax.converters.orbax_io import is_orbax_checkpoint, orbax_specs, read_orbax, write_orbax  # noqa: F401
+from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.init import count_parameters
+from enchtable_jax.models.tensors import check_shapes
+from enchtable_jax.models.transformer import forward
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["config", "source"])
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A causal LM: its resolved config and a flat dict of HF-named parameters in HF (out, in) layout.
+
+    `source` is the folder it was loaded from (its tokenizer files are copied when saving), or None.
+    """
+
+    config: ModelConfig
+    params: dict[str, jax.Array]
+    source: Path | None = None
+
+
+def _kind(path: Path) -> str:
+    if is_orbax_checkpoint(path):
+        return "orbax"
+    if (path / "config.json").is_file():
+        return "hf"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    raise FileNotFoundError(f"{path}: neither an HF model folder (config.json + weights) nor an enchtable orbax "
+                            "checkpoint; config.json is missing")
+
+
+def load(path: str | Path, dtype: Any = None, sharding: Sharding = None, progress: bool | None = None) -> Model:
+    """Load an HF folder or an orbax checkpoint written by `save_orbax`.
+
+    dtype: cast floating tensors (default: keep the stored dtype; bf16 stays bf16).
+    sharding: a `jax.sharding.Sharding` for every tensor, or a function (name, shape) -> Sharding, so a
+    model larger than one device is placed tensor by tensor onto a mesh.
+    """
+    path = Path(path).expanduser().resolve()
+    if _kind(path) == "orbax":
+        config, params = read_orbax(path, dtype=dtype, sharding=sharding)
+    else:
+        config, params = read_hf(path, dtype=dtype, sharding=sharding, progress=progress)
+    return Model(config, params, path)
+
+
+def save(model: Model, path: str | Path, like: str | Path | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
+         overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Write `model` as an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    like: folder whose tokenizer / chat-template / generation-config files are copied (default: the
+    folder the model was loaded from). shard_size: bytes or a string such as '5GB'. Atomic: an
+    interrupted save never leaves a complete-looking folder. Returns the folder's absolute path.
+    """
+    return write_hf(path, model.config, model.params, like=like if like is not None else model.source,
+                    shard_size=shard_size, overwrite=overwrite, progress=progress)
+
+
+def save_orbax(model: Model, path: str | Path, like: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write `model` as an orbax checkpoint folder (with config and tokenizer files); returns its path."""
+    return write_orbax(path, model.config, model.params, like=like if like is not None else model.source,
+                       overwrite=overwrite)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _forward(params, config, input_ids, attention_mask):
+    return forward(params, config, input_ids, attention_mask)
+
+
+def apply(model: Model, input_ids, attention_mask=None) -> jax.Array:
+    """Logits [B, T, vocab] for token ids [B, T] (jit-compiled; 1 = token, 0 = padding in `attention_mask`)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids {input_ids.shape}")
+    return _forward(model.params, model.config, input_ids, attention_mask)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What is in a model folder or checkpoint, read from headers and metadata only (no tensor data)."""
+    path = Path(path).expanduser().resolve()
+    kind = _kind(path)
+    config = ModelConfig.from_file(path / "config.json")
+    if kind == "orbax":
+        specs = orbax_specs(path)
+        files = [{"file": "params/", "bytes": sum(f.stat().st_size for f in (path / "params").rglob("*")
+                                                 if f.is_file())}]
+    else:
+        index = index_weights(path)
+        specs = {n: (s.shape, s.dtype) for n, s in index.tensors.items()}
+        files = [{"file": f.name, "bytes": f.stat().st_size} for f in index.files]
+    extras = check_shapes(config, {n: s for n, (s, _) in specs.items()}, str(path))
+    dtypes: dict[str, int] = {}
+    for shape, dtype in specs.values():
+        dtypes[np.dtype(dtype).name] = dtypes.get(np.dtype(dtype).name, 0) + int(np.prod(shape))
+    c = config
+    return {
+        "path": str(path),
+        "format": kind if kind == "orbax" else f"hf ({index.format})",
+        "architecture": (c.hf.get("architectures") or [c.model_type])[0],
+        "model_type": c.model_type,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "attention_heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rope": {"type": c.rope.rope_type, "theta": c.rope_theta},
+        "sliding_window": sorted({w for w in c.sliding_windows if w is not None}) or None,
+        "tied_head": c.tie_word_embeddings,
+        "parameters": count_parameters({n: s for n, (s, _) in specs.items()}),
+        "tensors": len(specs),
+        "dtypes": dtypes,
+        "files": files,
+        "extra_tensors": extras,
+    }

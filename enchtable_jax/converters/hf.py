@@ -1,0 +1,259 @@
+"""Hugging Face model folders ⇄ flat parameter dicts.
+
+Reading streams one tensor at a time from single or sharded safetensors (or, through the safe loader,
+`.bin`), keeps the stored dtype and checks every name and shape against the config before any tensor
+data is read. Writing produces what `transformers.AutoModelForCausalLM.from_pretrained` expects:
+config.json, generation_config.json, tokenizer and chat-template files copied from a reference folder,
+sharded safetensors with an index, metadata `format: pt`, all written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from enchtable_jax.converters import safetensors_format as stf
+from enchtable_jax.converters.atomic import atomic_folder, check_destination
+from enchtable_jax.converters.torch_bin import load_bin
+from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.tensors import check_shapes
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+DEFAULT_SHARD_SIZE = "5GB"
+# Files of a model folder that are not copied from a reference folder: weights, indices, the config
+# (written from the model's own), and this package's checkpoint marker.
+_NOT_COPIED = re.compile(r"(config\.json|enchtable\.json|.*\.(safetensors|bin|pt|pth|ckpt|gguf|msgpack|h5)"
+                         r"|.*\.index\.json)$")
+
+Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Shape, dtype and file of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    file: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightIndex:
+    """Every tensor of a model folder and where it is stored, read from headers and index files only."""
+
+    folder: Path
+    format: str  # "safetensors" or "bin"
+    files: tuple[Path, ...]
+    tensors: Mapping[str, TensorSpec]
+    _infos: Mapping[str, stf.TensorInfo] = dataclasses.field(repr=False, default_factory=dict)
+
+
+def index_weights(folder: str | Path) -> WeightIndex:
+    """Locate the weight files of an HF folder and list their tensors (no tensor data read for safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    for fmt, single, index_name in (("safetensors", "model.safetensors", SAFETENSORS_INDEX),
+                                    ("bin", "pytorch_model.bin", BIN_INDEX)):
+        if (folder / index_name).is_file():
+            files, expected = _files_from_index(folder, index_name)
+            break
+        if (folder / single).is_file():
+            files, expected = [folder / single], None
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: no weights found; expected model.safetensors, {SAFETENSORS_INDEX} with "
+                                f"its shards, pytorch_model.bin or {BIN_INDEX}")
+    tensors: dict[str, TensorSpec] = {}
+    infos: dict[str, stf.TensorInfo] = {}
+    for file in files:
+        if fmt == "safetensors":
+            file_infos, _ = stf.read_header(file)
+            for name, info in file_infos.items():
+                infos[name] = info
+                tensors[name] = TensorSpec(info.shape, info.dtype, file)
+        else:
+            for name, arr in load_bin(file).items():
+                tensors[name] = TensorSpec(arr.shape, arr.dtype, file)
+    if expected is not None:
+        for name, file in expected.items():
+            if name not in tensors or tensors[name].file != file:
+                raise ValueError(f"{folder / index_name}: tensor {name} is listed in {file.name} but that shard does "
+                                 "not hold it; the index and the shards do not belong together")
+    return WeightIndex(folder, fmt, tuple(files), tensors, infos)
+
+
+def _files_from_index(folder: Path, index_name: str) -> tuple[list[Path], dict[str, Path]]:
+    path = folder / index_name
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid index (needs a 'weight_map' object): {e}") from e
+    expected = {name: folder / file for name, file in weight_map.items()}
+    files = list(dict.fromkeys(expected.values()))
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: shard {file.name} is listed but missing from {folder}")
+    return files, expected
+
+
+def iter_tensors(index: WeightIndex, names: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) one tensor at a time, file by file, in stored dtype."""
+    wanted = set(index.tensors if names is None else names)
+    for file in index.files:
+        if index.format == "bin":
+            for name, arr in load_bin(file).items():
+                if name in wanted:
+                    yield name, arr
+            continue
+        with open(file, "rb") as f:
+            for name, spec in index.tensors.items():
+                if spec.file == file and name in wanted:
+                    yield name, stf.read_tensor(f, index._infos[name])
+
+
+def placer(dtype=None, sharding: Sharding = None) -> Callable[[str, np.ndarray], jax.Array]:
+    """A function that casts (floating tensors only) and places one host array on devices."""
+
+    def place(name: str, arr: np.ndarray) -> jax.Array:
+        if dtype is not None and is_float(arr.dtype):
+            arr = arr.astype(dtype)
+        target = sharding(name, arr.shape) if callable(sharding) else sharding
+        return jax.device_put(arr, target)
+
+    return place
+
+
+def is_float(dtype) -> bool:
+    """Floating dtype, bfloat16 and float8 included (numpy alone does not know those)."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def read_hf(folder: str | Path, dtype=None, sharding: Sharding = None,
+            progress: bool | None = None) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """Load an HF folder: config, then every tensor checked, streamed, cast if `dtype`, and placed."""
+    folder = Path(folder)
+    config = ModelConfig.from_file(folder / "config.json")
+    index = index_weights(folder)
+    extras = check_shapes(config, {n: s.shape for n, s in index.tensors.items()}, str(folder))
+    if extras:
+        warnings.warn(f"{folder}: {len(extras)} tensor(s) unknown to the {config.model_type} layout are kept as they "
+                      f"are and written back: {', '.join(extras[:8])}{' ...' if len(extras) > 8 else ''}",
+                      stacklevel=2)
+    place = placer(dtype, sharding)
+    loaded = {}
+    bar = tqdm(total=sum(s.dtype.itemsize * int(np.prod(s.shape)) for s in index.tensors.values()), unit="B",
+               unit_scale=True, desc=f"load {folder.name}", disable=_disable(progress))
+    with bar:
+        for name, arr in iter_tensors(index):
+            loaded[name] = place(name, arr)
+            bar.update(arr.nbytes)
+    params = {name: loaded[name] for name in index.tensors}  # stored order, not file order
+    return config, params
+
+
+def _disable(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: tqdm shows bars only on a terminal
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '5GB', '500MB', '2GiB'."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"shard size {size!r} not understood; use bytes or e.g. '5GB', '500MB', '2GiB'")
+        unit = m.group(2).upper().rstrip("B")
+        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+        value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+def plan_shards(params: Mapping[str, jax.Array], shard_size: int) -> list[list[str]]:
+    """Split names, in order, into shards of at most `shard_size` bytes (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, arr in params.items():
+        nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+        if shards[-1] and used + nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def copy_companion_files(src: Path | None, dst: Path) -> list[str]:
+    """Copy tokenizer, chat template, generation config and similar top-level files from `src`."""
+    if src is None:
+        return []
+    copied = []
+    for file in sorted(Path(src).iterdir()):
+        if file.is_file() and not file.name.startswith(".") and not _NOT_COPIED.fullmatch(file.name):
+            shutil.copy2(file, dst / file.name)
+            copied.append(file.name)
+    return copied
+
+
+def hf_config_dict(config: ModelConfig, params: Mapping[str, jax.Array]) -> dict:
+    """The config.json to write: the source's own, with the dtype field updated if the weights were cast."""
+    raw = dict(config.hf)
+    floats = {np.dtype(a.dtype).name for a in params.values() if is_float(a.dtype)}
+    if len(floats) == 1:
+        (name,) = floats
+        for key in ("dtype", "torch_dtype"):
+            if key in raw or key == "dtype":
+                raw[key] = name
+    return raw
+
+
+def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array], like: str | Path | None = None,
+             shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+             progress: bool | None = None) -> Path:
+    """Write an HF folder at `path` (atomically); returns its absolute path."""
+    path = check_destination(path, overwrite)
+    limit = parse_size(shard_size)
+    if like is not None and not Path(like).is_dir():
+        raise FileNotFoundError(f"{like}: reference folder (like=) not found")
+    check_shapes(config, {n: tuple(a.shape) for n, a in params.items()}, "params")
+    shards = plan_shards(params, limit)
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in params.values())
+    with atomic_folder(path, overwrite) as tmp:
+        copied = copy_companion_files(Path(like) if like is not None else None, tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, params), indent=2) + "\n")
+        if "generation_config.json" not in copied:
+            keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+            gen = {k: config.hf[k] for k in keys if config.hf.get(k) is not None}
+            (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2))
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"write {path.name}", disable=_disable(progress))
+
+        def fetch(arr):
+            host = np.asarray(jax.device_get(arr))
+            bar.update(host.nbytes)
+            return host
+
+        with bar:
+            for file, names in zip(files, shards):
+                stf.write_file(tmp / file, [(name, params[name]) for name in names], fetch, {"format": "pt"})
+        if n > 1:
+            weight_map = {name: file for file, names in zip(files, shards) for name in names}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return path

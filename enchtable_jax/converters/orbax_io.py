@@ -1,0 +1,80 @@
+"""Parameter dicts as orbax checkpoints, restorable sharded onto a mesh.
+
+Layout of a checkpoint folder: `enchtable.json` (marker and format version), `config.json` (the HF
+config), `params/` (orbax StandardCheckpointer: one array per HF tensor name) and the tokenizer /
+chat-template files of the source folder, so that the checkpoint converts back to an HF folder
+without anything else. Written atomically like HF folders.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from enchtable_jax.converters.atomic import atomic_folder
+from enchtable_jax.converters.hf import Sharding, copy_companion_files, is_float
+from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.tensors import check_shapes
+
+MARKER = "enchtable.json"
+FORMAT = "enchtable-orbax"
+VERSION = 1
+
+
+def is_orbax_checkpoint(path: str | Path) -> bool:
+    """True when `path` is a checkpoint folder written by `write_orbax`."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+def write_orbax(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array],
+                like: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Save config + params (+ companion files of `like`) as an orbax checkpoint folder; returns its path."""
+    with atomic_folder(path, overwrite) as tmp:
+        copy_companion_files(Path(like) if like is not None else None, tmp)
+        (tmp / "config.json").write_text(json.dumps(dict(config.hf), indent=2) + "\n")
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp.resolve() / "params", dict(params))
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        marker = {"format": FORMAT, "version": VERSION, "tensors": list(params)}  # keeps the tensor order
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    return Path(path).expanduser().resolve()
+
+
+def orbax_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, dtype)} from the checkpoint's metadata, without reading arrays."""
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(Path(path).resolve() / "params").item_metadata.tree
+    return {name: (tuple(meta.shape), np.dtype(meta.dtype)) for name, meta in tree.items()}
+
+
+def read_orbax(path: str | Path, dtype=None, sharding: Sharding = None) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """Restore config and params; each array is placed with `sharding` (one, or a function of name and shape)."""
+    path = Path(path).expanduser().resolve()
+    if not is_orbax_checkpoint(path):
+        raise FileNotFoundError(f"{path}: not an enchtable orbax checkpoint (no {MARKER}); write one with "
+                                "`enchtable convert HF_DIR OUT`")
+    config = ModelConfig.from_file(path / "config.json")
+    specs = orbax_specs(path)
+    check_shapes(config, {n: s for n, (s, _) in specs.items()}, str(path))
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {}
+    for name, (shape, stored) in specs.items():
+        target_dtype = dtype if dtype is not None and is_float(stored) else stored
+        place = sharding(name, shape) if callable(sharding) else sharding
+        target[name] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=place or default)
+    checkpointer = ocp.StandardCheckpointer()
+    restored = checkpointer.restore(path / "params", target)
+    order = json.loads((path / MARKER).read_text()).get("tensors") or list(specs)
+    return config, {name: restored[name] for name in order}

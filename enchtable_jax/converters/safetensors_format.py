@@ -1,0 +1,125 @@
+"""Reading and writing the safetensors file format, one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}}, then raw little-endian bytes. Doing it here (about a page of code) gives what the
+`safetensors` package's numpy path does not: bfloat16 and float8 through `ml_dtypes`, streaming reads
+and writes of a single tensor, exact bytes kept, and errors that name the file and tensor when a file
+is truncated or corrupt. Files written here load with `safetensors` and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that is truncated, corrupt or not safetensors at all."""
+
+
+class TensorInfo:
+    """Where one tensor lives in a file."""
+
+    __slots__ = ("name", "dtype", "shape", "start", "end")
+
+    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...], start: int, end: int):
+        self.name, self.dtype, self.shape, self.start, self.end = name, dtype, shape, start, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a file's header without reading tensor data: ({name: info}, metadata)."""
+    path = Path(path)
+    size = path.stat().st_size
+    bad = f"{path}: not a valid safetensors file"
+    fix = "the file is truncated or corrupt; re-download or re-export it"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{bad} ({size} bytes, shorter than the 8-byte header length); {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise SafetensorsError(f"{bad}: header length {n} exceeds the file size {size}; {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsError(f"{bad}: header is not JSON ({e}); {fix}") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{bad}: header is not a JSON object; {fix}")
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    data_start = 8 + n
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetensorsError(f"{bad}: entry for tensor {name} is malformed ({entry!r}); {fix}") from e
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise SafetensorsError(f"{bad}: tensor {name} declares {end - begin} bytes but shape {shape} of "
+                                   f"{entry['dtype']} needs {expected}; {fix}")
+        if data_start + end > size:
+            raise SafetensorsError(f"{path}: tensor {name} ends at byte {data_start + end} but the file has "
+                                   f"{size} bytes; {fix}")
+        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+    return infos, metadata
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo) -> np.ndarray:
+    """Read one tensor's bytes into a fresh array (no memory map kept alive)."""
+    out = np.empty(info.shape, info.dtype)
+    f.seek(info.start)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    if f.readinto(view) != info.nbytes:
+        raise SafetensorsError(f"{getattr(f, 'name', 'file')}: tensor {info.name} is truncated")
+    return out
+
+
+def header_bytes(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
+    """Length prefix + JSON header, padded with spaces to an 8-byte boundary, for tensors in this order."""
+    header: dict = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_file(path: str | Path, tensors: list[tuple[str, object]], fetch, metadata: Mapping[str, str]) -> None:
+    """Write `tensors` [(name, array-like with .shape/.dtype)] to `path`, pulling each array's bytes through
+    `fetch(array) -> np.ndarray` only when it is written, so a shard never needs all its tensors on the host."""
+    for name, arr in tensors:
+        if np.dtype(arr.dtype) not in DTYPE_NAMES:
+            raise TypeError(f"tensor {name}: dtype {arr.dtype} cannot be stored in safetensors")
+    with open(path, "wb") as f:
+        f.write(header_bytes([(n, np.dtype(a.dtype), tuple(a.shape)) for n, a in tensors], metadata))
+        for _, arr in tensors:
+            f.write(memoryview(np.ascontiguousarray(fetch(arr)).reshape(-1).view(np.uint8)))
+        f.flush()
+        os.fsync(f.fileno())

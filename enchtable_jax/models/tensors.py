@@ -1,0 +1,91 @@
+"""The tensors a causal LM of a given config must have: Hugging Face names and (out, in) shapes.
+
+Parameters are kept under their Hugging Face names and layout, so conversion is a rename-free copy and
+SVDs, norms and written files agree with PyTorch bit for bit. This table is the single place that
+knows the names; the forward pass, the converters and the merge all read it.
+"""
+
+from __future__ import annotations
+
+from enchtable_jax.models.config import ModelConfig
+
+# Dimension symbols resolved from the config: vocab, hidden, ffn (intermediate), q = heads * head_dim,
+# kv = kv_heads * head_dim.
+_GLOBAL = (
+    ("model.embed_tokens.weight", ("vocab", "hidden"), None),
+    ("model.norm.weight", ("hidden",), None),
+    ("lm_head.weight", ("vocab", "hidden"), "untied_head"),
+)
+_LAYER = (
+    ("input_layernorm.weight", ("hidden",), None),
+    ("self_attn.q_proj.weight", ("q", "hidden"), None),
+    ("self_attn.q_proj.bias", ("q",), "qkv_bias"),
+    ("self_attn.k_proj.weight", ("kv", "hidden"), None),
+    ("self_attn.k_proj.bias", ("kv",), "qkv_bias"),
+    ("self_attn.v_proj.weight", ("kv", "hidden"), None),
+    ("self_attn.v_proj.bias", ("kv",), "qkv_bias"),
+    ("self_attn.o_proj.weight", ("hidden", "q"), None),
+    ("self_attn.o_proj.bias", ("hidden",), "o_bias"),
+    ("post_attention_layernorm.weight", ("hidden",), None),
+    ("mlp.gate_proj.weight", ("ffn", "hidden"), None),
+    ("mlp.gate_proj.bias", ("ffn",), "mlp_bias"),
+    ("mlp.up_proj.weight", ("ffn", "hidden"), None),
+    ("mlp.up_proj.bias", ("ffn",), "mlp_bias"),
+    ("mlp.down_proj.weight", ("hidden", "ffn"), None),
+    ("mlp.down_proj.bias", ("hidden",), "mlp_bias"),
+)
+
+# Written by some tied checkpoints although the config ties it; accepted, never required.
+OPTIONAL_TIED_HEAD = "lm_head.weight"
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config requires, in Hugging Face order, with its shape."""
+    dims = {
+        "vocab": config.vocab_size,
+        "hidden": config.hidden_size,
+        "ffn": config.intermediate_size,
+        "q": config.num_attention_heads * config.head_dim,
+        "kv": config.num_key_value_heads * config.head_dim,
+    }
+    flags = {
+        None: True,
+        "untied_head": not config.tie_word_embeddings,
+        "qkv_bias": config.qkv_bias,
+        "o_bias": config.o_bias,
+        "mlp_bias": config.mlp_bias,
+    }
+
+    def entries(prefix, table):
+        return {prefix + name: tuple(dims[d] for d in shape) for name, shape, flag in table if flags[flag]}
+
+    shapes = entries("", _GLOBAL[:1])
+    for i in range(config.num_hidden_layers):
+        shapes.update(entries(layer_prefix(i), _LAYER))
+    shapes.update(entries("", _GLOBAL[1:]))
+    return shapes
+
+
+def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> list[str]:
+    """Raise on a missing or misshapen tensor; return the names the config does not know (extras)."""
+    expected = expected_shapes(config)
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{source}: tensor(s) {', '.join(missing[:5])}{more} missing for this config.json "
+                         f"({config.model_type}, {config.num_hidden_layers} layers); is the checkpoint complete "
+                         "and does config.json belong to it?")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, but config.json implies "
+                             f"{shape}; config.json and the weights do not belong together")
+    if config.tie_word_embeddings and OPTIONAL_TIED_HEAD in shapes:
+        if tuple(shapes[OPTIONAL_TIED_HEAD]) != expected["model.embed_tokens.weight"]:
+            raise ValueError(f"{source}: tensor lm_head.weight has shape {tuple(shapes[OPTIONAL_TIED_HEAD])}, "
+                             f"expected {expected['model.embed_tokens.weight']}")
+        expected = {**expected, OPTIONAL_TIED_HEAD: ()}
+    return [n for n in shapes if n not in expected]

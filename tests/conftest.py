@@ -1,0 +1,52 @@
+"""Shared fixtures. Eight simulated CPU devices are requested before JAX is imported, so mesh tests
+run on one machine; tests that use one device are unaffected."""
+
+from __future__ import annotations
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make_hf_model(folder: Path, model_type: str = "llama", dtype: str = "float32", seed: int = 0, **overrides):
+    """A random transformers model saved as an HF folder; norms and biases perturbed so they matter.
+
+    Returns the torch model (the oracle) in `dtype`.
+    """
+    import torch
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config}[model_type]
+    config = config_cls(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture
+def hf_model(tmp_path):
+    """Factory: hf_model(model_type='llama', dtype='float32', **config) -> (folder, torch model)."""
+    count = iter(range(1000))
+
+    def build(model_type: str = "llama", dtype: str = "float32", **overrides):
+        folder = tmp_path / f"{model_type}-{next(count)}"
+        return folder, make_hf_model(folder, model_type, dtype, **overrides)
+
+    return build
