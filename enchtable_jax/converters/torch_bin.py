@@ -17,7 +17,8 @@ class UnsafeCheckpointError(ValueError):
     """A `.bin` file that holds something other than tensors."""
 
 
-def _to_numpy(tensor) -> np.ndarray:
+def tensor_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as a numpy array of the same dtype and bytes (bfloat16 via ml_dtypes)."""
     import torch
 
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
@@ -46,4 +47,4 @@ def load_bin(path: str | Path) -> dict[str, np.ndarray]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UnsafeCheckpointError(f"{path}: expected a dict of tensor name -> tensor, got {type(state).__name__} "
                                     "with non-tensor entries")
-    return {name: _to_numpy(t) for name, t in state.items()}
+    return {name: tensor_to_numpy(t) for name, t in state.items()}
