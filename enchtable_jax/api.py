@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.converters.hf import (DEFAULT_SHARD_SIZE, Sharding, index_weights, read_hf, write_hf)
-from enchtable_jax.converters.orbax_io import is_orbax_checkpoint, orbax_specs, read_orbax, write_orbax  # noqa: F401
+from enchtable_jax.converters.orbax_io import is_orbax_checkpoint, orbax_specs, read_orbax, write_orbax
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.init import count_parameters
 from enchtable_jax.models.tensors import check_shapes

@@ -10,21 +10,25 @@ from pathlib import Path
 
 from enchtable_jax import api
 from enchtable_jax.converters.atomic import check_destination
-from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
+from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
+from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 
 
 def _convert(args: argparse.Namespace) -> None:
     src = Path(args.src)
-    check_destination(args.dst, args.overwrite)  # refuse before reading anything
+    to_hf = is_orbax_checkpoint(src)
+    # refuse bad requests before reading anything
+    check_destination(args.dst, args.overwrite)
+    parse_size(args.shard_size)
+    if args.like is not None and not to_hf:
+        raise ValueError("--like applies to orbax -> HF conversion; an HF source brings its own files")
     start = time.perf_counter()
     model = api.load(src, dtype=args.dtype)
-    if api.is_orbax_checkpoint(src):
+    if to_hf:
         out = api.save(model, args.dst, like=args.like, shard_size=args.shard_size, overwrite=args.overwrite)
         what = "HF folder"
     else:
-        if args.like is not None:
-            raise SystemExit("--like applies to orbax -> HF conversion; an HF source brings its own files")
         out = api.save_orbax(model, args.dst, overwrite=args.overwrite)
         what = "orbax checkpoint"
     print(f"wrote {what} {out} ({len(model.params)} tensors) in {time.perf_counter() - start:.1f}s")

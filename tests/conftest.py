@@ -21,7 +21,8 @@ TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_lay
 def make_hf_model(folder: Path, model_type: str = "llama", dtype: str = "float32", seed: int = 0, **overrides):
     """A random transformers model saved as an HF folder; norms and biases perturbed so they matter.
 
-    Returns the torch model (the oracle) in `dtype`.
+    Returns the torch model in `dtype`. For bf16 prefer `from_pretrained(folder)` as the logits oracle:
+    `.to(bfloat16)` also rounds the rotary `inv_freq` buffer, which `from_pretrained` keeps in float32.
     """
     import torch
     import transformers

@@ -126,9 +126,11 @@ def iter_tensors(index: WeightIndex, names: list[str] | None = None) -> Iterator
 def placer(dtype=None, sharding: Sharding = None) -> Callable[[str, np.ndarray], jax.Array]:
     """A function that casts (floating tensors only) and places one host array on devices."""
 
-    def place(name: str, arr: np.ndarray) -> jax.Array:
+    def place(name: str, arr: np.ndarray) -> jax.Array | np.ndarray:
         if dtype is not None and is_float(arr.dtype):
             arr = arr.astype(dtype)
+        if arr.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+            return arr  # 64-bit extras (e.g. int64 buffers) stay exact on the host instead of narrowing to 32 bits
         target = sharding(name, arr.shape) if callable(sharding) else sharding
         return jax.device_put(arr, target)
 
@@ -172,12 +174,12 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         value = size
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*", str(size), re.IGNORECASE)
         if not m:
             raise ValueError(f"shard size {size!r} not understood; use bytes or e.g. '5GB', '500MB', '2GiB'")
-        unit = m.group(2).upper().rstrip("B")
-        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-                 "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+        prefix = (m.group(2) or "").upper()
+        base = 1024 if m.group(3) else 1000
+        scale = base ** " KMGT".index(prefix) if prefix else 1
         value = int(float(m.group(1)) * scale)
     if value <= 0:
         raise ValueError(f"shard size must be positive, got {size!r}")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -34,7 +35,8 @@ def load_bin(path: str | Path) -> dict[str, np.ndarray]:
         raise ImportError(f"{path}: reading .bin checkpoints needs PyTorch (pip install torch), or convert "
                           "the checkpoint to safetensors first") from e
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap only for the zip format; legacy (pre-1.6) files are read whole, equally without running code
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeCheckpointError(
