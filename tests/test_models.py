@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +99,8 @@ PARITY_CASES = {
                                         max_window_layers=1),
                           {"window ignored": lambda m: with_config(m, sliding_windows=(None, None)),
                            "biases dropped": without_biases}),
-    "qwen2-untied-mha-theta": ("qwen2", dict(**L2, num_key_value_heads=4, rope_theta=1e6), {}),
+    "qwen2-untied-mha-theta": ("qwen2", dict(**L2, num_key_value_heads=4, rope_theta=50.0),
+                               {"default theta": lambda m: with_config(m, rope_theta=10000.0)}),
 }
 
 
@@ -126,7 +128,7 @@ def test_logits_match_transformers_f32(hf_model, case):
 def test_resolved_features_of_parity_configs(hf_model):
     """The configs above really exercise what they claim (read back from the saved config.json)."""
     cfg = lambda mt, **o: enchtable_jax.load(hf_model(mt, **o)[0]).config  # noqa: E731
-    c = cfg(*PARITY_CASES["qwen2-tied-window"][:1], **PARITY_CASES["qwen2-tied-window"][1])
+    c = cfg("qwen2", **PARITY_CASES["qwen2-tied-window"][1])
     assert c.sliding_windows == (None, 3) and c.qkv_bias and not c.o_bias and c.tie_word_embeddings
     c = cfg("llama", **PARITY_CASES["llama-biases-headdim"][1])
     assert (c.qkv_bias, c.o_bias, c.mlp_bias, c.head_dim) == (True, True, True, 24)
@@ -329,8 +331,8 @@ def test_rope_inv_freq_default_and_linear(rope_parameters, head_dim):
 def test_expected_shapes_match_state_dict(model_type, overrides):
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config}[model_type]
-    hf_config = config_cls(vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, **overrides)
+    hf_config = config_cls(**{**dict(vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2), **overrides})
     torch_model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
     if hf_config.tie_word_embeddings:
@@ -338,4 +340,5 @@ def test_expected_shapes_match_state_dict(model_type, overrides):
         del state["lm_head.weight"]
     shapes = expected_shapes(ModelConfig.from_hf(hf_config.to_dict()))
     assert shapes == state
-    assert list(shapes) == list(state)  # Hugging Face order
+    assert list(shapes) == list(state)  # same order too: files we write list tensors as transformers does
+    assert next(iter(shapes)) == "model.embed_tokens.weight"

@@ -80,7 +80,9 @@ class ModelConfig:
             if not isinstance(d.get(name), int) or d[name] <= 0:
                 raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {d.get(name)!r}")
         heads = d["num_attention_heads"]
-        kv_heads = d.get("num_key_value_heads") or heads
+        kv_heads = d.get("num_key_value_heads", heads)
+        if not isinstance(kv_heads, int) or kv_heads <= 0:
+            raise ConfigError(f"{source}: field 'num_key_value_heads' must be a positive integer, got {kv_heads!r}")
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
                               f"num_key_value_heads ({kv_heads})")

@@ -17,7 +17,6 @@ _GLOBAL = (
     ("lm_head.weight", ("vocab", "hidden"), "untied_head"),
 )
 _LAYER = (
-    ("input_layernorm.weight", ("hidden",), None),
     ("self_attn.q_proj.weight", ("q", "hidden"), None),
     ("self_attn.q_proj.bias", ("q",), "qkv_bias"),
     ("self_attn.k_proj.weight", ("kv", "hidden"), None),
@@ -26,13 +25,14 @@ _LAYER = (
     ("self_attn.v_proj.bias", ("kv",), "qkv_bias"),
     ("self_attn.o_proj.weight", ("hidden", "q"), None),
     ("self_attn.o_proj.bias", ("hidden",), "o_bias"),
-    ("post_attention_layernorm.weight", ("hidden",), None),
     ("mlp.gate_proj.weight", ("ffn", "hidden"), None),
     ("mlp.gate_proj.bias", ("ffn",), "mlp_bias"),
     ("mlp.up_proj.weight", ("ffn", "hidden"), None),
     ("mlp.up_proj.bias", ("ffn",), "mlp_bias"),
     ("mlp.down_proj.weight", ("hidden", "ffn"), None),
     ("mlp.down_proj.bias", ("hidden",), "mlp_bias"),
+    ("input_layernorm.weight", ("hidden",), None),
+    ("post_attention_layernorm.weight", ("hidden",), None),
 )
 
 # Written by some tied checkpoints although the config ties it; accepted, never required.
@@ -44,7 +44,7 @@ def layer_prefix(i: int) -> str:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the config requires, in Hugging Face order, with its shape."""
+    """Every tensor the config requires, with its shape, in the order transformers' state_dict lists them."""
     dims = {
         "vocab": config.vocab_size,
         "hidden": config.hidden_size,
