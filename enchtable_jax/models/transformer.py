@@ -11,7 +11,7 @@ Shapes: B batch, T tokens, H query heads, K key/value heads, D head_dim.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,15 @@ from enchtable_jax.models.config import ModelConfig, RopeScaling
 from enchtable_jax.models.tensors import layer_prefix
 
 Params = Mapping[str, jax.Array]
+# unit(name, fn, params) evaluates the sub-network `name` (e.g. "model.layers.3.mlp",
+# "model.layers.3.self_attn", "model.layers.3.self_attn.q_proj") as fn(params). It is the one seam
+# through which the kernels replace a unit by its linearization; the model itself just calls fn.
+Unit = Callable[[str, Callable[[Params], jax.Array], Params], jax.Array]
+
+
+def call_unit(name: str, fn: Callable[[Params], jax.Array], params: Params) -> jax.Array:
+    """The identity wrapper: evaluate the unit as it is."""
+    return fn(params)
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -32,7 +41,7 @@ _ACTIVATIONS = {
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, cast back, then scaled (transformers' order of operations)."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
 
@@ -89,19 +98,24 @@ def attention_masks(attention_mask: jax.Array, config: ModelConfig) -> dict[int 
 
 
 def attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, cos: jax.Array, sin: jax.Array,
-              mask: jax.Array) -> jax.Array:
+              mask: jax.Array, unit: Unit = call_unit) -> jax.Array:
     """Grouped-query self-attention of one layer; x [B, T, hidden] -> [B, T, hidden]."""
     b, t, _ = x.shape
     h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = apply_rope(linear(x, params, prefix + "q_proj").reshape(b, t, h, d), cos, sin)
-    key = apply_rope(linear(x, params, prefix + "k_proj").reshape(b, t, k, d), cos, sin)
-    value = linear(x, params, prefix + "v_proj").reshape(b, t, k, d)
+
+    def proj(name: str, inp: jax.Array) -> jax.Array:
+        return unit(prefix + name, lambda p: linear(inp, p, prefix + name), params)
+
+    q = apply_rope(proj("q_proj", x).reshape(b, t, h, d), cos, sin)
+    key = apply_rope(proj("k_proj", x).reshape(b, t, k, d), cos, sin)
+    value = proj("v_proj", x).reshape(b, t, k, d)
     q = q.reshape(b, t, k, h // k, d)  # query heads grouped by the key/value head they share
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # softmax in float32 (float64 when the model is)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=acc) * (d ** -0.5)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value).reshape(b, t, h * d)
-    return linear(out, params, prefix + "o_proj")
+    return proj("o_proj", out)
 
 
 def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig) -> jax.Array:
@@ -112,13 +126,13 @@ def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig) -> jax.A
 
 
 def decoder_layer(x: jax.Array, params: Params, i: int, config: ModelConfig, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array) -> jax.Array:
+                  mask: jax.Array, unit: Unit = call_unit) -> jax.Array:
     """Pre-norm residual block: attention then MLP."""
     p = layer_prefix(i)
-    x = x + attention(rms_norm(x, params[p + "input_layernorm.weight"], config.rms_norm_eps),
-                      params, p + "self_attn.", config, cos, sin, mask)
-    return x + mlp(rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps),
-                   params, p + "mlp.", config)
+    h = rms_norm(x, params[p + "input_layernorm.weight"], config.rms_norm_eps)
+    x = x + unit(p + "self_attn", lambda q: attention(h, q, p + "self_attn.", config, cos, sin, mask, unit), params)
+    h = rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
+    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config), params)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -127,11 +141,12 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-            position_ids: jax.Array | None = None) -> jax.Array:
+            position_ids: jax.Array | None = None, unit: Unit = call_unit) -> jax.Array:
     """Logits [B, T, vocab] for token ids [B, T]; `attention_mask` (1 = token, 0 = pad) allows any padding side.
 
     Position ids default to the running count of real tokens, so a left-padded prompt gets the same
     positions as the unpadded one (what generation needs). Logits at padded positions are meaningless.
+    `unit` wraps every projection, attention block and MLP block (see `Unit`); the default just calls it.
     """
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -142,7 +157,7 @@ def forward(params: Params, config: ModelConfig, input_ids: jax.Array, attention
     cos, sin = rope_tables(position_ids, config, x.dtype)
     masks = attention_masks(attention_mask, config)
     for i in range(config.num_hidden_layers):
-        x = decoder_layer(x, params, i, config, cos, sin, masks[config.sliding_windows[i]])
+        x = decoder_layer(x, params, i, config, cos, sin, masks[config.sliding_windows[i]], unit)
     x = rms_norm(x, params["model.norm.weight"], config.rms_norm_eps)
     head = embed if config.tie_word_embeddings else params["lm_head.weight"]
     return x @ head.T

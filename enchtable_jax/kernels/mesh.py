@@ -1,0 +1,50 @@
+"""Device meshes and shardings: batch over ('data', 'fsdp'), parameters optionally split over 'fsdp'.
+
+One mesh shape serves a laptop, a GPU host and a TPU pod: a 2-D mesh of all devices with a data
+axis and an fsdp axis (size 1 when parameters are replicated). Axis types are Auto so that jit's
+sharding propagation inserts the gathers and reductions.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP = "data", "fsdp"
+
+
+def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over `devices` (default: all), with `fsdp` devices per parameter shard group."""
+    devices = list(jax.devices() if devices is None else devices)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"fsdp={fsdp} must divide the number of devices ({len(devices)})")
+    grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, (DATA, FSDP), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Examples split over every device of the mesh (leading axis)."""
+    return NamedSharding(mesh, P((DATA, FSDP)))
+
+
+def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Split the largest axis that the fsdp size divides; replicate when none does (or fsdp is 1)."""
+    n = mesh.shape[FSDP]
+    spec = [None] * len(shape)
+    if n > 1:
+        for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+            if shape[axis] % n == 0:
+                spec[axis] = FSDP
+                break
+    return NamedSharding(mesh, P(*spec))
+
+
+def shard_tree(tree, mesh: Mesh):
+    """Place every array of a pytree with `param_sharding` (scalars and small leaves replicated)."""
+    return jax.tree.map(lambda x: jax.device_put(x, param_sharding(mesh, np.shape(x))), tree)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """The `param_sharding` of every leaf, as a pytree (for jit's in/out shardings)."""
+    return jax.tree.map(lambda x: param_sharding(mesh, np.shape(x)), tree)

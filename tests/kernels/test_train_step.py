@@ -1,0 +1,112 @@
+"""Training through the linearized forward: loss formula, gradients vs finite differences, donation,
+and the same step on a mesh of 8 simulated CPU devices as on one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from enchtable_jax.kernels.linearize import scope_params
+from enchtable_jax.kernels.mesh import make_mesh, shard_tree
+from enchtable_jax.kernels.scopes import resolve_scope
+from enchtable_jax.kernels.train_step import init_opt_state, loss_fn, make_train_step, token_cross_entropy
+from enchtable_jax.api import Model
+from enchtable_jax.models import init_params, preset_config
+
+CONFIG = preset_config("tiny", "llama", num_hidden_layers=2, vocab_size=64, hidden_size=32, intermediate_size=48)
+
+
+def _batch(n=8, t=10, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, CONFIG.vocab_size, (n, t)).astype(np.int32)
+    mask = np.ones((n, t), np.int32)
+    mask[1, 7:] = 0
+    mask[3, 5:] = 0
+    loss_mask = mask.copy()
+    loss_mask[:, :4] = 0  # the "prompt": not a target
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def test_token_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, (3, 6))
+    mask = rng.integers(0, 2, (3, 6))
+    total, count = token_cross_entropy(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    x = logits.astype(np.float64)[:, :-1]
+    logp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    assert count == mask[:, 1:].sum()
+    np.testing.assert_allclose(total, (nll * mask[:, 1:]).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scope_name", ["ffn", "attn_block", "model"])
+def test_gradient_matches_finite_differences(scope_name):
+    scope = resolve_scope(CONFIG, scope_name)
+    batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}
+    with jax.enable_x64(True):
+        params0 = init_params(CONFIG, seed=0, dtype=jnp.float64, std=0.1)
+        rng = np.random.default_rng(5)
+        theta = {n: params0[n] + 0.05 * rng.normal(size=params0[n].shape) for n in scope.params}
+        direction = {n: rng.normal(size=params0[n].shape) for n in scope.params}
+        loss = lambda p: loss_fn(p, params0, CONFIG, scope, batch)  # noqa: E731
+        grad = jax.grad(loss)(theta)
+        eps = 1e-5
+        shift = lambda s: {n: theta[n] + s * eps * direction[n] for n in theta}  # noqa: E731
+        numeric = (loss(shift(1)) - loss(shift(-1))) / (2 * eps)
+        analytic = sum(jnp.vdot(grad[n], direction[n]) for n in theta)
+    assert abs(float(analytic) - float(numeric)) <= 1e-6 * max(1.0, abs(float(numeric)))
+
+
+def test_steps_lower_the_loss_and_donate_buffers():
+    model0 = Model(CONFIG, init_params(CONFIG, seed=0))
+    scope = resolve_scope(CONFIG, "ffn")
+    optimizer = optax.adamw(3e-3)
+    params = scope_params(model0, scope)
+    opt_state = init_opt_state(optimizer, params)
+    step = make_train_step(CONFIG, scope, optimizer)
+    batch = _batch()
+    first = params
+    losses = []
+    for _ in range(5):
+        params, opt_state, metrics = step(model0.params, params, opt_state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(first))  # donated, not copied
+    assert not model0.params["model.layers.0.mlp.up_proj.weight"].is_deleted()  # θ0 untouched
+    assert set(params) == set(scope.params)
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_mesh_of_8_devices_matches_one_device(fsdp, optimizer_name):
+    assert len(jax.devices()) == 8, "tests/conftest.py requests 8 CPU devices"
+    model0 = Model(CONFIG, init_params(CONFIG, seed=0))
+    scope = resolve_scope(CONFIG, "attn_block+ffn")
+    optimizer = optax.sgd(0.5) if optimizer_name == "sgd" else optax.adamw(1e-3)
+    batch = _batch()
+    results = []
+    for mesh in (None, make_mesh(fsdp)):
+        params, params0 = scope_params(model0, scope), model0.params
+        if mesh is not None:
+            params, params0 = shard_tree(params, mesh), shard_tree(params0, mesh)
+        opt_state = init_opt_state(optimizer, params)
+        step = make_train_step(CONFIG, scope, optimizer, mesh=mesh)
+        losses = []
+        for _ in range(2):
+            params, opt_state, metrics = step(params0, params, opt_state, batch)
+            losses.append(float(metrics["loss"]))
+        results.append((losses, {n: np.asarray(v) for n, v in params.items()}, params))
+    (losses1, p1, _), (losses8, p8, placed) = results
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    start = {n: np.asarray(v) for n, v in model0.params.items()}
+    for n in p1:
+        update1, update8 = p1[n] - start[n], p8[n] - start[n]
+        # Adam divides by sqrt(v): entries with near-zero gradients amplify reduction-order rounding
+        tolerance = 1e-4 if optimizer_name == "sgd" else 1e-3
+        assert np.abs(update8 - update1).max() <= tolerance * np.abs(update1).max(), n
+    sharded = placed["model.layers.0.mlp.up_proj.weight"].sharding
+    assert len(sharded.device_set) == 8
+    if fsdp == 2:
+        assert sharded.spec[0] == "fsdp"  # parameters really split over the fsdp axis
