@@ -66,6 +66,6 @@ def linearized_logits(model0, params: Params, input_ids, scope: Scope | str, att
                                input_ids, mask)
 
 
-def scope_params(model0, scope: Scope) -> dict[str, jax.Array]:
+def scope_params(params0: Params, scope: Scope) -> dict[str, jax.Array]:
     """θ0 restricted to the scope: the starting point of distillation (copied, so it can be donated)."""
-    return {n: model0.params[n].copy() for n in scope.params}
+    return {n: jnp.array(params0[n], copy=True) for n in scope.params}

@@ -87,7 +87,7 @@ def test_at_theta0_the_linearization_is_the_model():
     model0 = Model(CONFIG, params0)
     for name in ("ffn", "model"):
         scope = resolve_scope(CONFIG, name)
-        lin = linearized_logits(model0, scope_params(model0, scope), ids, scope, mask)
+        lin = linearized_logits(model0, scope_params(model0.params, scope), ids, scope, mask)
         np.testing.assert_allclose(lin, apply(model0, ids, mask), rtol=1e-5, atol=1e-5)
 
 

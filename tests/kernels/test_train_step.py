@@ -63,7 +63,7 @@ def test_steps_lower_the_loss_and_donate_buffers():
     model0 = Model(CONFIG, init_params(CONFIG, seed=0))
     scope = resolve_scope(CONFIG, "ffn")
     optimizer = optax.adamw(3e-3)
-    params = scope_params(model0, scope)
+    params = scope_params(model0.params, scope)
     opt_state = init_opt_state(optimizer, params)
     step = make_train_step(CONFIG, scope, optimizer)
     batch = _batch()
@@ -88,7 +88,7 @@ def test_mesh_of_8_devices_matches_one_device(fsdp, optimizer_name):
     batch = _batch()
     results = []
     for mesh in (None, make_mesh(fsdp)):
-        params, params0 = scope_params(model0, scope), model0.params
+        params, params0 = scope_params(model0.params, scope), model0.params
         if mesh is not None:
             params, params0 = shard_tree(params, mesh), shard_tree(params0, mesh)
         opt_state = init_opt_state(optimizer, params)

@@ -1,0 +1,1 @@
+"""Performance studies: `python -m enchtable_jax.bench`. Each study times implementations side by side."""

@@ -1,0 +1,34 @@
+"""Side-by-side timing: implementations alternate within one run, so machine noise hits them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function; warm-up calls (compilation) are not counted.
+
+    Each function must block until its work is done (e.g. `jax.block_until_ready`).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """min / median / max of repeated measurements."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Per-repeat ratios (paired by alternation order), summarised."""
+    return summary([a / b for a, b in zip(numerator, denominator)])
