@@ -3,7 +3,8 @@
 Every unit of the scope is evaluated as one `jax.jvp` at θ0 with tangent θ − θ0 (primal and
 tangent in one pass) and returns primal + tangent; units outside the scope run at θ0. The
 `whole_model` scope does the same for the entire network. Only the scope's tensors are passed as
-θ, so only they exist twice in memory.
+θ, so only they exist twice in memory. θ0 sets the compute dtype (e.g. bfloat16) while θ may be
+float32 master weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.transformer import Params, call_unit, forward
 
 
+def tangent(params0: Params, params: Params, names) -> dict[str, jax.Array]:
+    """θ − θ0 for `names`, formed in θ's precision and then cast to θ0's compute dtype.
+
+    With float32 master weights θ and bfloat16 θ0, the difference keeps updates far below bfloat16's
+    resolution of θ itself (bf16(θ) − θ0 would round a 1e-5 step away).
+    """
+    return {n: (params[n] - params0[n].astype(params[n].dtype)).astype(params0[n].dtype) for n in names}
+
+
 def linearized_unit(params0: Params, params: Params, owned: Mapping[str, tuple[str, ...]]):
     """A `Unit` that replaces each unit in `owned` by its first-order expansion around `params0`."""
 
@@ -26,8 +36,7 @@ def linearized_unit(params0: Params, params: Params, owned: Mapping[str, tuple[s
         if not names:
             return call_unit(name, fn, current)
         primal = {n: params0[n] for n in names}
-        tangent = {n: params[n] - params0[n] for n in names}
-        out, dout = jax.jvp(lambda sub: fn({**current, **sub}), (primal,), (tangent,))
+        out, dout = jax.jvp(lambda sub: fn({**current, **sub}), (primal,), (tangent(params0, params, names),))
         return out + dout
 
     return unit
@@ -38,9 +47,8 @@ def linearized_forward(params0: Params, params: Params, config: ModelConfig, sco
     """Logits of the model linearized in `scope` around `params0`, at the scope tensors `params` (pure)."""
     if scope.whole_model:
         primal = {n: params0[n] for n in scope.params}
-        tangent = {n: params[n] - params0[n] for n in scope.params}
         out, dout = jax.jvp(lambda sub: forward({**params0, **sub}, config, input_ids, attention_mask),
-                            (primal,), (tangent,))
+                            (primal,), (tangent(params0, params, scope.params),))
         return out + dout
     unit = linearized_unit(params0, params, unit_params(scope))
     return forward(params0, config, input_ids, attention_mask, unit=unit)

@@ -23,9 +23,10 @@ def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
     return Mesh(grid, (DATA, FSDP), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Examples split over every device of the mesh (leading axis)."""
-    return NamedSharding(mesh, P((DATA, FSDP)))
+def batch_sharding(mesh: Mesh, accumulation_axis: bool = False) -> NamedSharding:
+    """Examples split over every device of the mesh (the leading axis, or the second one behind a
+    gradient-accumulation axis)."""
+    return NamedSharding(mesh, P(None, (DATA, FSDP)) if accumulation_axis else P((DATA, FSDP)))
 
 
 def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
@@ -40,9 +41,24 @@ def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
+def put(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Place one array; across processes each one supplies its devices' slices of the same host value."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def put_tree(tree, shardings):
+    """`put` over matching pytrees of arrays and shardings."""
+    return jax.tree.map(put, tree, shardings)
+
+
 def shard_tree(tree, mesh: Mesh):
     """Place every array of a pytree with `param_sharding` (scalars and small leaves replicated)."""
-    return jax.tree.map(lambda x: jax.device_put(x, param_sharding(mesh, np.shape(x))), tree)
+    return put_tree(tree, tree_shardings(tree, mesh))
 
 
 def tree_shardings(tree, mesh: Mesh):

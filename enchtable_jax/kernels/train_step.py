@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from enchtable_jax.kernels.linearize import linearized_forward
-from enchtable_jax.kernels.mesh import batch_sharding, tree_shardings
+from enchtable_jax.kernels.mesh import batch_sharding, put_tree, tree_shardings
 from enchtable_jax.kernels.scopes import Scope
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.transformer import Params, forward
@@ -34,17 +34,27 @@ def token_cross_entropy(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.
 
 def scope_logits(params: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
                  linearized: bool = True) -> jax.Array:
-    """Logits with the scope's tensors at `params`: through the linearization, or the plain model."""
+    """Logits with the scope's tensors at `params`: through the linearization, or the plain model.
+
+    θ0 sets the compute dtype; θ may be float32 master weights.
+    """
     if linearized:
         return linearized_forward(params0, params, config, scope, batch["input_ids"], batch["attention_mask"])
-    return forward({**params0, **params}, config, batch["input_ids"], batch["attention_mask"])
+    merged = {**params0, **{n: v.astype(params0[n].dtype) for n, v in params.items()}}
+    return forward(merged, config, batch["input_ids"], batch["attention_mask"])
+
+
+def loss_sums(params: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
+              linearized: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token NLL over target tokens, number of target tokens) of one micro-batch."""
+    return token_cross_entropy(scope_logits(params, params0, config, scope, batch, linearized),
+                               batch["input_ids"], batch["loss_mask"])
 
 
 def loss_fn(params: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
             linearized: bool = True) -> jax.Array:
     """Mean next-token cross-entropy over the batch's target tokens."""
-    total, count = token_cross_entropy(scope_logits(params, params0, config, scope, batch, linearized),
-                                       batch["input_ids"], batch["loss_mask"])
+    total, count = loss_sums(params, params0, config, scope, batch, linearized)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -52,26 +62,46 @@ def make_train_step(config: ModelConfig, scope: Scope, optimizer: optax.Gradient
                     linearized: bool = True, mesh: Mesh | None = None) -> Step:
     """A jit-compiled step(params0, params, opt_state, batch) -> (params, opt_state, metrics).
 
-    `params` and `opt_state` are donated. With a `mesh` (see `kernels.mesh.make_mesh`) the batch is split
-    over all devices and every array sharded by `param_sharding` (over 'fsdp' when that axis is > 1).
+    A batch of [B, T] arrays is one micro-batch; [A, B, T] arrays are A micro-batches whose gradients
+    are accumulated (a scan, so memory stays at one micro-batch) before one optimizer update. The loss
+    is the mean over all target tokens of the step, so it does not depend on how the examples are
+    split into micro-batches or devices. `params` and `opt_state` are donated. With a `mesh` (see
+    `kernels.mesh.make_mesh`) examples are split over all devices and every array sharded by
+    `param_sharding` (over 'fsdp' when that axis is > 1).
     """
 
     def step(params0, params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, params0, config, scope, batch, linearized)
+        def accumulate(carry, micro):
+            (total, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, params0, config, scope, micro,
+                                                                                linearized)
+            sums, total_acc, count_acc = carry
+            return (jax.tree.map(jnp.add, sums, grads), total_acc + total, count_acc + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (sums, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, sums)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "target_tokens": count}
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    def with_accumulation_axis(batch):
+        return {k: v[None] if jnp.ndim(v) == 2 else v for k, v in batch.items()}
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=(1, 2))
+        jitted = jax.jit(step, donate_argnums=(1, 2))
+        return lambda params0, params, opt_state, batch: jitted(params0, params, opt_state,
+                                                                with_accumulation_axis(batch))
     compiled: dict[str, Callable] = {}
 
     def sharded_step(params0, params, opt_state, batch):
+        batch = with_accumulation_axis(batch)
         shardings = (tree_shardings(params0, mesh), tree_shardings(params, mesh), tree_shardings(opt_state, mesh),
-                     jax.tree.map(lambda _: batch_sharding(mesh), batch))
+                     jax.tree.map(lambda _: batch_sharding(mesh, accumulation_axis=True), batch))
         if "step" not in compiled:  # shardings depend only on shapes, fixed for a run
             compiled["step"] = jax.jit(step, in_shardings=shardings, out_shardings=(*shardings[1:3], None),
                                        donate_argnums=(1, 2))
-        return compiled["step"](*jax.device_put((params0, params, opt_state, batch), shardings))
+        return compiled["step"](*put_tree((params0, params, opt_state, batch), shardings))
 
     return sharded_step
 

@@ -110,3 +110,36 @@ def test_mesh_of_8_devices_matches_one_device(fsdp, optimizer_name):
     assert len(sharded.device_set) == 8
     if fsdp == 2:
         assert sharded.spec[0] == "fsdp"  # parameters really split over the fsdp axis
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    model0 = Model(CONFIG, init_params(CONFIG, seed=0))
+    scope = resolve_scope(CONFIG, "ffn")
+    optimizer = optax.sgd(0.5)
+    batch = _batch(8)
+    results = []
+    for split in (batch, {k: v.reshape(2, 4, -1) for k, v in batch.items()}):  # [8, T] vs [2 micro, 4, T]
+        params = scope_params(model0.params, scope)
+        step = make_train_step(CONFIG, scope, optimizer)
+        params, _, metrics = step(model0.params, params, init_opt_state(optimizer, params), split)
+        results.append((float(metrics["loss"]), params))
+    (loss1, p1), (loss2, p2) = results
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    for n in p1:
+        np.testing.assert_allclose(p2[n], p1[n], rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_master_updates():
+    """θ0 in bf16, θ in f32: a step far below bf16 resolution of θ still moves the linearized output."""
+    params0 = {n: v.astype(jnp.bfloat16) for n, v in init_params(CONFIG, seed=0, std=0.1).items()}
+    scope = resolve_scope(CONFIG, "ffn")
+    theta = {n: params0[n].astype(jnp.float32) for n in scope.params}
+    tiny = {n: v + 1e-5 for n, v in theta.items()}  # bf16(θ + 1e-5) == bf16(θ) for |θ| >~ 3e-3
+    assert any(bool((v.astype(jnp.bfloat16) == params0[n]).mean() > 0.5) for n, v in tiny.items())
+    from enchtable_jax.kernels.linearize import linearized_forward
+
+    batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}
+    at0 = linearized_forward(params0, theta, CONFIG, scope, batch["input_ids"], batch["attention_mask"])
+    moved = linearized_forward(params0, tiny, CONFIG, scope, batch["input_ids"], batch["attention_mask"])
+    assert at0.dtype == jnp.bfloat16
+    assert float(jnp.abs(moved.astype(jnp.float32) - at0.astype(jnp.float32)).max()) > 0
