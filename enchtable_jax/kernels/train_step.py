@@ -82,7 +82,7 @@ def make_train_step(config: ModelConfig, scope: Scope, optimizer: optax.Gradient
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, sums)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "target_tokens": count}
+        metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
         return optax.apply_updates(params, updates), opt_state, metrics
 
     def with_accumulation_axis(batch):
