@@ -53,11 +53,42 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _init(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from enchtable_jax.models.tokenizer import byte_level_tokenizer
+
     check_destination(args.dst, args.overwrite)
     config = preset_config(args.preset, args.arch)
     model = api.Model(config, init_params(config, seed=args.seed, dtype=args.dtype))
-    out = api.save(model, args.dst, overwrite=args.overwrite)
-    print(f"wrote a random {args.arch} model of preset {args.preset!r} to {out}")
+    with tempfile.TemporaryDirectory() as tokenizer_dir:  # a byte-level tokenizer with a ChatML template
+        byte_level_tokenizer().save_pretrained(tokenizer_dir)
+        out = api.save(model, args.dst, like=tokenizer_dir, overwrite=args.overwrite)
+    print(f"wrote a random {args.arch} model of preset {args.preset!r} (byte-level tokenizer, ChatML) to {out}")
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from enchtable_jax.distillation.train import DistillOptions, distill
+
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id, initialization_timeout=args.init_timeout)
+    options = DistillOptions(scope=args.scope, layers=args.layers, epochs=args.epochs, steps=args.steps, lr=args.lr,
+                             batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
+                             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                             max_length=args.max_length, seed=args.seed, compute_dtype=args.compute_dtype,
+                             save_every=args.save_every, fsdp=args.fsdp, template=args.template,
+                             group_by_length=not args.no_group_by_length, linearized=not args.plain)
+    manifest = distill(args.model, args.data, args.out, options, resume=args.resume, overwrite=args.overwrite,
+                       export_harmful=args.export_harmful)
+    if jax.process_index() != 0:
+        return
+    data, training = manifest["data"], manifest["training"]
+    print(f"safety vector: {args.out}  (scope {manifest['scope']['name']}, {len(manifest['scope']['tensors'])} "
+          f"tensors)\n  data: {data['n_examples']} examples from {data['n_records']} records, {data['n_truncated']} "
+          f"truncated to {training['max_length']} tokens, {data['n_dropped']} dropped\n  training: "
+          f"{training['total_steps']} steps on {training['devices']} device(s), final loss {training['final_loss']:.4f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
 
     p = sub.add_parser("init", help="write a randomly initialised model of a built-in shape (demos, tests, speed)",
-                       description="Write an HF folder holding a random model of a preset shape.")
+                       description="Write an HF folder holding a random model of a preset shape, with a byte-level "
+                                   "tokenizer and a ChatML chat template.")
     p.add_argument("dst", help="output folder")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
@@ -94,6 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_init)
+
+    from enchtable_jax.distillation.train import DistillOptions
+    from enchtable_jax.kernels.scopes import SCOPE_HELP
+
+    d = DistillOptions()
+    p = sub.add_parser("distill", help="distil a safety vector: NTK-linearized fine-tuning on harmful data",
+                       description="Fine-tune the aligned model's scope on harmful instruction->response data in the "
+                                   "NTK-linearized regime and write the safety vector tau = theta_aligned - theta_harm.")
+    p.add_argument("--model", required=True, help="aligned model: HF folder or orbax checkpoint (with tokenizer)")
+    p.add_argument("--data", required=True, help="harmful data: JSON/JSONL, alpaca (instruction/input/output) or "
+                                                 "chat (messages)")
+    p.add_argument("--out", required=True, help="safety-vector folder")
+    p.add_argument("--scope", default=d.scope, help="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items())
+                   + "; combine with '+'")
+    p.add_argument("--layers", help="layer range as a Python slice, e.g. 12:-12 (default: all)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--max-length", type=int, default=d.max_length, help="truncate rendered examples to this many tokens")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="forward/backward dtype (master weights stay float32; default: the model's dtype)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
+    p.add_argument("--fsdp", type=int, default=d.fsdp, help="devices per parameter shard group (1: replicate)")
+    p.add_argument("--template", help="chat template if the model has none: chatml, llama3, plain, or a .jinja file")
+    p.add_argument("--no-group-by-length", action="store_true", help="do not group similar lengths into batches")
+    p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--export-harmful", metavar="DIR", help="also write theta_harm as an HF folder")
+    p.add_argument("--coordinator", help="multi-host: coordinator address HOST:PORT for jax.distributed")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    p.add_argument("--init-timeout", type=int, default=300, help="multi-host: seconds to wait for all processes")
+    p.set_defaults(func=_distill)
     return parser
 
 

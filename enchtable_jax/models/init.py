@@ -15,11 +15,14 @@ import numpy as np
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import expected_shapes
 
+EOS_ID = 256  # `<|endoftext|>` of the byte-level tokenizer that `enchtable init` writes beside the weights
+
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A few hundred thousand parameters: compiles and runs in seconds on one CPU core.
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    # A few hundred thousand parameters: compiles and runs in seconds on one CPU core. The vocabulary
+    # holds the byte-level tokenizer of `models.tokenizer` (259 tokens), rounded up to a multiple of 8.
+    "tiny": dict(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False),
     # SmolLM2-135M's shape (Llama architecture, tied embeddings).
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -39,7 +42,7 @@ def preset_config(name: str = "tiny", model_type: str = "llama", **overrides: An
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(_ARCHITECTURES)}")
     raw = {"architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
-           "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32", **PRESETS[name], **overrides}
+           "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "dtype": "float32", **PRESETS[name], **overrides}
     if model_type in ("mistral", "qwen2"):
         raw.setdefault("sliding_window", None)
     return ModelConfig.from_hf(raw, source=f"preset {name!r}")

@@ -1,0 +1,110 @@
+"""The safety-vector folder: τ_safe = θ_aligned − θ_harm on the scope's tensors, and its manifest.
+
+Layout of SAFETY_DIR (manifest.json is written last: a folder without it is incomplete):
+  safety_vector.safetensors   τ under HF tensor names (only the scope's tensors)
+  safety_vector/              the same tensors as an orbax checkpoint (sharded restore)
+  manifest.json               base model identity, scope, data, training settings, loss curve, versions
+  loss.png                    the loss curve
+  checkpoints/                resumable training state (orbax CheckpointManager)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from enchtable_jax.converters import safetensors_format as stf
+
+FORMAT = "enchtable-safety-vector"
+VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "safety_vector.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyVector:
+    """τ_safe on the scope's tensors (HF names) and the manifest describing how it was made."""
+
+    tensors: dict[str, np.ndarray]
+    manifest: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    """Package versions recorded with every artefact."""
+    found = {}
+    for package in ("enchtable-jax", "jax", "jaxlib", "optax", "orbax-checkpoint", "transformers", "numpy"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_vector(folder: Path, tensors: Mapping[str, np.ndarray], manifest: dict[str, Any],
+                 primary: bool = True) -> None:
+    """Write τ (safetensors + orbax) and then the manifest, each file renamed into place when complete.
+
+    Every process calls it (orbax saves collectively); only the `primary` one writes the plain files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((folder / "safety_vector").resolve(), dict(tensors), force=True)
+    checkpointer.wait_until_finished()
+    if not primary:
+        return
+    tmp = folder / f".{TENSORS}.tmp"
+    stf.write_file(tmp, list(tensors.items()), np.asarray, {"format": "pt", "content": FORMAT})
+    os.replace(tmp, folder / TENSORS)
+    manifest = {"format": FORMAT, "version": VERSION, **manifest}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a finished safety-vector folder (errors say what is wrong with the folder)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {MANIFEST}; not a finished safety vector (was distillation "
+                                "interrupted? resume it with `enchtable distill ... --resume`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an enchtable safety-vector manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def load_safety_vector(folder: str | Path) -> SafetyVector:
+    """Read τ and its manifest from a safety-vector folder."""
+    manifest = read_manifest(folder)
+    infos, _ = stf.read_header(Path(folder) / TENSORS)
+    with open(Path(folder) / TENSORS, "rb") as f:
+        tensors = {name: stf.read_tensor(f, info) for name, info in infos.items()}
+    return SafetyVector(tensors, manifest)
+
+
+def check_base(manifest: Mapping[str, Any], base_identity: Mapping[str, str], what: str) -> None:
+    """Refuse a safety vector made from another base model than `base_identity` describes."""
+    made_from = manifest.get("base_model", {})
+    for key in ("model_type", "config_sha256", "weights_blake2b"):
+        if made_from.get(key) != base_identity.get(key):
+            raise ValueError(f"{what}: safety vector was distilled from another model ({key} "
+                             f"{str(made_from.get(key))[:16]} != {str(base_identity.get(key))[:16]}); distill one "
+                             "from this model, or pass the aligned model it was made from")
+
+
+def fully_replicated_numpy(x: jax.Array) -> np.ndarray:
+    """A host copy of a (possibly multi-process sharded) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -1,0 +1,82 @@
+"""An offline byte-level tokenizer and built-in chat templates.
+
+`byte_level_tokenizer()` builds, with the `tokenizers` library and no downloads, a tokenizer whose ids
+0..255 are the 256 bytes and 256..258 are `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`: every string
+round-trips, so random tiny models and tests get a real `transformers` tokenizer with a chat template.
+`TEMPLATES` holds the chat templates used when a model folder brings none.
+"""
+
+from __future__ import annotations
+
+import transformers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
+BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+# ChatML: every turn is `<|im_start|>ROLE\nCONTENT<|im_end|>\n`; the generation prompt opens an assistant turn.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Llama 3 headers; the markers are plain text here and become special tokens with a Llama 3 tokenizer.
+# Unlike Meta's template, contents are not trimmed, so the targets are exactly the data's responses.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token if bos_token else '' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+# Alpaca-style prompt for base models; a response ends with the tokenizer's eos token.
+PLAIN_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' %}{{- '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- else %}{{- '### Response:\\n' + message['content'] + (eos_token if eos_token else '') + '\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### Response:\\n' }}{%- endif %}"
+)
+
+TEMPLATES: dict[str, str] = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "plain": PLAIN_TEMPLATE}
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2 convention, as `tokenizers`' ByteLevel) uses for each byte.
+
+    Printable Latin-1 bytes stand for themselves; the others map, in byte order, to U+0100 onwards.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def byte_level_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer (id = byte value, no merges) plus ChatML special tokens, built offline.
+
+    `<|endoftext|>` is eos and pad. `save_pretrained` writes a folder that `AutoTokenizer` reloads, chat
+    template included (`chat_template=None` gives a tokenizer without one).
+    """
+    symbols = _byte_symbols()
+    if set(symbols) != set(pre_tokenizers.ByteLevel.alphabet()):  # guards the convention above
+        raise RuntimeError("byte symbols disagree with tokenizers' ByteLevel alphabet; the tokenizers library changed")
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        extra_special_tokens=list(SPECIAL_TOKENS[1:]), chat_template=chat_template,
+        clean_up_tokenization_spaces=False)

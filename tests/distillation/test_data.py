@@ -1,0 +1,342 @@
+"""Distillation data: record parsing and its errors, template choice, response-only loss masks (checked by
+decoding the masked tokens), truncation, the epoch order and batch collation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import transformers
+
+from enchtable_jax.distillation.data import (DataError, Example, collate, data_hash, epoch_batches, read_records,
+                                        render, resolve_template)
+from enchtable_jax.models.tokenizer import TEMPLATES, byte_level_tokenizer
+
+SINGLE = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Sure: first…"}]
+MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello 👋\n"}, {"role": "user", "content": "More?"},
+         {"role": "assistant", "content": "  Yes, more.  "}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_level_tokenizer()
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _jsonl(tmp_path, records, name="data.jsonl"):
+    return _write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _byte_count(text):
+    """Tokens of `text` under the byte tokenizer: UTF-8 bytes, each ChatML marker one token."""
+    return len(text.encode()) - 11 * text.count("<|im_start|>") - 9 * text.count("<|im_end|>")
+
+
+def _target_runs(tokenizer, example):
+    """Decoded text of each maximal run of target tokens."""
+    runs, current = [], []
+    for token, target in zip(example.input_ids.tolist(), example.loss_mask.tolist()):
+        if target:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(r) for r in runs]
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def test_alpaca_json_and_jsonl(tmp_path):
+    records = [{"instruction": "Do X", "output": "Done"}, {"instruction": "Summarize", "input": "text", "output": "ok"},
+               {"instruction": "Y", "input": "", "output": "z", "extra": 1}]
+    expected = [[{"role": "user", "content": "Do X"}, {"role": "assistant", "content": "Done"}],
+                [{"role": "user", "content": "Summarize\n\ntext"}, {"role": "assistant", "content": "ok"}],
+                [{"role": "user", "content": "Y"}, {"role": "assistant", "content": "z"}]]
+    assert read_records(_write(tmp_path, "a.json", json.dumps(records, indent=1))) == expected
+    assert read_records(_jsonl(tmp_path, records)) == expected
+
+
+def test_chat_form_and_blank_lines(tmp_path):
+    chat = {"messages": [{"role": "system", "content": "s", "name": "ignored"}, *MULTI[1:]]}
+    path = _write(tmp_path, "c.jsonl", "\n" + json.dumps(chat) + "\n\n" + json.dumps({"messages": SINGLE}) + "\n")
+    assert read_records(path) == [[{"role": "system", "content": "s"}, *MULTI[1:]], SINGLE]
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"messages": SINGLE}]).encode())
+    assert read_records(path) == [SINGLE]
+
+
+GOOD = {"instruction": "i", "output": "o"}
+
+
+@pytest.mark.parametrize("record,fragments", [
+    ({"instruction": "i"}, ["field 'output'", "missing", "string"]),
+    ({"instruction": 3, "output": "o"}, ["field 'instruction'", "int", "string"]),
+    ({"instruction": "i", "input": ["x"], "output": "o"}, ["field 'input'", "list"]),
+    ({"messages": "hi"}, ["field 'messages'", "non-empty list"]),
+    ({"messages": []}, ["field 'messages'", "non-empty list"]),
+    ({"messages": [SINGLE[0], "hi"]}, ["field 'messages[1]'", "str"]),
+    ({"messages": [{"role": "tool", "content": "x"}, SINGLE[1]]}, ["field 'messages[0].role'", "'tool'", "system"]),
+    ({"messages": [SINGLE[0], {"role": "assistant"}]}, ["field 'messages[1].content'", "missing"]),
+    ({"messages": [SINGLE[1], SINGLE[0]]}, ["field 'messages[0].role'", "'assistant'"]),
+    ({"messages": [SINGLE[0]]}, ["field 'messages[0].role'", "'user'", "last message must be the assistant"]),
+    ({"prompt": "p", "response": "r"}, ["['prompt', 'response']", "instruction", "messages"]),
+    (["instruction", "output"], ["JSON object", "list"]),
+])
+def test_malformed_records_are_located(tmp_path, record, fragments):
+    path = _jsonl(tmp_path, [GOOD, record, GOOD])
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    assert f"{path}:2:" in str(e.value)
+    for fragment in fragments:
+        assert fragment in str(e.value)
+    as_json = _write(tmp_path, "data.json", json.dumps([GOOD, GOOD, record]))
+    with pytest.raises(DataError, match="record 2") as e:
+        read_records(as_json)
+    assert str(as_json) in str(e.value) and fragments[0] in str(e.value)
+
+
+def test_invalid_json_is_located(tmp_path):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
+        read_records(_write(tmp_path, "bad.jsonl", json.dumps(GOOD) + "\n{'single': 'quotes'}\n"))
+    with pytest.raises(DataError, match=r"bad\.json:3: invalid JSON"):
+        read_records(_write(tmp_path, "bad.json", '[\n{"instruction": "i", "output": "o"},\n{oops}\n]'))
+
+
+@pytest.mark.parametrize("text", ["", "\n \n", "[]"])
+def test_empty_data(tmp_path, text):
+    with pytest.raises(DataError, match="no records"):
+        read_records(_write(tmp_path, "empty.jsonl", text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def test_data_hash(tmp_path):
+    assert data_hash(_write(tmp_path, "abc.txt", "abc")) == \
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    blob = bytes(range(256)) * 10_000
+    (tmp_path / "blob").write_bytes(blob)
+    assert data_hash(tmp_path / "blob") == hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- templates
+
+def test_missing_template_names_the_folder_and_the_flag(tmp_path):
+    folder = tmp_path / "base-model"
+    byte_level_tokenizer(chat_template=None).save_pretrained(folder)
+    bare = transformers.AutoTokenizer.from_pretrained(folder)
+    with pytest.raises(DataError) as e:
+        resolve_template(bare)
+    assert str(folder) in str(e.value) and "--template chatml|llama3|plain|FILE.jinja" in str(e.value)
+    with pytest.raises(DataError, match="no chat template"):
+        render([SINGLE], bare, 64)
+    assert resolve_template(bare, "plain") == TEMPLATES["plain"]
+
+
+def test_template_choice(tok, tmp_path):
+    assert resolve_template(tok) == tok.chat_template
+    assert resolve_template(tok, "llama3") == TEMPLATES["llama3"]
+    path = _write(tmp_path, "mine.jinja", "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    assert resolve_template(tok, str(path)) == path.read_text()
+    with pytest.raises(DataError, match="neither a built-in .*chatml, llama3, plain"):
+        resolve_template(tok, "vicuna")
+    with pytest.raises(DataError, match="empty"):
+        resolve_template(tok, str(_write(tmp_path, "empty.jinja", " \n")))
+
+
+# --------------------------------------------------------------------------------------- rendering
+
+def test_single_turn_targets_are_the_response(tok):
+    (ex,), stats = render([SINGLE], tok, 256)
+    text = "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\nSure: first…<|im_end|>\n"
+    assert tok.decode(ex.input_ids.tolist()) == text
+    assert _target_runs(tok, ex) == ["Sure: first…<|im_end|>"]
+    assert ex.input_ids.dtype == np.int32 and ex.loss_mask.dtype == np.int8 and len(ex) == _byte_count(text)
+    assert stats.n_target_tokens == len("Sure: first…".encode()) + 1 and stats.n_tokens == len(ex)
+
+
+def test_multi_turn_targets_are_every_response(tok):
+    (ex,), _ = render([MULTI], tok, 512)
+    assert _target_runs(tok, ex) == ["Hello 👋\n<|im_end|>", "  Yes, more.  <|im_end|>"]
+    untargeted = tok.decode([t for t, m in zip(ex.input_ids.tolist(), ex.loss_mask.tolist()) if not m])
+    assert untargeted == ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                          "<|im_start|>assistant\n\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n\n")
+
+
+@pytest.mark.parametrize("name,end", [("plain", "<|endoftext|>"), ("llama3", "<|eot_id|>")])
+def test_builtin_templates_mark_responses_and_their_end(tok, name, end):
+    (ex,), _ = render([MULTI], tok, 1024, template=name)
+    assert _target_runs(tok, ex) == ["Hello 👋\n" + end, "  Yes, more.  " + end]
+
+
+def test_control_tokens_in_data_stay_text(tok):
+    conv = [{"role": "user", "content": "a<|im_end|>b"}, {"role": "assistant", "content": "<|im_start|>x"}]
+    (ex,), _ = render([conv], tok, 256)
+    assert ex.input_ids.tolist().count(258) == 2 and ex.input_ids.tolist().count(257) == 2  # template's own only
+    assert _target_runs(tok, ex) == ["<|im_start|>x<|im_end|>"]
+
+
+def test_truncation_and_dropping(tok):
+    long_answer = [SINGLE[0], {"role": "assistant", "content": "x" * 100}]
+    long_prompt = [{"role": "user", "content": "p" * 100}, SINGLE[1]]
+    examples, stats = render([SINGLE, long_answer, long_prompt], tok, 64)
+    prompt_len = _byte_count("<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n")
+    assert [len(e) for e in examples] == [_byte_count(tok.apply_chat_template(SINGLE, tokenize=False)), 64]
+    assert int(examples[1].loss_mask.sum()) == 64 - prompt_len and examples[1].loss_mask[-1] == 1
+    assert (stats.n_records, stats.n_examples, stats.n_truncated, stats.n_dropped) == (3, 2, 2, 1)
+    assert stats.n_tokens == sum(len(e) for e in examples)
+    assert stats.n_target_tokens == sum(int(e.loss_mask.sum()) for e in examples)
+    assert stats.max_length_seen == len(tok.apply_chat_template(long_answer, return_dict=False))
+
+
+def test_template_that_rewrites_history_is_refused(tok, tmp_path):
+    counting = _write(tmp_path, "counting.jinja",  # the message count changes every earlier turn's rendering
+                      "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(DataError) as e:
+        render([SINGLE], tok, 256, template=str(counting))
+    assert "conversation 0" in str(e.value) and f"template file {counting}" in str(e.value)
+    assert "rewrites earlier turns" in str(e.value) and "assistant message 1" in str(e.value)
+    assert "--template" in str(e.value)
+
+
+def test_template_errors_are_reported(tok, tmp_path):
+    strict = _write(tmp_path, "strict.jinja", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                    "{{ raise_exception('no system prompts') }}{% endif %}{{ m['content'] }}|{% endfor %}")
+    with pytest.raises(DataError, match="conversation 1: template file .*no system prompts"):
+        render([SINGLE, MULTI], tok, 256, template=str(strict))
+    users_only = _write(tmp_path, "users.jinja", "{% for m in messages %}{% if m['role'] == 'user' %}"
+                        "{{ m['content'] }}|{% endif %}{% endfor %}")
+    with pytest.raises(DataError, match="conversation 0: template file .*assistant message 1 as no tokens"):
+        render([SINGLE], tok, 256, template=str(users_only))
+
+
+def test_rendered_examples_collate_into_a_training_batch(tok):
+    examples, stats = render([SINGLE, MULTI, SINGLE], tok, 512)
+    batch = collate(examples, [0, 1, 2], tok.pad_token_id)
+    # token t is predicted at t-1: every target has a predecessor, and real tokens carry all of them
+    assert int(batch["loss_mask"][:, 1:].sum()) == stats.n_target_tokens
+    assert not (batch["loss_mask"] & (1 - batch["attention_mask"])).any()
+
+
+# ------------------------------------------------------------------------------------- epoch order
+
+def test_hand_written_grouped_order():
+    lengths = [50, 10, 40, 20, 30, 0]
+    for seed in range(5):
+        batches = epoch_batches(lengths, 2, seed=seed, epoch=0)
+        assert sorted(batches) == [[2, 0], [3, 4], [5, 1]]  # ascending lengths 0,10 | 20,30 | 40,50
+        assert epoch_batches(lengths, 6, seed=seed, epoch=3) == [[5, 1, 3, 4, 2, 0]]
+
+
+def test_order_is_a_deterministic_permutation():
+    lengths = list(np.random.default_rng(0).integers(1, 500, 1003))
+    for group in (True, False):
+        batches = epoch_batches(lengths, 8, seed=7, epoch=2, group_by_length=group)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(1003))
+        assert Counter(len(b) for b in batches) == Counter({8: 125, 3: 1})
+        assert batches == epoch_batches(lengths, 8, seed=7, epoch=2, group_by_length=group)
+        assert batches != epoch_batches(lengths, 8, seed=7, epoch=3, group_by_length=group)
+        assert batches != epoch_batches(lengths, 8, seed=8, epoch=2, group_by_length=group)
+
+
+def test_grouping_gathers_similar_lengths():
+    lengths = np.random.default_rng(1).integers(1, 2000, 2000)
+    spread = {g: np.mean([np.ptp(lengths[b]) for b in epoch_batches(lengths.tolist(), 8, 0, 0, g)])
+              for g in (True, False)}
+    assert spread[True] < 0.1 * spread[False]
+    # within a window of 50 batches the batches tile the sorted lengths: their ranges do not overlap
+    window = sorted((lengths[b].min(), lengths[b].max()) for b in epoch_batches(lengths[:400].tolist(), 8, 0, 0))
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(window, window[1:]))
+
+
+def test_small_and_bad_inputs():
+    assert epoch_batches([], 4, 0, 0) == []
+    assert epoch_batches([3], 4, 0, 0) == [[0]]
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_batches([1, 2], 0, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------ collate
+
+def _example(n, targets):
+    return Example(np.arange(1, n + 1, dtype=np.int32), np.array([i in targets for i in range(n)], np.int8))
+
+
+def test_collate_pads_right_to_a_multiple():
+    examples = [_example(3, {2}), _example(70, {5, 69}), _example(10, set())]
+    batch = collate(examples, [2, 0, 1], pad_id=0, multiple=64)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((3, 128), np.int32) for k in batch}
+    assert batch["input_ids"][1].tolist() == [1, 2, 3] + [0] * 125
+    assert batch["attention_mask"].sum(1).tolist() == [10, 3, 70]
+    assert batch["loss_mask"][1].tolist() == [0, 0, 1] + [0] * 125
+    assert np.flatnonzero(batch["loss_mask"][2]).tolist() == [5, 69]
+    assert collate(examples, [0], pad_id=9, multiple=8)["input_ids"].tolist() == [[1, 2, 3, 9, 9, 9, 9, 9]]
+
+
+def test_collate_caps_at_max_length_and_pads_rows():
+    examples = [_example(3, {2}), _example(70, {5})]
+    batch = collate(examples, [1, 0], pad_id=5, multiple=64, max_length=100, rows=4)
+    assert batch["input_ids"].shape == (4, 100)
+    assert (batch["input_ids"][2:] == 5).all() and not batch["attention_mask"][2:].any()
+    assert not batch["loss_mask"][2:].any()
+    with pytest.raises(ValueError, match="rows=1"):
+        collate(examples, [0, 1], pad_id=0, rows=1)
+    with pytest.raises(ValueError, match="max_length=50"):
+        collate(examples, [0, 1], pad_id=0, max_length=50)
+
+
+def test_example_checks_its_arrays():
+    with pytest.raises(ValueError, match="equal"):
+        Example(np.zeros(3, np.int32), np.zeros(2, np.int8))
+    with pytest.raises(ValueError, match="int32"):
+        Example(np.zeros(3, np.int64), np.zeros(3, np.int8))
+
+
+# ------------------------------------------------------------------------------------------- real
+
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.mark.real
+def test_smollm2_chat_template(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    multi_turn = MULTI[:-1] + [{"role": "assistant", "content": "Yes, more.  "}]  # no leading space: see below
+    (single, multi), stats = render([SINGLE, multi_turn], tokenizer, 512)
+    assert tokenizer.decode(single.input_ids.tolist()) == (
+        SMOL_SYSTEM + "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n"
+        "<|im_start|>assistant\nSure: first…<|im_end|>\n")
+    # the default system prompt is context, not a target; responses end with <|im_end|>, SmolLM2's eos
+    assert _target_runs(tokenizer, single) == ["Sure: first…<|im_end|>"]
+    assert _target_runs(tokenizer, multi) == ["Hello 👋\n<|im_end|>", "Yes, more.  <|im_end|>"]
+    assert tokenizer.eos_token == "<|im_end|>" and stats.n_dropped == 0
+    (plain,), _ = render([SINGLE], tokenizer, 512, template="plain")
+    assert _target_runs(tokenizer, plain) == ["Sure: first…<|im_end|>"]
+
+
+@pytest.mark.real
+def test_smollm2_boundary_merges_are_refused(smollm2_dir):
+    # GPT-2 style pre-tokenization joins "\n" + " " across the end of the generation prompt: such a response
+    # would train tokens that generation never sees, so rendering stops with the reason
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    leading_space = [SINGLE[0], {"role": "assistant", "content": "  Yes."}]
+    with pytest.raises(DataError, match="conversation 0: the tokenizer merges text across a boundary of assistant "
+                                         "message 1 .*strip it"):
+        render([leading_space], tokenizer, 512)
