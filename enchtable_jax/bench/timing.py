@@ -7,19 +7,24 @@ import time
 from collections.abc import Callable
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+              pause: float = 0.25) -> dict[str, list[float]]:
     """Seconds per call of each function; warm-up calls (compilation) are not counted.
 
-    Each function must block until its work is done (e.g. `jax.block_until_ready`).
+    The order rotates every repeat, and each call starts after a `pause`, so that one library's
+    worker threads still spinning after its call do not slow the next one down. Each function must
+    block until its work is done (e.g. `jax.block_until_ready`).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(pause)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 

@@ -5,8 +5,8 @@ Written from the same formulas as `models.transformer.forward`, `kernels.lineari
 and unit names, so the two frameworks do the same arithmetic: float32 throughout, RMSNorm and
 softmax in float32, rotate-half RoPE on the same inverse frequencies, grouped-query attention,
 masked scores at finfo.min, positions that skip padding. Each linearized unit is one
-`torch.func.jvp` at θ0 with tangent θ − θ0 (primal and tangent in one pass), returning
-primal + tangent; autograd differentiates through it to θ. Nothing here is deliberately slow: it
+`torch.func.jvp` at θ0 with tangent Δ = θ − θ0 (primal and tangent in one pass), returning
+primal + tangent; autograd differentiates through it to Δ. Nothing here is deliberately slow: it
 runs eagerly on all of torch's intra-op threads (no `torch.compile`).
 
 torch is imported by this module only; the bench imports it when the torch study runs.
@@ -139,31 +139,31 @@ def torch_forward(params: TorchParams, config: ModelConfig, input_ids, attention
     return x @ head.T
 
 
-def linearized_unit(params0: TorchParams, params: TorchParams, owned: Mapping[str, tuple[str, ...]]) -> TorchUnit:
-    """A unit wrapper replacing each unit in `owned` by its first-order expansion around `params0`."""
+def linearized_unit(params0: TorchParams, delta: TorchParams, owned: Mapping[str, tuple[str, ...]]) -> TorchUnit:
+    """A unit wrapper replacing each unit in `owned` by its first-order expansion around `params0`, tangent Δ."""
 
     def unit(name: str, fn: Callable[[TorchParams], torch.Tensor], current: TorchParams) -> torch.Tensor:
         names = owned.get(name)
         if not names:
             return fn(current)
         primal = {n: params0[n] for n in names}
-        tangent = {n: params[n] - params0[n] for n in names}
+        tangent = {n: delta[n].to(params0[n].dtype) for n in names}
         out, dout = torch.func.jvp(lambda sub: fn({**current, **sub}), (primal,), (tangent,))
         return out + dout
 
     return unit
 
 
-def torch_linearized_forward(params0: TorchParams, params: TorchParams, config: ModelConfig, scope: Scope,
+def torch_linearized_forward(params0: TorchParams, delta: TorchParams, config: ModelConfig, scope: Scope,
                              input_ids, attention_mask=None) -> torch.Tensor:
-    """f(θ0) + J(θ0)(θ − θ0) over `scope`, per unit (or for the whole model): `kernels.linearize` in torch."""
+    """f(θ0) + J(θ0)Δ over `scope`, per unit (or for the whole model): `kernels.linearize` in torch."""
     if scope.whole_model:
         primal = {n: params0[n] for n in scope.params}
-        tangent = {n: params[n] - params0[n] for n in scope.params}
+        tangent = {n: delta[n].to(params0[n].dtype) for n in scope.params}
         out, dout = torch.func.jvp(lambda sub: torch_forward({**params0, **sub}, config, input_ids, attention_mask),
                                    (primal,), (tangent,))
         return out + dout
-    unit = linearized_unit(params0, params, unit_params(scope))
+    unit = linearized_unit(params0, delta, unit_params(scope))
     return torch_forward(params0, config, input_ids, attention_mask, unit=unit)
 
 
@@ -176,7 +176,9 @@ def torch_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.T
 
 
 class TorchTrainStep:
-    """θ (the scope's tensors, leaf tensors cloned from θ0) and an AdamW over them; `step(batch)` -> loss.
+    """Δ = θ − θ0 on the scope's tensors (zero leaf tensors) and an AdamW over them; `step(batch)` -> loss.
+
+    The same parametrisation as `kernels.train_step` (the jvp tangent is trained directly).
 
     `params0` is the full θ0 (never trained). `batch` holds numpy (or torch) [B, T] arrays `input_ids`,
     `attention_mask` and `loss_mask`; the loss is `kernels.train_step.loss_fn`'s.
@@ -190,15 +192,16 @@ class TorchTrainStep:
         self.config, self.scope, self.linearized = config, scope, linearized
         self.params0 = {n: (v if isinstance(v, torch.Tensor) else to_torch({n: v})[n]).detach()
                         for n, v in params0.items()}
-        self.params = {n: self.params0[n].clone().requires_grad_(True) for n in scope.params}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, betas=betas, eps=eps,
+        self.delta = {n: torch.zeros_like(self.params0[n]).requires_grad_(True) for n in scope.params}
+        self.optimizer = torch.optim.AdamW(list(self.delta.values()), lr=lr, betas=betas, eps=eps,
                                            weight_decay=weight_decay)
 
     def logits(self, input_ids, attention_mask) -> torch.Tensor:
         if self.linearized:
-            return torch_linearized_forward(self.params0, self.params, self.config, self.scope, input_ids,
+            return torch_linearized_forward(self.params0, self.delta, self.config, self.scope, input_ids,
                                             attention_mask)
-        return torch_forward({**self.params0, **self.params}, self.config, input_ids, attention_mask)
+        moved = {n: self.params0[n] + d for n, d in self.delta.items()}
+        return torch_forward({**self.params0, **moved}, self.config, input_ids, attention_mask)
 
     def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         input_ids = _as_long(batch["input_ids"])
@@ -214,9 +217,9 @@ class TorchTrainStep:
 
     __call__ = step
 
-    def numpy_params(self) -> dict[str, np.ndarray]:
-        """θ as numpy arrays (copies)."""
-        return {n: v.detach().numpy().copy() for n, v in self.params.items()}
+    def numpy_delta(self) -> dict[str, np.ndarray]:
+        """Δ as numpy arrays (copies)."""
+        return {n: v.detach().numpy().copy() for n, v in self.delta.items()}
 
 
 def make_torch_train_step(config: ModelConfig, scope: Scope, params0: Mapping[str, Any], lr: float = 1e-4,

@@ -28,7 +28,7 @@ from enchtable_jax.converters.atomic import OutputExistsError
 from enchtable_jax.converters.hf import is_float
 from enchtable_jax.distillation import checkpoint, data
 from enchtable_jax.distillation.vector import MANIFEST, fully_replicated_numpy, versions, write_vector
-from enchtable_jax.kernels.linearize import scope_params
+from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
@@ -130,8 +130,8 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
     compute = jnp.dtype(options.compute_dtype) if options.compute_dtype else None
     params0 = shard_tree({n: v.astype(compute) if compute and is_float(v.dtype) else v
                           for n, v in model0.params.items()}, mesh)
-    theta = shard_tree({n: v.astype(jnp.float32) for n, v in scope_params(model0.params, scope).items()}, mesh)
-    state = {"params": theta, "opt": init_opt_state(optimizer, theta)}
+    delta = shard_tree(zero_delta(model0.params, scope), mesh)  # Δ = θ − θ0, float32 master values
+    state = {"delta": delta, "opt": init_opt_state(optimizer, delta)}
     run_key = {"base_model": base, "data_sha256": data.data_hash(data_path),
                "options": {k: getattr(options, k) for k in _RESUME_KEYS}}
     mngr = checkpoint.manager(ckpt_dir)
@@ -152,7 +152,7 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
         for step in range(start, total_steps):
             batch = stack_step(examples, step_micro_batches(step, options, lengths), tokenizer.pad_token_id, rows,
                                options.max_length)
-            state["params"], state["opt"], metrics = step_fn(params0, state["params"], state["opt"], batch)
+            state["delta"], state["opt"], metrics = step_fn(params0, state["delta"], state["opt"], batch)
             loss = float(metrics["loss"])
             losses.append(loss)
             tokens += int(batch["attention_mask"].sum())
@@ -164,10 +164,8 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
                 on_step(step + 1, {"loss": loss, "grad_norm": float(metrics["grad_norm"])})
     mngr.close()
     elapsed = time.perf_counter() - started
-    theta = {n: fully_replicated_numpy(v) for n, v in state["params"].items()}
-    # τ is formed in float32 and stored in the model's dtype
-    tau = {n: (np.asarray(model0.params[n], np.float32) - theta[n]).astype(model0.params[n].dtype)
-           for n in scope.params}
+    delta = {n: fully_replicated_numpy(v) for n, v in state["delta"].items()}
+    tau = {n: (-delta[n]).astype(model0.params[n].dtype) for n in scope.params}  # τ_safe = θ0 − θ_harm = −Δ
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": {**base, "path": str(model0.source)},
@@ -184,7 +182,8 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
     if primary:
         _plot_losses(losses, out / "loss.png", scope.name)
     if export_harmful is not None and primary:
-        harm = {**model0.params, **{n: theta[n].astype(model0.params[n].dtype) for n in scope.params}}
+        harm = {**model0.params, **{n: (np.asarray(model0.params[n], np.float32) + delta[n])
+                                    .astype(model0.params[n].dtype) for n in scope.params}}
         api.save(api.Model(model0.config, harm, model0.source), export_harmful, overwrite=overwrite)
     return manifest
 

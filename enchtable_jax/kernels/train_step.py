@@ -32,80 +32,78 @@ def token_cross_entropy(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.
     return jnp.sum(nll * weight), jnp.sum(weight)
 
 
-def scope_logits(params: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
+def scope_logits(delta: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
                  linearized: bool = True) -> jax.Array:
-    """Logits with the scope's tensors at `params`: through the linearization, or the plain model.
-
-    θ0 sets the compute dtype; θ may be float32 master weights.
-    """
+    """Logits with the scope's tensors displaced by Δ: through the linearization, or the plain model
+    at θ0 + Δ. θ0 sets the compute dtype; Δ may be float32 master values."""
     if linearized:
-        return linearized_forward(params0, params, config, scope, batch["input_ids"], batch["attention_mask"])
-    merged = {**params0, **{n: v.astype(params0[n].dtype) for n, v in params.items()}}
-    return forward(merged, config, batch["input_ids"], batch["attention_mask"])
+        return linearized_forward(params0, delta, config, scope, batch["input_ids"], batch["attention_mask"])
+    moved = {n: (params0[n].astype(d.dtype) + d).astype(params0[n].dtype) for n, d in delta.items()}
+    return forward({**params0, **moved}, config, batch["input_ids"], batch["attention_mask"])
 
 
-def loss_sums(params: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
+def loss_sums(delta: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
               linearized: bool = True) -> tuple[jax.Array, jax.Array]:
     """(summed next-token NLL over target tokens, number of target tokens) of one micro-batch."""
-    return token_cross_entropy(scope_logits(params, params0, config, scope, batch, linearized),
+    return token_cross_entropy(scope_logits(delta, params0, config, scope, batch, linearized),
                                batch["input_ids"], batch["loss_mask"])
 
 
-def loss_fn(params: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
+def loss_fn(delta: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,
             linearized: bool = True) -> jax.Array:
     """Mean next-token cross-entropy over the batch's target tokens."""
-    total, count = loss_sums(params, params0, config, scope, batch, linearized)
+    total, count = loss_sums(delta, params0, config, scope, batch, linearized)
     return total / jnp.maximum(count, 1.0)
 
 
 def make_train_step(config: ModelConfig, scope: Scope, optimizer: optax.GradientTransformation,
                     linearized: bool = True, mesh: Mesh | None = None) -> Step:
-    """A jit-compiled step(params0, params, opt_state, batch) -> (params, opt_state, metrics).
+    """A jit-compiled step(params0, delta, opt_state, batch) -> (delta, opt_state, metrics), Δ = θ − θ0.
 
     A batch of [B, T] arrays is one micro-batch; [A, B, T] arrays are A micro-batches whose gradients
     are accumulated (a scan, so memory stays at one micro-batch) before one optimizer update. The loss
     is the mean over all target tokens of the step, so it does not depend on how the examples are
-    split into micro-batches or devices. `params` and `opt_state` are donated. With a `mesh` (see
+    split into micro-batches or devices. Δ and `opt_state` are donated (AdamW's weight decay, if any,
+    pulls θ towards θ0). With a `mesh` (see
     `kernels.mesh.make_mesh`) examples are split over all devices and every array sharded by
     `param_sharding` (over 'fsdp' when that axis is > 1).
     """
 
-    def step(params0, params, opt_state, batch):
+    def step(params0, delta, opt_state, batch):
         def accumulate(carry, micro):
-            (total, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, params0, config, scope, micro,
+            (total, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(delta, params0, config, scope, micro,
                                                                                 linearized)
             sums, total_acc, count_acc = carry
             return (jax.tree.map(jnp.add, sums, grads), total_acc + total, count_acc + count), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(jnp.zeros_like, delta)
         (sums, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, sums)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = optimizer.update(grads, opt_state, delta)
         metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
-        return optax.apply_updates(params, updates), opt_state, metrics
+        return optax.apply_updates(delta, updates), opt_state, metrics
 
     def with_accumulation_axis(batch):
         return {k: v[None] if jnp.ndim(v) == 2 else v for k, v in batch.items()}
 
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=(1, 2))
-        return lambda params0, params, opt_state, batch: jitted(params0, params, opt_state,
-                                                                with_accumulation_axis(batch))
+        return lambda params0, delta, opt_state, batch: jitted(params0, delta, opt_state, with_accumulation_axis(batch))
     compiled: dict[str, Callable] = {}
 
-    def sharded_step(params0, params, opt_state, batch):
+    def sharded_step(params0, delta, opt_state, batch):
         batch = with_accumulation_axis(batch)
-        shardings = (tree_shardings(params0, mesh), tree_shardings(params, mesh), tree_shardings(opt_state, mesh),
+        shardings = (tree_shardings(params0, mesh), tree_shardings(delta, mesh), tree_shardings(opt_state, mesh),
                      jax.tree.map(lambda _: batch_sharding(mesh, accumulation_axis=True), batch))
         if "step" not in compiled:  # shardings depend only on shapes, fixed for a run
             compiled["step"] = jax.jit(step, in_shardings=shardings, out_shardings=(*shardings[1:3], None),
                                        donate_argnums=(1, 2))
-        return compiled["step"](*put_tree((params0, params, opt_state, batch), shardings))
+        return compiled["step"](*put_tree((params0, delta, opt_state, batch), shardings))
 
     return sharded_step
 
 
-def init_opt_state(optimizer: optax.GradientTransformation, params: Params) -> optax.OptState:
-    """Optimizer state laid out like `params` (jit propagates their shardings)."""
-    return jax.jit(optimizer.init)(params)
+def init_opt_state(optimizer: optax.GradientTransformation, delta: Params) -> optax.OptState:
+    """Optimizer state laid out like Δ (jit propagates its shardings)."""
+    return jax.jit(optimizer.init)(delta)

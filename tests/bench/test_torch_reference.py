@@ -11,7 +11,7 @@ from enchtable_jax.api import Model, apply
 from enchtable_jax.bench import torch_reference
 from enchtable_jax.bench.torch_reference import (make_torch_train_step, to_torch, torch_forward,
                                                  torch_linearized_forward)
-from enchtable_jax.kernels.linearize import linearized_forward
+from enchtable_jax.kernels.linearize import linearized_forward, zero_delta
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.kernels.train_step import loss_fn, make_train_step
 from enchtable_jax.models import init_params, preset_config, transformer
@@ -42,10 +42,9 @@ def _setup(config, seed=0):
     return params, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def _theta(params0, scope, seed=7, scale=0.05):
+def _delta(params0, scope, seed=7, scale=0.05):
     rng = np.random.default_rng(seed)
-    return {n: np.asarray(params0[n]) + scale * rng.normal(size=params0[n].shape).astype(np.float32)
-            for n in scope.params}
+    return {n: scale * rng.normal(size=params0[n].shape).astype(np.float32) for n in scope.params}
 
 
 def _rel(a, b, real):
@@ -68,11 +67,11 @@ def test_linearized_forward_matches_jax(family, scope_name):
     config = CONFIGS[family]
     scope = resolve_scope(config, scope_name)
     params0, batch = _setup(config)
-    theta = _theta(params0, scope)
-    ours = linearized_forward(params0, {n: jnp.asarray(v) for n, v in theta.items()}, config, scope,
+    delta = _delta(params0, scope)
+    ours = linearized_forward(params0, {n: jnp.asarray(v) for n, v in delta.items()}, config, scope,
                               jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     with torch.no_grad():
-        theirs = torch_linearized_forward(to_torch(params0), to_torch(theta), config, scope, batch["input_ids"],
+        theirs = torch_linearized_forward(to_torch(params0), to_torch(delta), config, scope, batch["input_ids"],
                                           batch["attention_mask"]).numpy()
     assert _rel(theirs, ours, batch["attention_mask"].astype(bool)) <= 1e-5
 
@@ -101,20 +100,20 @@ def test_gradient_through_jvp_matches_jax_float64(scope_name, monkeypatch):
     config = CONFIGS["qwen2"]
     scope = resolve_scope(config, scope_name)
     params0, batch = _setup(config)
-    theta = _theta(params0, scope)
+    delta = _delta(params0, scope)
     with jax.enable_x64(True):
         p0 = {n: jnp.asarray(v, jnp.float64) for n, v in params0.items()}
-        th = {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
+        th = {n: jnp.asarray(v, jnp.float64) for n, v in delta.items()}
         grad = jax.jit(jax.grad(loss_fn), static_argnums=(2, 3))(th, p0, config, scope,
                                                                  {k: jnp.asarray(v) for k, v in batch.items()})
         ours = {n: np.asarray(v) for n, v in grad.items()}
     step = make_torch_train_step(config, scope, to_torch(params0, torch.float64))
     with torch.no_grad():
-        for n, v in to_torch(theta, torch.float64).items():
-            step.params[n].copy_(v)
+        for n, v in to_torch(delta, torch.float64).items():
+            step.delta[n].copy_(v)
     step.loss(batch).backward()
     for n in scope.params:
-        theirs = step.params[n].grad.numpy()
+        theirs = step.delta[n].grad.numpy()
         assert np.abs(theirs - ours[n]).max() <= 1e-10 * np.abs(ours[n]).max(), n
 
 
@@ -125,18 +124,18 @@ def test_adamw_step_matches_optax(family, scope_name):
     params0, batch = _setup(config)
     hyper = dict(learning_rate=1e-3, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.05)
     optimizer = optax.adamw(**hyper)
-    jax_params = {n: jnp.array(params0[n], copy=True) for n in scope.params}
+    jax_delta = zero_delta(params0, scope)
     step = make_train_step(config, scope, optimizer)
-    opt_state = optimizer.init(jax_params)
+    opt_state = optimizer.init(jax_delta)
     torch_step = make_torch_train_step(config, scope, params0, lr=hyper["learning_rate"],
                                        betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"],
                                        weight_decay=hyper["weight_decay"])
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-    for _ in range(2):  # the second step uses the optimizer state and θ ≠ θ0 (a nonzero tangent)
-        jax_params, opt_state, metrics = step(params0, jax_params, opt_state, jbatch)
+    for _ in range(2):  # the second step uses the optimizer state and a nonzero tangent Δ
+        jax_delta, opt_state, metrics = step(params0, jax_delta, opt_state, jbatch)
         torch_loss = torch_step.step(batch)
         assert abs(torch_loss - float(metrics["loss"])) <= 1e-5 * abs(float(metrics["loss"]))
-    theirs = torch_step.numpy_params()
+    theirs = torch_step.numpy_delta()
     for n in scope.params:
-        update = np.asarray(jax_params[n]) - np.asarray(params0[n])
-        assert np.abs(theirs[n] - np.asarray(jax_params[n])).max() <= 1e-3 * np.abs(update).max(), n
+        update = np.asarray(jax_delta[n])
+        assert np.abs(theirs[n] - update).max() <= 1e-3 * np.abs(update).max(), n

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from enchtable_jax.kernels.linearize import scope_params
+from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, loss_fn, make_train_step, token_cross_entropy
@@ -48,7 +48,7 @@ def test_gradient_matches_finite_differences(scope_name):
     with jax.enable_x64(True):
         params0 = init_params(CONFIG, seed=0, dtype=jnp.float64, std=0.1)
         rng = np.random.default_rng(5)
-        theta = {n: params0[n] + 0.05 * rng.normal(size=params0[n].shape) for n in scope.params}
+        theta = {n: 0.05 * rng.normal(size=params0[n].shape) for n in scope.params}  # Δ = θ − θ0
         direction = {n: rng.normal(size=params0[n].shape) for n in scope.params}
         loss = lambda p: loss_fn(p, params0, CONFIG, scope, batch)  # noqa: E731
         grad = jax.grad(loss)(theta)
@@ -63,7 +63,7 @@ def test_steps_lower_the_loss_and_donate_buffers():
     model0 = Model(CONFIG, init_params(CONFIG, seed=0))
     scope = resolve_scope(CONFIG, "ffn")
     optimizer = optax.adamw(3e-3)
-    params = scope_params(model0.params, scope)
+    params = zero_delta(model0.params, scope)
     opt_state = init_opt_state(optimizer, params)
     step = make_train_step(CONFIG, scope, optimizer)
     batch = _batch()
@@ -88,7 +88,7 @@ def test_mesh_of_8_devices_matches_one_device(fsdp, optimizer_name):
     batch = _batch()
     results = []
     for mesh in (None, make_mesh(fsdp)):
-        params, params0 = scope_params(model0.params, scope), model0.params
+        params, params0 = zero_delta(model0.params, scope), model0.params
         if mesh is not None:
             params, params0 = shard_tree(params, mesh), shard_tree(params0, mesh)
         opt_state = init_opt_state(optimizer, params)
@@ -100,9 +100,8 @@ def test_mesh_of_8_devices_matches_one_device(fsdp, optimizer_name):
         results.append((losses, {n: np.asarray(v) for n, v in params.items()}, params))
     (losses1, p1, _), (losses8, p8, placed) = results
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
-    start = {n: np.asarray(v) for n, v in model0.params.items()}
     for n in p1:
-        update1, update8 = p1[n] - start[n], p8[n] - start[n]
+        update1, update8 = p1[n], p8[n]  # Δ starts at zero: it is the update
         # Adam divides by sqrt(v): entries with near-zero gradients amplify reduction-order rounding
         tolerance = 1e-4 if optimizer_name == "sgd" else 1e-3
         assert np.abs(update8 - update1).max() <= tolerance * np.abs(update1).max(), n
@@ -119,7 +118,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     batch = _batch(8)
     results = []
     for split in (batch, {k: v.reshape(2, 4, -1) for k, v in batch.items()}):  # [8, T] vs [2 micro, 4, T]
-        params = scope_params(model0.params, scope)
+        params = zero_delta(model0.params, scope)
         step = make_train_step(CONFIG, scope, optimizer)
         params, _, metrics = step(model0.params, params, init_opt_state(optimizer, params), split)
         results.append((float(metrics["loss"]), params))
@@ -130,12 +129,14 @@ def test_accumulated_micro_batches_equal_one_big_batch():
 
 
 def test_bfloat16_compute_keeps_float32_master_updates():
-    """θ0 in bf16, θ in f32: a step far below bf16 resolution of θ still moves the linearized output."""
+    """θ0 in bf16, Δ in f32: a step far below bf16 resolution of θ still moves the linearized output."""
     params0 = {n: v.astype(jnp.bfloat16) for n, v in init_params(CONFIG, seed=0, std=0.1).items()}
     scope = resolve_scope(CONFIG, "ffn")
-    theta = {n: params0[n].astype(jnp.float32) for n in scope.params}
-    tiny = {n: v + 1e-5 for n, v in theta.items()}  # bf16(θ + 1e-5) == bf16(θ) for |θ| >~ 3e-3
-    assert any(bool((v.astype(jnp.bfloat16) == params0[n]).mean() > 0.5) for n, v in tiny.items())
+    theta = zero_delta(params0, scope)
+    tiny = {n: v + 1e-5 for n, v in theta.items()}
+    # in θ itself the step is lost: bf16(θ0 + 1e-5) == θ0 for most entries
+    assert all(bool(((params0[n].astype(jnp.float32) + v).astype(jnp.bfloat16) == params0[n]).mean() > 0.5)
+               for n, v in tiny.items())
     from enchtable_jax.kernels.linearize import linearized_forward
 
     batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}

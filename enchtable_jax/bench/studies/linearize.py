@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from enchtable_jax.bench.timing import alternate, ratio, summary
-from enchtable_jax.kernels.linearize import scope_params
+from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
 from enchtable_jax.models.init import init_params, preset_config
@@ -32,7 +32,7 @@ def _batch(vocab: int, batch: int, tokens: int, seed: int = 0) -> dict[str, np.n
 
 def _jax_step(config, params0, scope, batch, linearized: bool):
     optimizer = optax.adamw(LR)
-    state = {"params": scope_params(params0, scope)}
+    state = {"params": zero_delta(params0, scope)}
     state["opt"] = init_opt_state(optimizer, state["params"])
     step = make_train_step(config, scope, optimizer, linearized=linearized)
     device_batch = jax.device_put(batch)

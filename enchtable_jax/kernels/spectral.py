@@ -1,0 +1,76 @@
+"""Spectral kernels of the merge: truncated SVDs, EnchTable's interference, TSV's orthogonalisation.
+
+All in float32 whatever the stored dtype. Interference of two deltas (DESIGN §3): keep the top
+k_i = ⌊γ·min(m, n)⌋ singular triplets of each, stack U = [U1 U2], S, V = [V1 V2], and
+    R = (UᵀU − I) diag(S) (VᵀV − I),   ι = scale · Σ|R_ij| / r²,   r = k1 + k2.
+Each Ui has orthonormal columns, so UᵀU − I = [[0, A], [Aᵀ, 0]] with A = U1ᵀU2 (likewise B = V1ᵀV2)
+and R is block-diagonal: R = diag(A S2 Bᵀ, Aᵀ S1 B). `interference` uses that form; the direct
+product is kept as `interference_direct` for tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_KEEP = 0.5
+DEFAULT_SCALE = 200.0
+
+
+def thin_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """U [m, r], S [r], V [n, r] (r = min(m, n)), decomposing a wide matrix through its transpose."""
+    x = x.astype(jnp.float32)
+    if x.shape[0] < x.shape[1]:  # LAPACK is markedly faster on tall matrices
+        v, s, ut = jnp.linalg.svd(x.T, full_matrices=False)
+        return ut.T, s, v
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    return u, s, vt.T
+
+
+def kept(shape: tuple[int, ...], keep: float) -> int:
+    """Number of singular triplets kept for a matrix of `shape`: ⌊keep · min(m, n)⌋, at least 1."""
+    return max(1, int(keep * min(shape)))
+
+
+def top_triplets(x: jax.Array, keep: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The leading ⌊keep · min(m, n)⌋ singular triplets of x."""
+    u, s, v = thin_svd(x)
+    k = kept(x.shape, keep)
+    return u[:, :k], s[:k], v[:, :k]
+
+
+def interference_blocks(u1, s1, v1, u2, s2, v2) -> jax.Array:
+    """Σ|R_ij| through the block-diagonal form: |A S2 Bᵀ| and |Aᵀ S1 B| only."""
+    a = u1.T @ u2
+    b = v1.T @ v2
+    return jnp.sum(jnp.abs((a * s2) @ b.T)) + jnp.sum(jnp.abs((a.T * s1) @ b))
+
+
+def interference(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP,
+                 scale: float = DEFAULT_SCALE) -> jax.Array:
+    """EnchTable interference ι of two same-shaped 2-D deltas (the safety one already scaled by α)."""
+    u1, s1, v1 = top_triplets(task, keep)
+    u2, s2, v2 = top_triplets(safety, keep)
+    r = s1.shape[0] + s2.shape[0]
+    return scale * interference_blocks(u1, s1, v1, u2, s2, v2) / r**2
+
+
+def interference_direct(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP,
+                        scale: float = DEFAULT_SCALE) -> jax.Array:
+    """ι from the full r×r product (UᵀU − I) diag(S) (VᵀV − I): the reference for `interference`."""
+    u1, s1, v1 = top_triplets(task, keep)
+    u2, s2, v2 = top_triplets(safety, keep)
+    u, s, v = jnp.concatenate([u1, u2], 1), jnp.concatenate([s1, s2]), jnp.concatenate([v1, v2], 1)
+    r = s.shape[0]
+    eye = jnp.eye(r, dtype=jnp.float32)
+    residual = (u.T @ u - eye) @ jnp.diag(s) @ (v.T @ v - eye)
+    return scale * jnp.sum(jnp.abs(residual)) / r**2
+
+
+def polar(x: jax.Array) -> jax.Array:
+    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ (nearest matrix with orthonormal columns)."""
+    p, _, qt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    return p @ qt
+
+
+__all__ = ["interference", "interference_direct", "kept", "polar", "thin_svd", "top_triplets"]

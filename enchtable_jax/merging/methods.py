@@ -1,0 +1,188 @@
+"""Merge methods: one registry, one signature, per tensor.
+
+Each method maps (τ_task, τ_safe, α, key, **options) of ONE tensor (float32) to (delta, stats); the
+merged tensor is θ_base + delta. τ_task = θ_task − θ_base, τ_safe = θ_aligned − θ_harm. `stats`
+always has `interference` and `weight` (NaN where a method has none), for the report. Methods are
+pure and jit-compatible with static options, so the executor stacks same-shaped tensors and maps
+a method over them on every device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, interference, interference_blocks, polar, \
+    top_triplets
+
+Stats = dict[str, jax.Array]
+NAN = jnp.float32(jnp.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A method option: default value and one line of help."""
+
+    default: Any
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered merge method."""
+
+    name: str
+    fn: Callable[..., tuple[jax.Array, Stats]]
+    summary: str  # formula and paper, one line
+    options: dict[str, Option]
+    adaptive_alpha: bool = False  # default α = β·‖τ_task‖/‖τ_safe‖ (else a fixed α, default 1)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, summary: str, adaptive_alpha: bool = False, **options: Option):
+    """Decorator adding a method to `METHODS`."""
+
+    def add(fn):
+        METHODS[name] = Method(name, fn, summary, options, adaptive_alpha)
+        return fn
+
+    return add
+
+
+def _stats(interference_value=NAN, weight=NAN) -> Stats:
+    return {"interference": jnp.asarray(interference_value, jnp.float32), "weight": jnp.asarray(weight, jnp.float32)}
+
+
+@register("enchtable", "θ_base + τ_task + w·α·τ_safe, w = exp(−ι(τ_task, α·τ_safe)) per matrix (EnchTable, "
+                       "Wu et al. 2025)", adaptive_alpha=True,
+          keep=Option(DEFAULT_KEEP, "γ: fraction of singular triplets kept per delta"),
+          interference_scale=Option(DEFAULT_SCALE, "scale of ι"),
+          learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι)"),
+          m_init=Option(0.5, "learnable: initial m"), m0=Option(0.5, "learnable: offset m0"),
+          lr=Option(1e3, "learnable: SGD learning rate"), steps=Option(40, "learnable: SGD steps"))
+def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, learnable=False,
+              m_init=0.5, m0=0.5, lr=1e3, steps=40):
+    scaled = alpha * safety
+    if task.ndim != 2:
+        return task + scaled, _stats(weight=1.0)
+    if not learnable:
+        iota = interference(task, scaled, keep, interference_scale)
+        weight = jnp.exp(-iota)
+        return task + weight * scaled, _stats(iota, weight)
+    # Scaling a matrix by c keeps its singular vectors and scales its singular values by |c|, so one
+    # pair of SVDs serves every step of the descent on c = m0 + m.
+    u1, s1, v1 = top_triplets(task, keep)
+    u2, s2, v2 = top_triplets(scaled, keep)
+    r = s1.shape[0] + s2.shape[0]
+
+    def iota_of(m):
+        return interference_scale * interference_blocks(u1, s1, v1, u2, jnp.abs(m0 + m) * s2, v2) / r**2
+
+    m = jax.lax.fori_loop(0, steps, lambda _, m: m - lr * jax.grad(iota_of)(m), jnp.float32(m_init))
+    weight = m0 + m
+    return task + weight * scaled, _stats(iota_of(m), weight)
+
+
+@register("task_arithmetic", "θ_base + τ_task + α·τ_safe (task arithmetic, Ilharco et al. 2023; = RESTA, Bhardwaj "
+                             "et al. 2024, with a real scale α)")
+def task_arithmetic(task, safety, alpha, key):
+    return task + alpha * safety, _stats(weight=alpha)
+
+
+def _top_magnitude_mask(x: jax.Array, fraction: float, skip: float = 0.0) -> jax.Array:
+    """Mask of the entries ranked [⌊skip·n⌋, ⌊skip·n⌋ + ⌊fraction·n⌋) by decreasing magnitude."""
+    flat = jnp.abs(x).reshape(-1)
+    n = flat.shape[0]
+    start, count = int(skip * n), int(fraction * n)
+    order = jnp.argsort(-flat, stable=True)
+    ranks = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return ((ranks >= start) & (ranks < start + count)).reshape(x.shape)
+
+
+@register("ties", "trim each delta to its top `density` magnitudes, elect the sign of the weighted sum, average the "
+                  "agreeing entries (TIES-Merging, Yadav et al. 2023); weights 1 (task) and α (safety)",
+          density=Option(0.5, "fraction of entries kept per delta"))
+def ties(task, safety, alpha, key, density=0.5):
+    weights = jnp.stack([jnp.float32(1.0), alpha]).reshape(2, *([1] * task.ndim))
+    trimmed = jnp.stack([d * _top_magnitude_mask(d, density) for d in (task, safety)])
+    weighted = weights * trimmed
+    elected = jnp.sign(jnp.sum(weighted, axis=0))
+    agree = (jnp.sign(weighted) == elected) & (elected != 0)
+    divisor = jnp.sum(weights * agree, axis=0)
+    merged = jnp.sum(weighted * agree, axis=0) / jnp.where(divisor == 0, 1.0, divisor)
+    return merged, _stats(weight=alpha)
+
+
+@register("dare", "drop each delta entry with probability 1 − density, rescale the kept by 1/density, then "
+                  "θ_base + τ_task' + α·τ_safe' (DARE, Yu et al. 2024)",
+          density=Option(0.5, "probability of keeping an entry"))
+def dare(task, safety, alpha, key, density=0.5):
+    k1, k2 = jax.random.split(key)
+    keep_task = jax.random.bernoulli(k1, density, task.shape)
+    keep_safety = jax.random.bernoulli(k2, density, safety.shape)
+    return (task * keep_task + alpha * safety * keep_safety) / density, _stats(weight=alpha)
+
+
+@register("breadcrumbs", "drop each delta's largest `gamma` and smallest magnitudes, keeping `density`, then "
+                         "θ_base + τ_task' + α·τ_safe' (Model Breadcrumbs, Davari & Belilovsky 2024)",
+          density=Option(0.9, "fraction of entries kept per delta"),
+          gamma=Option(0.01, "fraction of largest-magnitude outliers removed"))
+def breadcrumbs(task, safety, alpha, key, density=0.9, gamma=0.01):
+    kept_task = task * _top_magnitude_mask(task, density, gamma)
+    kept_safety = safety * _top_magnitude_mask(safety, density, gamma)
+    return kept_task + alpha * kept_safety, _stats(weight=alpha)
+
+
+@register("model_stock", "t = 2cosφ/(1 + cosφ) from the angle of τ_task and α·τ_safe per tensor; θ_base + "
+                         "t·(τ_task + α·τ_safe)/2 (Model Stock, Jang et al. 2024)")
+def model_stock(task, safety, alpha, key):
+    scaled = alpha * safety
+    norms = jnp.linalg.norm(task.reshape(-1)) * jnp.linalg.norm(scaled.reshape(-1))
+    cos = jnp.where(norms > 0, jnp.vdot(task, scaled) / jnp.where(norms > 0, norms, 1.0), 0.0)
+    t = 2 * cos / (1 + cos)
+    return t * (task + scaled) / 2, _stats(weight=t)
+
+
+@register("tsv", "top `keep` singular triplets of τ_task and α·τ_safe stacked, U and V replaced by their orthogonal "
+                 "polar factors, delta = U⊥ S V⊥ᵀ; other tensors averaged (TSV-Merge, Gargiulo et al. 2025)",
+          keep=Option(0.5, "fraction of singular triplets kept per delta (1/number of deltas)"))
+def tsv(task, safety, alpha, key, keep=0.5):
+    scaled = alpha * safety
+    if task.ndim != 2:
+        return (task + scaled) / 2, _stats()
+    u1, s1, v1 = top_triplets(task, keep)
+    u2, s2, v2 = top_triplets(scaled, keep)
+    u = polar(jnp.concatenate([u1, u2], axis=1))
+    v = polar(jnp.concatenate([v1, v2], axis=1))
+    return (u * jnp.concatenate([s1, s2])) @ v.T, _stats()
+
+
+@register("safelora", "per matrix, C = V Vᵀ/‖V‖_F with V = τ_safe; if cos(τ_task, C τ_task) < threshold then "
+                      "τ_task ← C τ_task; θ_base + τ_task (Safe LoRA, Hsu et al. 2024)",
+          threshold=Option(0.5, "similarity below which the task delta is projected"))
+def safelora(task, safety, alpha, key, threshold=0.5):
+    if task.ndim != 2:
+        return task, _stats()
+    norm_v = jnp.linalg.norm(safety)
+    projected = safety @ (safety.T @ task) / jnp.where(norm_v > 0, norm_v, 1.0)  # C τ without forming C
+    denom = jnp.linalg.norm(task) * jnp.linalg.norm(projected)
+    cos = jnp.where(denom > 0, jnp.vdot(task, projected) / jnp.where(denom > 0, denom, 1.0), 1.0)
+    return jnp.where(cos < threshold, projected, task), _stats(weight=cos)
+
+
+def method_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The method's options with defaults filled in; unknown names are an error listing the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(METHODS)}")
+    valid = METHODS[name].options
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: "
+                         f"{', '.join(valid) if valid else 'none'}")
+    return {k: given.get(k, o.default) for k, o in valid.items()}

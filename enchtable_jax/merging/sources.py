@@ -1,0 +1,104 @@
+"""Read-one-tensor-at-a-time views of the merge inputs: HF folders, orbax checkpoints, in-memory
+models, and the safety delta (a safety-vector folder, or aligned − harmful)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from enchtable_jax import api
+from enchtable_jax.converters import safetensors_format as stf
+from enchtable_jax.converters.hf import index_weights, iter_tensors
+from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
+from enchtable_jax.distillation.vector import TENSORS, read_manifest
+from enchtable_jax.models.config import ModelConfig
+
+
+class TensorSource:
+    """Names, shapes and dtypes of a model's tensors, and `read(name)` of one of them (host numpy)."""
+
+    def __init__(self, what: str, config: ModelConfig | None, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 reader, folder: Path | None):
+        self.what, self.config, self.specs, self._reader, self.folder = what, config, specs, reader, folder
+
+    def read(self, name: str) -> np.ndarray:
+        return self._reader(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+
+def open_model(model: api.Model | str | Path, what: str) -> TensorSource:
+    """A source over an HF folder (streamed from its files), an orbax checkpoint or a loaded `Model`."""
+    if isinstance(model, api.Model):
+        params = model.params
+        specs = {n: (tuple(v.shape), np.dtype(v.dtype)) for n, v in params.items()}
+        return TensorSource(what, model.config, specs, lambda n: np.asarray(jax.device_get(params[n])), model.source)
+    path = Path(model).expanduser().resolve()
+    if is_orbax_checkpoint(path):  # orbax restores whole trees: loaded once, then served from memory
+        return open_model(api.load(path), what)
+    config = ModelConfig.from_file(path / "config.json")
+    return _folder_source(path, what, config)
+
+
+def _folder_source(path: Path, what: str, config: ModelConfig | None) -> TensorSource:
+    index = index_weights(path)
+    if index.format == "bin":  # pickled files cannot be read tensor by tensor
+        params = dict(iter_tensors(index))
+        specs = {n: (a.shape, a.dtype) for n, a in params.items()}
+        return TensorSource(what, config, specs, params.__getitem__, path)
+    handles: dict[Path, object] = {}
+
+    def read(name: str) -> np.ndarray:
+        spec = index.tensors[name]
+        if spec.file not in handles:
+            handles[spec.file] = open(spec.file, "rb")  # noqa: SIM115 - kept open for the whole merge
+        return stf.read_tensor(handles[spec.file], index._infos[name])
+
+    specs = {n: (s.shape, s.dtype) for n, s in index.tensors.items()}
+    return TensorSource(what, config, specs, read, path)
+
+
+class SafetyDelta:
+    """τ_safe per tensor: from a safety-vector folder, or aligned − harmful (float32)."""
+
+    def __init__(self, vector: str | Path | None = None, aligned=None, harmful=None):
+        if (vector is None) == (aligned is None or harmful is None):
+            raise ValueError("give either a safety vector, or both an aligned and a harmful model")
+        self.manifest = None
+        if vector is not None:
+            folder = Path(vector).expanduser().resolve()
+            self.manifest = read_manifest(folder)
+            self.source = _folder_source_from_file(folder / TENSORS, "safety vector")
+            self.what = f"safety vector {folder}"
+        else:
+            self.aligned, self.harmful = open_model(aligned, "aligned"), open_model(harmful, "harmful")
+            for name, (shape, _) in self.aligned.specs.items():
+                if name in self.harmful and self.harmful.specs[name][0] != shape:
+                    raise ValueError(f"tensor {name}: aligned shape {shape} differs from harmful "
+                                     f"{self.harmful.specs[name][0]}; the harmful model must be the aligned one "
+                                     "after fine-tuning")
+            self.source = None
+            self.what = "aligned − harmful"
+
+    def names(self) -> set[str]:
+        if self.source is not None:
+            return set(self.source.specs)
+        return set(self.aligned.specs) & set(self.harmful.specs)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return (self.source or self.aligned).specs[name][0]
+
+    def read(self, name: str) -> np.ndarray:
+        if self.source is not None:
+            return self.source.read(name).astype(np.float32)
+        return self.aligned.read(name).astype(np.float32) - self.harmful.read(name).astype(np.float32)
+
+
+def _folder_source_from_file(file: Path, what: str) -> TensorSource:
+    infos, _ = stf.read_header(file)
+    handle = open(file, "rb")  # noqa: SIM115 - kept open for the whole merge
+    specs = {n: (i.shape, i.dtype) for n, i in infos.items()}
+    return TensorSource(what, None, specs, lambda n: stf.read_tensor(handle, infos[n]), file.parent)
