@@ -91,6 +91,71 @@ def _distill(args: argparse.Namespace) -> None:
           f"{training['total_steps']} steps on {training['devices']} device(s), final loss {training['final_loss']:.4f}")
 
 
+def _method_options(args: argparse.Namespace) -> dict:
+    """The --set NAME=VALUE options of a merge, parsed as JSON values where possible."""
+    options = {}
+    for item in args.set or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        try:
+            options[name.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.replace("-", "_")] = value
+    for flag in ("keep", "interference_scale", "density", "gamma", "threshold"):
+        if getattr(args, flag, None) is not None:
+            options[flag] = getattr(args, flag)
+    if getattr(args, "learnable", False):
+        options["learnable"] = True
+    return options
+
+
+def _list_methods() -> None:
+    from enchtable_jax.merging.methods import METHODS
+
+    for method in METHODS.values():
+        alpha = "adaptive α (β = 0.1)" if method.adaptive_alpha else "fixed α (default 1)"
+        print(f"{method.name}: {method.summary}; {alpha}")
+        for name, option in method.options.items():
+            print(f"    {name} = {option.default!r}: {option.help}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from enchtable_jax.merging.pipeline import merge
+
+    if args.list:
+        _list_methods()
+        return
+    missing = [f for f in ("method", "base", "task", "out") if getattr(args, f) is None]
+    if missing:
+        raise ValueError(f"merge needs --{', --'.join(missing)} (or --list)")
+    if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
+        raise ValueError("give either --safety-vector, or both --aligned and --harmful")
+    check_destination(args.out, args.overwrite)
+    merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
+          safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta, seed=args.seed,
+          overwrite=args.overwrite, shard_size=args.shard_size, return_model=False, **_method_options(args))
+    report = json.loads((Path(args.out) / "merge_report.json").read_text())
+    print(f"merged {report['merged']} tensors with {report['method']} (α = {report['alpha']:.4g}), copied "
+          f"{report['skipped']} unchanged, in {report['seconds']:.1f}s on {report['devices']} device(s); peak RSS "
+          f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, help="fixed scale of the safety delta")
+    p.add_argument("--beta", type=float, help="adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
+    p.add_argument("--keep", type=float, help="enchtable/tsv: fraction γ of singular triplets kept (0.5)")
+    p.add_argument("--interference-scale", type=float, help="enchtable: scale of ι (200)")
+    p.add_argument("--learnable", action="store_true", help="enchtable: learn the safety weight")
+    p.add_argument("--density", type=float, help="ties/dare/breadcrumbs: fraction of entries kept")
+    p.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest outliers dropped")
+    p.add_argument("--threshold", type=float, help="safelora: similarity threshold (0.5)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other method option (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random methods (dare)")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enchtable",
@@ -166,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
     p.add_argument("--init-timeout", type=int, default=300, help="multi-host: seconds to wait for all processes")
     p.set_defaults(func=_distill)
+
+    p = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (EnchTable or a baseline)",
+                       description="Merge tau_safe (a safety vector, or aligned - harmful) into the task model. "
+                                   "`enchtable merge --list` shows the methods and their options.")
+    p.add_argument("--list", action="store_true", help="list the merge methods and their options")
+    p.add_argument("--method", help="merge method (see --list)")
+    p.add_argument("--base", help="the model the task model was fine-tuned from")
+    p.add_argument("--task", help="the fine-tuned (downstream) model")
+    p.add_argument("--safety-vector", help="safety-vector folder from `enchtable distill`")
+    p.add_argument("--aligned", help="aligned model (with --harmful, instead of --safety-vector)")
+    p.add_argument("--harmful", help="the aligned model after harmful fine-tuning")
+    p.add_argument("--out", help="output HF folder")
+    _add_merge_options(p)
+    p.set_defaults(func=_merge)
     return parser
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-SUITES = {"linearize": "enchtable_jax.bench.studies.linearize"}
+SUITES = {"linearize": "enchtable_jax.bench.studies.linearize", "distill": "enchtable_jax.bench.studies.distill"}
 # target name -> (suite, figure key): the medians reported in bench.json's `targets`.
 TARGETS = {
     "linearized_over_plain": ("linearize", "linearized_over_plain"),

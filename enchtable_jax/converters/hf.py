@@ -225,9 +225,15 @@ def hf_config_dict(config: ModelConfig, params: Mapping[str, jax.Array]) -> dict
 
 
 def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array], like: str | Path | None = None,
-             shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-             progress: bool | None = None) -> Path:
-    """Write an HF folder at `path` (atomically); returns its absolute path."""
+             shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool | None = None,
+             produce: Iterator[tuple[str, np.ndarray]] | None = None,
+             finish: Callable[[Path], None] | None = None) -> Path:
+    """Write an HF folder at `path` (atomically); returns its absolute path.
+
+    With `produce`, `params` only describes the tensors (anything with .shape and .dtype, in write
+    order) and `produce` yields (name, array) in that order as they are computed: a streaming write
+    that never holds the model.
+    """
     path = check_destination(path, overwrite)
     limit = parse_size(shard_size)
     if like is not None and not Path(like).is_dir():
@@ -246,8 +252,18 @@ def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Arr
             (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2))
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"write {path.name}", disable=_disable(progress))
 
+        order = iter(list(params))
+        produced = iter(produce) if produce is not None else None
+
         def fetch(arr):
-            host = np.asarray(jax.device_get(arr))
+            name = next(order)
+            if produced is None:
+                host = np.asarray(jax.device_get(arr))
+            else:
+                got, host = next(produced)
+                if got != name or host.shape != tuple(arr.shape) or host.dtype != np.dtype(arr.dtype):
+                    raise RuntimeError(f"producer gave {got} {host.shape} {host.dtype}, expected {name} "
+                                       f"{tuple(arr.shape)} {np.dtype(arr.dtype)}")
             bar.update(host.nbytes)
             return host
 
@@ -258,4 +274,6 @@ def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Arr
             weight_map = {name: file for file, names in zip(files, shards) for name in names}
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if finish is not None:
+            finish(tmp)
     return path

@@ -22,14 +22,31 @@ def config_digest(config: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class WeightsDigest:
+    """blake2b of tensors' names, dtypes, shapes and bytes, fed one tensor at a time in name order."""
+
+    def __init__(self):
+        self._hash = hashlib.blake2b(digest_size=32)
+        self._last = ""
+
+    def update(self, name: str, arr: np.ndarray) -> None:
+        if name <= self._last:
+            raise ValueError(f"tensors must be digested in name order ({name!r} after {self._last!r})")
+        self._last = name
+        arr = np.ascontiguousarray(arr)
+        self._hash.update(f"{name}|{arr.dtype.name}|{arr.shape}|".encode())
+        self._hash.update(arr.reshape(-1).view(np.uint8).data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 def weights_digest(params: Mapping[str, jax.Array]) -> str:
-    """blake2b of every tensor's name, dtype, shape and bytes, in name order (order-independent)."""
-    h = hashlib.blake2b(digest_size=32)
+    """`WeightsDigest` of a whole parameter dict (independent of its order)."""
+    digest = WeightsDigest()
     for name in sorted(params):
-        arr = np.asarray(jax.device_get(params[name]))
-        h.update(f"{name}|{arr.dtype.name}|{arr.shape}|".encode())
-        h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-    return h.hexdigest()
+        digest.update(name, np.asarray(jax.device_get(params[name])))
+    return digest.hexdigest()
 
 
 def identity(config: ModelConfig, params: Mapping[str, jax.Array]) -> dict[str, str]:

@@ -42,7 +42,9 @@ def preset_config(name: str = "tiny", model_type: str = "llama", **overrides: An
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(_ARCHITECTURES)}")
     raw = {"architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
-           "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "dtype": "float32", **PRESETS[name], **overrides}
+           "dtype": "float32", **PRESETS[name], **overrides}
+    if raw["vocab_size"] > EOS_ID:  # room for the byte-level tokenizer's special tokens
+        raw = {"eos_token_id": EOS_ID, "pad_token_id": EOS_ID, **raw}
     if model_type in ("mistral", "qwen2"):
         raw.setdefault("sliding_window", None)
     return ModelConfig.from_hf(raw, source=f"preset {name!r}")

@@ -1,0 +1,203 @@
+"""The merge, streamed in two passes and spread over every device.
+
+Pass 1 reads the tensors one at a time in name order: checks shapes, decides per tensor whether it
+is merged or copied from the task model (and why), digests the base weights (to check a safety
+vector's base model) and accumulates the global norms that set the adaptive α. Pass 2 stacks the
+merged tensors by (shape, dtype) into groups no larger than `group_bytes`, maps the method over
+each group with `jax.shard_map` (the group split over a 1-D mesh of all devices, every device
+running one tensor at a time with `lax.map`, so results do not depend on the device count), and
+yields the results in write order. Copied tensors keep their bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from enchtable_jax.distillation.vector import check_base, fully_replicated_numpy
+from enchtable_jax.kernels.mesh import put
+from enchtable_jax.merging.methods import METHODS, method_options
+from enchtable_jax.merging.sources import SafetyDelta, TensorSource
+from enchtable_jax.models.identity import WeightsDigest, config_digest
+
+_ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim")
+DEFAULT_GROUP_BYTES = 512 * 2**20
+GROUP_AXIS = "groups"
+
+
+@dataclasses.dataclass
+class TensorPlan:
+    """What happens to one tensor of the task model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    merge: bool
+    reason: str | None = None  # why it is copied unchanged
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class MergePlan:
+    """Outcome of pass 1."""
+
+    tensors: dict[str, TensorPlan]
+    alpha: float
+    norms: dict[str, float]
+
+    def groups(self, group_bytes: int, devices: int) -> list[list[str]]:
+        """Merged tensors grouped by (shape, dtype), each group cut to at most `group_bytes` of float32."""
+        by_kind: dict[tuple, list[str]] = {}
+        for t in self.tensors.values():
+            if t.merge:
+                by_kind.setdefault((t.shape, t.dtype.str), []).append(t.name)
+        groups = []
+        for (shape, _), names in by_kind.items():
+            per = max(1, group_bytes // (4 * math.prod(shape) or 1))
+            per = max(devices, per - per % devices)  # whole rounds over the devices
+            groups += [names[i:i + per] for i in range(0, len(names), per)]
+        return groups
+
+
+def check_architecture(base: TensorSource, task: TensorSource) -> None:
+    """Refuse models of different architecture, naming the differing config field."""
+    if base.config is None or task.config is None:
+        return
+    for field in _ARCHITECTURE_FIELDS:
+        a, b = getattr(base.config, field), getattr(task.config, field)
+        if a != b:
+            raise ValueError(f"base and task models differ in architecture: {field} is {a!r} in {base.folder} and "
+                             f"{b!r} in {task.folder}; merging needs the task model fine-tuned from the base")
+
+
+def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str, alpha: float | None,
+         beta: float | None, progress: bool | None = None) -> MergePlan:
+    """Pass 1: per-tensor decisions, the base-model check and the scale α."""
+    check_architecture(base, task)
+    missing = sorted(set(task.specs) - set(base.specs))
+    if missing:
+        raise ValueError(f"tensor(s) {', '.join(missing[:5])} of the task model are missing from the base model "
+                         f"{base.folder}; are they the same architecture?")
+    safety_names = safety.names()
+    digest = WeightsDigest()
+    sums = {"task": 0.0, "safety": 0.0}
+    tensors: dict[str, TensorPlan] = {}
+    for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
+        base_arr = base.read(name)
+        digest.update(name, base_arr)
+        if name not in task:
+            continue
+        shape, dtype = task.specs[name]
+        entry = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=False)
+        tensors[name] = entry
+        if tuple(base_arr.shape) != tuple(shape):
+            entry.reason = f"shape {tuple(shape)} differs from the base's {tuple(base_arr.shape)} (resized vocabulary?)"
+        elif name not in safety_names:
+            entry.reason = "no safety delta for this tensor (outside the safety vector's scope)"
+        elif tuple(safety.shape(name)) != tuple(shape):
+            entry.reason = f"safety delta shape {tuple(safety.shape(name))} differs from {tuple(shape)}"
+        else:
+            safe = safety.read(name)
+            if not np.any(safe):
+                entry.reason = "safety delta is zero"
+            else:
+                entry.merge = True
+                delta = task.read(name).astype(np.float64) - base_arr.astype(np.float64)
+                sums["task"] += float(np.sum(delta * delta))
+                sums["safety"] += float(np.sum(safe.astype(np.float64) ** 2))
+    if safety.manifest is not None and base.config is not None:
+        identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
+                    "weights_blake2b": digest.hexdigest()}
+        check_base(safety.manifest, identity, f"{safety.what} with base {base.folder}")
+    norms = {k: math.sqrt(v) for k, v in sums.items()}
+    spec = METHODS[method]
+    if alpha is None and (beta is not None or spec.adaptive_alpha):
+        beta = 0.1 if beta is None else beta
+        alpha = beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0
+    return MergePlan(tensors, 1.0 if alpha is None else float(alpha), norms)
+
+
+def _disable(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+@functools.lru_cache(maxsize=64)
+def _group_fn(method: str, options: tuple, out_dtype: str, mesh: Mesh):
+    """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one."""
+    fn = METHODS[method].fn
+    opts = dict(options)
+
+    def one(args, alpha):
+        base, task, safety, key = args
+        delta, stats = fn(task - base, safety, alpha, jax.random.wrap_key_data(key), **opts)
+        return (base + delta).astype(out_dtype), stats
+
+    def per_device(base, task, safety, keys, alpha):
+        return jax.lax.map(lambda args: one(args, alpha), (base, task, safety, keys))
+
+    spec = P(GROUP_AXIS)
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=(spec, spec))
+    return jax.jit(mapped)
+
+
+def tensor_key(seed: int, name: str) -> np.ndarray:
+    """Raw PRNG key data for one tensor: fixed by (seed, name), so random methods do not depend on devices."""
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))))
+
+
+def merge_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over all devices (every host's, under jax.distributed) that groups are split over."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.array(devices), (GROUP_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
+        options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
+        progress: bool | None = None) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]],
+                                                Iterator[tuple[str, np.ndarray]]]:
+    """Pass 2: (write order as [(name, shape, dtype)], a generator of (name, merged array) in that order)."""
+    options = method_options(method, options)
+    mesh = mesh or merge_mesh()
+    n = mesh.size
+    copied = [name for name in task.specs if name in plan_.tensors and not plan_.tensors[name].merge]
+    groups = plan_.groups(group_bytes, n)
+    order = [(name, plan_.tensors[name].shape, plan_.tensors[name].dtype) for name in copied]
+    order += [(name, plan_.tensors[name].shape, plan_.tensors[name].dtype) for group in groups for name in group]
+    sharding = NamedSharding(mesh, P(GROUP_AXIS))
+    replicated = NamedSharding(mesh, P())
+    alpha = put(np.float32(plan_.alpha), replicated)
+    frozen = tuple(sorted(options.items()))
+
+    def produce() -> Iterator[tuple[str, np.ndarray]]:
+        for name in copied:
+            yield name, task.read(name)
+        bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
+                   disable=_disable(progress))
+        with bar:
+            for group in groups:
+                shape, dtype = plan_.tensors[group[0]].shape, plan_.tensors[group[0]].dtype
+                padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
+                stacks = [np.stack([read(name).astype(np.float32) for name in padded])
+                          for read in (base.read, task.read, safety.read)]
+                keys = np.stack([tensor_key(seed, name) for name in padded])
+                fn = _group_fn(method, frozen, dtype.name, mesh)
+                merged, stats = fn(*(put(x, sharding) for x in (*stacks, keys)), alpha)
+                merged = fully_replicated_numpy(merged)
+                stats = {k: fully_replicated_numpy(v) for k, v in stats.items()}
+                for i, name in enumerate(group):
+                    plan_.tensors[name].stats = {k: float(v[i]) for k, v in stats.items()}
+                    yield name, merged[i]
+                bar.update(len(group))
+
+    return order, produce()

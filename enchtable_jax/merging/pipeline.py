@@ -1,0 +1,66 @@
+"""`merge`: safety vector (or aligned − harmful) into a task model, by any registered method."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from enchtable_jax import api
+from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
+from enchtable_jax.merging import executor
+from enchtable_jax.merging.methods import method_options
+from enchtable_jax.merging.report import report_dict, write_report
+from enchtable_jax.merging.sources import SafetyDelta, open_model
+
+ModelLike = api.Model | str | Path
+
+
+def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | None = None,
+          harmful: ModelLike | None = None, safety_vector: str | Path | None = None, out: str | Path | None = None,
+          alpha: float | None = None, beta: float | None = None, seed: int = 0, overwrite: bool = False,
+          shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
+          mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, return_model: bool = True,
+          **options: Any) -> api.Model | None:
+    """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
+
+    The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
+    HF folders, orbax checkpoints or loaded `Model`s. α: fixed with `alpha`, else β·‖τ_task‖/‖τ_safe‖
+    with `beta` (default 0.1) for adaptive methods, else 1. With `out`, the result is streamed into an
+    HF folder (tokenizer files from the task model) with `merge_report.json` and `merge_report.png`,
+    and returned loaded unless `return_model=False`; without it, the merged Model is returned.
+    """
+    options = method_options(method, options)
+    if out is not None:
+        out = check_destination(out, overwrite)
+    start = time.perf_counter()
+    base_src, task_src = open_model(base, "base"), open_model(task, "task")
+    safety = SafetyDelta(safety_vector, aligned, harmful)
+    plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress)
+    mesh = mesh or executor.merge_mesh()
+    order, produced = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
+                                   group_bytes, progress)
+    if out is None:
+        params = {name: np.asarray(arr) for name, arr in produced}
+        params = {name: params[name] for name in task_src.specs if name in params}  # the task model's order
+        return api.Model(task_src.config, {n: jax.numpy.asarray(v) for n, v in params.items()}, task_src.folder)
+    if jax.process_index() != 0:  # the others compute their share of every group
+        for _ in produced:
+            pass
+        return None
+    def finish(folder: Path) -> None:  # the report goes into the folder before it is renamed into place
+        summary = {"inputs": {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
+                   "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
+                   "seconds": time.perf_counter() - start,
+                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        write_report(folder, report_dict(plan, method, options, summary))
+
+    specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
+    write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
+             progress=progress, produce=produced, finish=finish)
+    return api.load(out) if return_model else None

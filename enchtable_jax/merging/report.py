@@ -1,0 +1,67 @@
+"""`merge_report.json` and the weight / interference plot of a merge."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from enchtable_jax.merging.executor import MergePlan
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+def report_dict(plan: MergePlan, method: str, options: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Everything about a merge: settings, α and norms, and per tensor what happened and why."""
+    tensors = []
+    for t in plan.tensors.values():
+        entry: dict[str, Any] = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype.name,
+                                 "merged": t.merge, "skipped": t.reason}
+        if t.merge:
+            entry.update({"method": method, "alpha": plan.alpha,
+                          **{k: (None if math.isnan(v) else v) for k, v in t.stats.items()}})
+        tensors.append(entry)
+    return {"method": method, "options": options, "alpha": plan.alpha, "norms": plan.norms,
+            "merged": sum(t.merge for t in plan.tensors.values()),
+            "skipped": sum(not t.merge for t in plan.tensors.values()), **summary, "tensors": tensors}
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    """merge_report.json and merge_report.png into `folder`."""
+    (folder / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, folder / "merge_report.png")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Safety weight and interference of every merged matrix, by layer, one line per module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, list]] = {}
+    for t in report["tensors"]:
+        m = _LAYER.match(t["name"])
+        if not (t["merged"] and m):
+            continue
+        s = series.setdefault(m.group(2), {"layer": [], "weight": [], "interference": []})
+        s["layer"].append(int(m.group(1)))
+        s["weight"].append(t.get("weight"))
+        s["interference"].append(t.get("interference"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key in zip(axes, ("weight", "interference")):
+        for module, s in sorted(series.items()):
+            points = [(x, y) for x, y in zip(s["layer"], s[key]) if y is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=module.replace("self_attn.", "").replace("mlp.", ""))
+        ax.set(xlabel="layer", ylabel=key, title=f"{report['method']}: {key} (α = {report['alpha']:.3g})")
+        ax.grid(alpha=0.3)
+    if series:
+        axes[0].legend(fontsize=7, ncol=2)
+    else:
+        axes[0].text(0.5, 0.5, "no per-layer matrices merged", ha="center", transform=axes[0].transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
