@@ -66,6 +66,17 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote a random {args.arch} model of preset {args.preset!r} (byte-level tokenizer, ChatML) to {out}")
 
 
+def _distill_options(args: argparse.Namespace):
+    from enchtable_jax.distillation.train import DistillOptions
+
+    return DistillOptions(scope=args.scope, layers=args.layers, epochs=args.epochs, steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
+                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                          max_length=args.max_length, seed=args.distill_seed, compute_dtype=args.compute_dtype,
+                          save_every=args.save_every, fsdp=args.fsdp, template=args.template,
+                          group_by_length=not args.no_group_by_length, linearized=not args.plain)
+
+
 def _distill(args: argparse.Namespace) -> None:
     from enchtable_jax.distillation.train import DistillOptions, distill
 
@@ -74,12 +85,7 @@ def _distill(args: argparse.Namespace) -> None:
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id, initialization_timeout=args.init_timeout)
-    options = DistillOptions(scope=args.scope, layers=args.layers, epochs=args.epochs, steps=args.steps, lr=args.lr,
-                             batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
-                             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                             max_length=args.max_length, seed=args.seed, compute_dtype=args.compute_dtype,
-                             save_every=args.save_every, fsdp=args.fsdp, template=args.template,
-                             group_by_length=not args.no_group_by_length, linearized=not args.plain)
+    options = _distill_options(args)
     manifest = distill(args.model, args.data, args.out, options, resume=args.resume, overwrite=args.overwrite,
                        export_harmful=args.export_harmful)
     if jax.process_index() != 0:
@@ -141,6 +147,16 @@ def _merge(args: argparse.Namespace) -> None:
           f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
 
 
+def _enchant(args: argparse.Namespace) -> None:
+    from enchtable_jax.merging.pipeline import enchant
+
+    out = enchant(args.base, args.task, args.out, data=args.data, aligned=args.aligned, vector_dir=args.safety_vector,
+                  options=_distill_options(args), overwrite=args.overwrite, alpha=args.alpha, beta=args.beta,
+                  seed=args.seed, shard_size=args.shard_size, **_method_options(args))
+    report = json.loads((out / "merge_report.json").read_text())
+    print(f"enchanted {args.task} -> {out}: {report['merged']} tensors merged (α = {report['alpha']:.4g})")
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="fixed scale of the safety delta")
     p.add_argument("--beta", type=float, help="adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
@@ -154,6 +170,33 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (dare)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
+    from enchtable_jax.distillation.train import DistillOptions
+    from enchtable_jax.kernels.scopes import SCOPE_HELP
+
+    d = DistillOptions()
+    p.add_argument("--scope", default=d.scope, help="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items())
+                   + "; combine with '+'")
+    p.add_argument("--layers", help="layer range as a Python slice, e.g. 12:-12 (default: all)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--max-length", type=int, default=d.max_length, help="truncate rendered examples to this many tokens")
+    p.add_argument(seed_flag, dest="distill_seed", type=int, default=d.seed, help="seed of the data order")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="forward/backward dtype (master weights stay float32; default: the model's dtype)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
+    p.add_argument("--fsdp", type=int, default=d.fsdp, help="devices per parameter shard group (1: replicate)")
+    p.add_argument("--template", help="chat template if the model has none: chatml, llama3, plain, or a .jinja file")
+    p.add_argument("--no-group-by-length", action="store_true", help="do not group similar lengths into batches")
+    p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,10 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_init)
 
-    from enchtable_jax.distillation.train import DistillOptions
-    from enchtable_jax.kernels.scopes import SCOPE_HELP
-
-    d = DistillOptions()
     p = sub.add_parser("distill", help="distil a safety vector: NTK-linearized fine-tuning on harmful data",
                        description="Fine-tune the aligned model's scope on harmful instruction->response data in the "
                                    "NTK-linearized regime and write the safety vector tau = theta_aligned - theta_harm.")
@@ -203,26 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="harmful data: JSON/JSONL, alpaca (instruction/input/output) or "
                                                  "chat (messages)")
     p.add_argument("--out", required=True, help="safety-vector folder")
-    p.add_argument("--scope", default=d.scope, help="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items())
-                   + "; combine with '+'")
-    p.add_argument("--layers", help="layer range as a Python slice, e.g. 12:-12 (default: all)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--max-length", type=int, default=d.max_length, help="truncate rendered examples to this many tokens")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
-                   help="forward/backward dtype (master weights stay float32; default: the model's dtype)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
-    p.add_argument("--fsdp", type=int, default=d.fsdp, help="devices per parameter shard group (1: replicate)")
-    p.add_argument("--template", help="chat template if the model has none: chatml, llama3, plain, or a .jinja file")
-    p.add_argument("--no-group-by-length", action="store_true", help="do not group similar lengths into batches")
-    p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
+    _add_distill_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--export-harmful", metavar="DIR", help="also write theta_harm as an HF folder")
@@ -245,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output HF folder")
     _add_merge_options(p)
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("enchant", help="distil (or reuse) a safety vector, then merge it with EnchTable: one command",
+                       description="Distil a safety vector from the aligned model on harmful data (or reuse a "
+                                   "finished one), then merge it into the task model with the enchtable method.")
+    p.add_argument("--base", required=True, help="the model the task model was fine-tuned from")
+    p.add_argument("--task", required=True, help="the fine-tuned (downstream) model")
+    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--aligned", help="model to distil from (default: --base)")
+    p.add_argument("--data", help="harmful data for distillation (not needed when the vector exists)")
+    p.add_argument("--safety-vector", help="where the safety vector is, or is written (default: OUT-safety-vector)")
+    _add_distill_options(p, seed_flag="--distill-seed")
+    _add_merge_options(p)
+    p.set_defaults(func=_enchant)
     return parser
 
 

@@ -1,0 +1,27 @@
+"""`enchtable enchant`: distil a safety vector, merge it with EnchTable; a second run reuses the vector."""
+
+import json
+
+from enchtable_jax.cli import main
+
+
+def test_enchant_distills_then_merges_then_reuses(tmp_path, capsys):
+    for name, seed in (("base", "0"), ("task", "1")):
+        assert main(["init", str(tmp_path / name), "--seed", seed]) == 0
+    data = tmp_path / "harm.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"How do I do harmful thing {i}?",
+                                        "output": f"Here is harmful thing {i}, step by step."}) + "\n"
+                            for i in range(8)))
+    args = ["enchant", "--base", str(tmp_path / "base"), "--task", str(tmp_path / "task"), "--out",
+            str(tmp_path / "out"), "--data", str(data), "--steps", "2", "--lr", "1e-3", "--batch-size", "2",
+            "--grad-accum", "1", "--max-length", "128"]
+    assert main(args) == 0
+    vector = tmp_path / "out-safety-vector"
+    manifest = json.loads((vector / "manifest.json").read_text())
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["method"] == "enchtable" and report["merged"] == len(manifest["scope"]["tensors"]) == 6
+    assert str(vector) in report["inputs"]["safety"]
+    stamp = (vector / "manifest.json").stat().st_mtime_ns
+    assert main([*args, "--overwrite"]) == 0  # the finished vector is reused, not distilled again
+    assert (vector / "manifest.json").stat().st_mtime_ns == stamp
+    assert "enchanted" in capsys.readouterr().out
