@@ -63,7 +63,8 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
                        "Wu et al. 2025)", adaptive_alpha=True,
           keep=Option(DEFAULT_KEEP, "γ: fraction of singular triplets kept per delta"),
           interference_scale=Option(DEFAULT_SCALE, "scale of ι"),
-          learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι)"),
+          learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι) "
+                                  "(experimental: ι is linear in |m0 + m|, see DESIGN.md)"),
           m_init=Option(0.5, "learnable: initial m"), m0=Option(0.5, "learnable: offset m0"),
           lr=Option(1e3, "learnable: SGD learning rate"), steps=Option(40, "learnable: SGD steps"))
 def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, learnable=False,
