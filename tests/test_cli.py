@@ -279,3 +279,11 @@ def test_convert_shard_size_bare_i_unit(capsys, tmp_path, hf_src):
     assert run(capsys, "convert", src, ckpt)[0] == 0
     code, _, err = run(capsys, "convert", ckpt, tmp_path / "out", "--shard-size", "5iB")
     assert code == 2 and "5iB" in err
+
+
+def test_import_and_parser_leave_jax_uninitialised():
+    """`--coordinator` calls jax.distributed.initialize, which must precede any backend use: importing the
+    package and building the parser may not create a JAX array."""
+    code = ("import enchtable_jax, enchtable_jax.cli as c; c.build_parser(); "
+            "from jax._src import xla_bridge as xb; assert not xb.backends_are_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

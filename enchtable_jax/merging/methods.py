@@ -20,7 +20,7 @@ from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, interfer
     top_triplets
 
 Stats = dict[str, jax.Array]
-NAN = jnp.float32(jnp.nan)
+NAN = float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
