@@ -63,23 +63,25 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
                        "Wu et al. 2025)", adaptive_alpha=True,
           keep=Option(DEFAULT_KEEP, "γ: fraction of singular triplets kept per delta"),
           interference_scale=Option(DEFAULT_SCALE, "scale of ι"),
+          solver=Option("svd", "top triplets by 'svd' (exact) or 'gram' (eigh of the smaller Gram matrix: faster "
+                               "on CPU, accurate to ~ε·(σ1/σk)²)"),
           learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι) "
                                   "(experimental: ι is linear in |m0 + m|, see DESIGN.md)"),
           m_init=Option(0.5, "learnable: initial m"), m0=Option(0.5, "learnable: offset m0"),
           lr=Option(1e3, "learnable: SGD learning rate"), steps=Option(40, "learnable: SGD steps"))
-def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, learnable=False,
-              m_init=0.5, m0=0.5, lr=1e3, steps=40):
+def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, solver="svd",
+              learnable=False, m_init=0.5, m0=0.5, lr=1e3, steps=40):
     scaled = alpha * safety
     if task.ndim != 2:
         return task + scaled, _stats(weight=1.0)
     if not learnable:
-        iota = interference(task, scaled, keep, interference_scale)
+        iota = interference(task, scaled, keep, interference_scale, solver)
         weight = jnp.exp(-iota)
         return task + weight * scaled, _stats(iota, weight)
     # Scaling a matrix by c keeps its singular vectors and scales its singular values by |c|, so one
     # pair of SVDs serves every step of the descent on c = m0 + m.
-    u1, s1, v1 = top_triplets(task, keep)
-    u2, s2, v2 = top_triplets(scaled, keep)
+    u1, s1, v1 = top_triplets(task, keep, solver)
+    u2, s2, v2 = top_triplets(scaled, keep, solver)
     r = s1.shape[0] + s2.shape[0]
 
     def iota_of(m):
