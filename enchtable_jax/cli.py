@@ -78,9 +78,9 @@ def _distill_options(args: argparse.Namespace):
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from enchtable_jax.distillation.train import DistillOptions, distill
-
     import jax
+
+    from enchtable_jax.distillation.train import distill
 
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,

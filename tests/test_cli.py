@@ -10,13 +10,13 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 import transformers
 from conftest import make_hf_model
+from oracles import raw_tensors, torch_raw
 
 import enchtable_jax
 from enchtable_jax.cli import main
@@ -27,20 +27,6 @@ COMMANDS = {
     "init": ["dst", "--preset", "--arch", "--dtype", "--seed", "--overwrite"],
 }
 TOKENIZER_FILES = {"tokenizer_config.json": '{"model_max_length": 256}\n', "chat_template.jinja": "{{ messages }}"}
-
-
-def raw_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        for name, t in safetensors.torch.load_file(file).items():
-            out[name] = torch_raw(t)
-    assert out, f"no safetensors files in {folder}"
-    return out
-
-
-def torch_raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
-    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return str(t.dtype).removeprefix("torch."), tuple(t.shape), raw
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

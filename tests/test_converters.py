@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 import transformers
 from conftest import make_hf_model
+from oracles import raw_tensors, torch_raw
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
@@ -41,22 +42,6 @@ TOKENIZER_FILES = {
 
 # --------------------------------------------------------------------------------------------------------------
 # Oracles and helpers
-
-
-def raw_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """{name: (dtype, shape, raw bytes)} of every safetensors file in `folder`, read by the safetensors package."""
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        for name, t in safetensors.torch.load_file(file).items():
-            assert name not in out, f"{name} stored twice"
-            out[name] = torch_raw(t)
-    assert out, f"no safetensors files in {folder}"
-    return out
-
-
-def torch_raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
-    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return str(t.dtype).removeprefix("torch."), tuple(t.shape), raw
 
 
 def jax_raw(arr) -> tuple[str, tuple[int, ...], bytes]:

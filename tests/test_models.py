@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 
 import jax.numpy as jnp
 import numpy as np

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -186,7 +185,7 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                    disable=_disable(progress))
         with bar:
             for group in groups:
-                shape, dtype = plan_.tensors[group[0]].shape, plan_.tensors[group[0]].dtype
+                dtype = plan_.tensors[group[0]].dtype
                 padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
                 stacks = [np.stack([read(name).astype(np.float32) for name in padded])
                           for read in (base.read, task.read, safety.read)]
