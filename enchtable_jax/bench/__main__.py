@@ -18,11 +18,14 @@ from pathlib import Path
 
 import jax
 
-SUITES = {"linearize": "enchtable_jax.bench.studies.linearize", "distill": "enchtable_jax.bench.studies.distill"}
+SUITES = {"linearize": "enchtable_jax.bench.studies.linearize", "distill": "enchtable_jax.bench.studies.distill",
+          "merge": "enchtable_jax.bench.studies.merge"}
 # target name -> (suite, figure key): the medians reported in bench.json's `targets`.
 TARGETS = {
     "linearized_over_plain": ("linearize", "linearized_over_plain"),
     "linearized_speedup_vs_torch": ("linearize", "linearized_speedup_vs_torch"),
+    "merge_speedup_vs_torch": ("merge", "merge_speedup_vs_torch"),
+    "merge_peak_rss_over_floor": ("merge", "merge_peak_rss_over_floor"),
 }
 
 

@@ -1,0 +1,317 @@
+"""Study: the `enchtable` merge end to end (read, merge, write) — ours vs a plain PyTorch reference, and
+the physical floor.
+
+Synthetic HF folders per size (random float32 weights): base; task = base + noise; a safety vector
+(`distillation.vector.write_vector`, manifest naming the base by `models.identity.identity`) on every
+2-D matrix of the decoder layers (attention and MLP, 7 per layer). Sizes: `--quick` the tiny preset;
+full: 'smollm2-135m' (30 layers, 210 matrices, 420 SVDs) and 'llama3-8b-layer' (one Llama-3-8B-shaped
+layer with its 128k-vocabulary embedding and head; 7 matrices, 14 SVDs).
+
+Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<preset>"):
+- ours = `enchtable_jax.merge('enchtable', base, task, safety_vector=..., out=..., return_model=False,
+  progress=False, overwrite=True)`; torch = `bench.torch_merge.merge` (same math, same output). Both
+  alternate in this process (`timing.alternate`, order rotating every repeat); the first call of each
+  is a warm-up (JAX compilation) except for llama3-8b-layer, where one call takes minutes and
+  compilation is a few seconds of it (warm-up 0).
+- cold process: each implementation once more in a fresh `python -c` process, which also gives its peak
+  RSS (a process maximum: VmHWM on Linux, as `ru_maxrss` there carries the parent's size over fork/exec) and its RSS after imports (the runtime's own memory). The torch
+  process loads `torch_merge.py` by path, so it does not import JAX. RSS counts resident pages of the
+  process: ours reads tensors with read() (anonymous memory only); safetensors' `safe_open` maps the
+  files, so torch's RSS also counts the mapped pages it touched.
+- floor: bytes that must move (task + safety read once, base of the merged tensors read once, the
+  output written once) at the memory bandwidth of a large numpy copy (counted as read + write), plus
+  the SVD and interference flops at the best float32 matmul rate measured (numpy and jax). SVD flops
+  per m×n matrix (m ≥ n after transposing), thin U, Σ, V by R-SVD: 6mn² + 20n³ (Golub & Van Loan,
+  Matrix Computations, 4th ed., Fig. 8.6.1); interference (block formula, k = ⌊n/2⌋):
+  2k²(m + n) + 4k³. A floor, not a model: real SVDs run far below the matmul rate.
+
+Headline figures (bench.json `targets`):
+- `merge_speedup_vs_torch`: torch seconds / ours seconds, per repeat (paired by alternation), for the
+  size where its median is smallest (so a target holds for every size);
+- `merge_peak_rss_over_floor`: our cold-process peak RSS over the memory the streaming merge cannot
+  avoid: 4 × the largest float32 group stack our executor forms (base, task and safety stacks and the
+  merged stack, `MergePlan.groups` at the default group size and this process's device count, padded
+  to whole device rounds) + the largest single output tensor (the one buffer the streaming writer
+  holds, e.g. a copied embedding); the runtime (interpreter, JAX) is not in the floor, so it is
+  meaningful only for the full sizes (`..._plus_runtime` adds the after-import RSS). Largest over sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enchtable_jax.bench.timing import alternate, ratio, summary
+from enchtable_jax.converters.hf import write_hf
+from enchtable_jax.distillation.vector import write_vector
+from enchtable_jax.merging.executor import DEFAULT_GROUP_BYTES, MergePlan, TensorPlan
+from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.merging.sources import open_model
+from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.identity import identity
+from enchtable_jax.models.init import preset_config
+from enchtable_jax.models.tensors import expected_shapes
+
+BASE_STD, TASK_STD, SAFETY_STD = 0.02, 0.002, 0.003
+
+# Peak RSS of this process in KiB. Linux keeps ru_maxrss across fork and exec, so a child of the (large)
+# bench process would report at least the parent's size: VmHWM (this address space's high-water mark)
+# is read instead where /proc exists.
+_PEAK = """
+def peak_kib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+_OURS = """
+import json, resource, sys, time
+""" + _PEAK + """
+args = json.loads(sys.argv[1])
+from enchtable_jax.merging.pipeline import merge
+rss0 = peak_kib()
+start = time.perf_counter()
+merge("enchtable", args["base"], args["task"], safety_vector=args["vector"], out=args["out"], return_model=False,
+      progress=False, overwrite=True)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "rss_after_import_kib": rss0, "peak_rss_kib": peak_kib()}))
+"""
+_TORCH = """
+import importlib.util, json, resource, sys, time
+""" + _PEAK + """
+args = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("torch_merge", args["module"])
+torch_merge = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(torch_merge)
+rss0 = peak_kib()
+start = time.perf_counter()
+torch_merge.merge(args["base"], args["task"], args["out"], safety_vector=args["vector"], overwrite=True)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "rss_after_import_kib": rss0, "peak_rss_kib": peak_kib()}))
+"""
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _base_tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name.endswith("norm.weight"):
+        return np.ones(shape, np.float32)
+    x = _rng(0, name).standard_normal(shape, dtype=np.float32)
+    x *= BASE_STD
+    return x
+
+
+def _task_tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    x = _rng(1, name).standard_normal(shape, dtype=np.float32)
+    x *= TASK_STD
+    x += _base_tensor(name, shape)
+    return x
+
+
+class _FolderParams(Mapping):
+    """A model folder's tensors as a read-on-demand mapping (for `identity` without holding the model)."""
+
+    def __init__(self, folder: Path):
+        self._source = open_model(folder, "base")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._source.read(name)
+
+    def __iter__(self):
+        return iter(self._source.specs)
+
+    def __len__(self) -> int:
+        return len(self._source.specs)
+
+
+def safety_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Every 2-D matrix of the decoder layers (attention and MLP)."""
+    return [n for n, s in shapes.items() if n.startswith("model.layers.") and len(s) == 2]
+
+
+def build_world(root: Path, preset: str) -> dict:
+    """base, task and safety-vector folders under `root`, written tensor by tensor (never a whole model)."""
+    config = preset_config(preset)
+    shapes = {n: tuple(s) for n, s in expected_shapes(config).items()}
+    specs = {n: jax.ShapeDtypeStruct(s, np.float32) for n, s in shapes.items()}
+    folders = {"base": root / "base", "task": root / "task", "vector": root / "vector"}
+    for role, make in (("base", _base_tensor), ("task", _task_tensor)):
+        write_hf(folders[role], config, specs, progress=False, overwrite=True,
+                 produce=((n, make(n, s)) for n, s in shapes.items()))
+    base_config = ModelConfig.from_file(folders["base"] / "config.json")
+    manifest = {"base_model": identity(base_config, _FolderParams(folders["base"])), "scope": "layer matrices",
+                "note": "synthetic, for the merge study"}
+    names = safety_names(shapes)
+    tau = {}
+    for n in names:
+        t = _rng(2, n).standard_normal(shapes[n], dtype=np.float32)
+        t *= SAFETY_STD
+        tau[n] = t
+    write_vector(folders["vector"], tau, manifest)
+    del tau
+    shutil.rmtree(folders["vector"] / "safety_vector")  # the orbax copy: the merge reads the safetensors file
+    return {"config": config, "shapes": shapes, "merged": names, **folders}
+
+
+def svd_flops(m: int, n: int) -> float:
+    """Thin SVD (U, Σ, V) of an m×n matrix by R-SVD, m ≥ n after transposing: 6mn² + 20n³ (GVL Fig. 8.6.1)."""
+    m, n = max(m, n), min(m, n)
+    return 6.0 * m * n * n + 20.0 * n**3
+
+
+def interference_flops(m: int, n: int) -> float:
+    """Block-formula interference: A = U1ᵀU2 (2mk²), B = V1ᵀV2 (2nk²), two k×k products (4k³)."""
+    k = max(1, min(m, n) // 2)
+    return 2.0 * k * k * (m + n) + 4.0 * k**3
+
+
+def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of a large numpy copy, counting bytes read + written (best of `repeats`)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.zeros_like(src)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def matmul_rate(n: int, repeats: int = 3) -> dict[str, float]:
+    """float32 FLOP/s of an n×n matmul in numpy (OpenBLAS) and jax (XLA), best of `repeats`."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    dot = jax.jit(jnp.dot)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    dot(ja, jb).block_until_ready()
+    rates = {}
+    for label, fn in (("numpy", lambda: a @ b), ("jax", lambda: dot(ja, jb).block_until_ready())):
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        rates[label] = 2.0 * n**3 / best
+    return rates
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def floor_memory(world: dict, devices: int) -> dict[str, int]:
+    """The memory a streaming merge cannot avoid (see the module docstring)."""
+    shapes = world["shapes"]
+    tensors = {n: TensorPlan(n, shapes[n], np.dtype(np.float32), merge=True) for n in world["merged"]}
+    groups = MergePlan(tensors, 1.0, {}).groups(DEFAULT_GROUP_BYTES, devices)
+    stack = max((len(g) + (-len(g) % devices)) * 4 * math.prod(shapes[g[0]]) for g in groups)
+    largest = max(4 * math.prod(s) for s in shapes.values())
+    return {"largest_group_stack_bytes": stack, "largest_tensor_bytes": largest, "floor_bytes": 4 * stack + largest}
+
+
+def _cold(code: str, args: dict) -> dict:
+    """One merge in a fresh process: seconds, RSS after imports and peak RSS (bytes)."""
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                          env=os.environ.copy(), check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"cold merge failed:\n{done.stderr[-4000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"seconds": got["seconds"], "rss_after_import_bytes": got["rss_after_import_kib"] * 1024,
+            "peak_rss_bytes": got["peak_rss_kib"] * 1024}
+
+
+def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) -> dict:
+    """All figures for one size (see the module docstring)."""
+    from enchtable_jax.bench import torch_merge
+
+    world = build_world(root, preset)
+    out_ours, out_torch = root / "out-ours", root / "out-torch"
+    args = {"base": str(world["base"]), "task": str(world["task"]), "vector": str(world["vector"])}
+    fns = {
+        "ours": lambda: merge("enchtable", world["base"], world["task"], safety_vector=world["vector"], out=out_ours,
+                              return_model=False, progress=False, overwrite=True),
+        "torch": lambda: torch_merge.merge(world["base"], world["task"], out_torch, safety_vector=world["vector"],
+                                           overwrite=True),
+    }
+    load = [os.getloadavg()[0]]  # other processes on the machine slow both sides; recorded to judge the noise
+    times = alternate(fns, repeats, warmup=warmup)
+    load.append(os.getloadavg()[0])
+    cold = {"ours": _cold(_OURS, {**args, "out": str(out_ours)}),
+            "torch": _cold(_TORCH, {**args, "out": str(out_torch), "module": torch_merge.__file__})}
+
+    shapes = world["shapes"]
+    out_bytes = _folder_bytes(out_ours)
+    vector_file = world["vector"] / "safety_vector.safetensors"
+    moved = (_folder_bytes(world["task"]) + sum(4 * math.prod(shapes[n]) for n in world["merged"])
+             + vector_file.stat().st_size + out_bytes)
+    flops_svd = sum(2 * svd_flops(*shapes[n]) for n in world["merged"])
+    flops_interference = sum(interference_flops(*shapes[n]) for n in world["merged"])
+    floor_io = moved / rates["memory_bandwidth_bytes_per_s"]
+    floor_flops = (flops_svd + flops_interference) / rates["matmul_flops_per_s"]
+    memory = floor_memory(world, len(jax.devices()))
+    peak = cold["ours"]["peak_rss_bytes"]
+    return {
+        "preset": preset, "repeats": repeats, "warmup": warmup, "merged_matrices": len(world["merged"]),
+        "svds": 2 * len(world["merged"]), "load_average_1min_before_after": load,
+        "seconds": {"ours": summary(times["ours"]), "torch": summary(times["torch"]),
+                    "ours_cold_process": cold["ours"]["seconds"], "torch_cold_process": cold["torch"]["seconds"]},
+        "merge_speedup_vs_torch": ratio(times["torch"], times["ours"]),
+        "merge_speedup_vs_torch_cold_process": cold["torch"]["seconds"] / cold["ours"]["seconds"],
+        "cold": cold,
+        "floor": {"bytes_moved": moved, "seconds_io": floor_io, "svd_flops": flops_svd,
+                  "interference_flops": flops_interference, "seconds_flops": floor_flops,
+                  "seconds": floor_io + floor_flops, **memory},
+        "ours_over_floor_seconds": summary([t / (floor_io + floor_flops) for t in times["ours"]]),
+        "merge_peak_rss_over_floor": peak / memory["floor_bytes"],
+        "merge_peak_rss_over_floor_plus_runtime": peak / (memory["floor_bytes"]
+                                                          + cold["ours"]["rss_after_import_bytes"]),
+        "torch_peak_rss_over_ours": cold["torch"]["peak_rss_bytes"] / peak,
+        "samples": times,
+    }
+
+
+def run(quick: bool = False, repeats: int | None = None) -> dict:
+    presets = ["tiny"] if quick else ["smollm2-135m", "llama3-8b-layer"]
+    bandwidth = memory_bandwidth((256 if quick else 1024) * 2**20)
+    matmul = matmul_rate(1024 if quick else 4096)
+    rates = {"memory_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": max(matmul.values()),
+             "matmul_flops_per_s_by_library": matmul}
+    sizes = {}
+    for preset in presets:
+        big = preset == "llama3-8b-layer"
+        count = repeats or 3
+        with tempfile.TemporaryDirectory(prefix=f"merge-study-{preset}-") as tmp:
+            sizes[preset] = study_size(Path(tmp), preset, count, 0 if big else 1, rates)
+    seconds = {}
+    for preset, s in sizes.items():
+        seconds[f"ours/{preset}"] = s["seconds"]["ours"]
+        seconds[f"torch/{preset}"] = s["seconds"]["torch"]
+        for impl in ("ours", "torch"):
+            seconds[f"{impl} cold process/{preset}"] = summary([s["seconds"][f"{impl}_cold_process"]])
+        seconds[f"floor (io + flops)/{preset}"] = summary([s["floor"]["seconds"]])
+    slowest = min(sizes.values(), key=lambda s: s["merge_speedup_vs_torch"]["median"])
+    heaviest = max(sizes.values(), key=lambda s: s["merge_peak_rss_over_floor"])
+    return {
+        "preset": ", ".join(presets), "scope": "all 2-D layer matrices", "batch": "-",
+        "repeats": ", ".join(f"{s['repeats']} ({p})" for p, s in sizes.items()), "devices": len(jax.devices()),
+        "rates": rates, "seconds": seconds, "sizes": sizes,
+        "merge_speedup_vs_torch": {**slowest["merge_speedup_vs_torch"], "preset": slowest["preset"]},
+        "merge_peak_rss_over_floor": {**summary([heaviest["merge_peak_rss_over_floor"]]),
+                                      "preset": heaviest["preset"]},
+    }

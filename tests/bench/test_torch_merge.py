@@ -1,0 +1,90 @@
+"""The bench's plain PyTorch `enchtable` merge writes the same merged model as ours."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import enchtable_jax as ej
+from enchtable_jax.bench import torch_merge
+from enchtable_jax.distillation.vector import write_vector
+from enchtable_jax.models import init_params, preset_config
+from enchtable_jax.models.identity import identity
+
+SMALL = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=48, vocab_size=64)
+
+
+def _world(root, dtype=jnp.float32):
+    """base, task (= base + noise everywhere) as HF folders, and a safety vector on every 2-D layer matrix
+    plus one norm (the non-2-D path); built like tests/merging/test_merge.py::_models."""
+    config = preset_config("tiny", **SMALL)
+    base = init_params(config, seed=0, std=0.1)
+    rng = np.random.default_rng(1)
+    task = {n: (np.asarray(v, np.float32) + 0.02 * rng.normal(size=v.shape)).astype(dtype) for n, v in base.items()}
+    base = {n: np.asarray(v, np.float32).astype(dtype) for n, v in base.items()}
+    folders = {}
+    for role, params in (("base", base), ("task", task)):
+        folders[role] = ej.save(ej.Model(config, {n: jnp.asarray(v) for n, v in params.items()}), root / role,
+                                progress=False)
+    tau = {n: (0.03 * rng.normal(size=v.shape)).astype(np.float32) for n, v in base.items()
+           if n.startswith("model.layers.") and (v.ndim == 2 or n.endswith("1.post_attention_layernorm.weight"))}
+    loaded = ej.load(folders["base"])
+    write_vector(root / "vector", tau, {"base_model": identity(loaded.config, loaded.params)})
+    folders["vector"], folders["tau"] = root / "vector", tau
+    return folders
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return _world(tmp_path_factory.mktemp("torch-merge"))
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_torch_reference_writes_the_same_merged_model_as_ours(world, tmp_path):
+    ej.merge("enchtable", world["base"], world["task"], safety_vector=world["vector"], out=tmp_path / "ours",
+             return_model=False, progress=False)
+    info = torch_merge.merge(world["base"], world["task"], tmp_path / "torch", safety_vector=world["vector"])
+    ours, theirs, task = _tensors(tmp_path / "ours"), _tensors(tmp_path / "torch"), _tensors(world["task"])
+    assert set(ours) == set(theirs) == set(task)
+    for name in task:
+        assert theirs[name].dtype == ours[name].dtype, name
+        if name in world["tau"]:
+            assert not np.array_equal(theirs[name], task[name]), name
+            np.testing.assert_allclose(theirs[name], ours[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        else:  # copied unchanged
+            assert theirs[name].tobytes() == task[name].tobytes() == ours[name].tobytes(), name
+    report = json.loads((tmp_path / "ours" / "merge_report.json").read_text())
+    assert info["alpha"] == pytest.approx(report["alpha"], rel=1e-6)
+    stats = {t["name"]: t for t in report["tensors"]}
+    weights = [w for n, w in info["weights"].items() if n in info["interference"]]
+    assert len(weights) == 21 and 0 < min(weights) and max(weights) < 1  # 3 layers x 7 matrices
+    for name, iota in info["interference"].items():
+        assert stats[name]["interference"] == pytest.approx(iota, rel=1e-4), name
+        assert stats[name]["weight"] == pytest.approx(info["weights"][name], rel=1e-4), name
+    assert (tmp_path / "torch" / "config.json").is_file()
+    assert ej.load(tmp_path / "torch").config.hidden_size == SMALL["hidden_size"]
+
+
+def test_given_arrays_shards_and_plain_svd_agree(world, tmp_path):
+    a = torch_merge.merge(world["base"], world["task"], tmp_path / "a", safety_vector=world["vector"])
+    b = torch_merge.merge(world["base"], world["task"], tmp_path / "b", safety=world["tau"], shard_size=20_000,
+                          transpose_wide=False)
+    assert (tmp_path / "b" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "b").glob("model-*-of-*.safetensors"))) > 1
+    assert a["alpha"] == pytest.approx(b["alpha"], rel=1e-12)
+    ta, tb = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert set(ta) == set(tb)
+    for name in ta:
+        np.testing.assert_allclose(ta[name], tb[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    with pytest.raises(FileExistsError):
+        torch_merge.merge(world["base"], world["task"], tmp_path / "a", safety_vector=world["vector"])
