@@ -186,3 +186,12 @@ def test_cli_reports_truncation(world, tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-2000:]
     assert "2 truncated to 96 tokens" in output
+
+
+def test_bfloat16_compute_trains_float32_master_delta(world, tmp_path):
+    options = ej.DistillOptions(**{**OPTIONS, "steps": 3, "compute_dtype": "bfloat16"})
+    manifest = ej.distill(world["model"], world["data"], tmp_path / "bf16", options)
+    losses = manifest["training"]["losses"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    tau = _vector(tmp_path / "bf16")
+    assert all(t.dtype == np.float32 and np.abs(t).max() > 0 for t in tau.values())  # the model's dtype
