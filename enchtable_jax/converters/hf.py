@@ -56,7 +56,7 @@ class WeightIndex:
     format: str  # "safetensors" or "bin"
     files: tuple[Path, ...]
     tensors: Mapping[str, TensorSpec]
-    _infos: Mapping[str, stf.TensorInfo] = dataclasses.field(repr=False, default_factory=dict)
+    infos: Mapping[str, stf.TensorInfo] = dataclasses.field(repr=False, default_factory=dict)  # safetensors byte ranges
 
 
 def index_weights(folder: str | Path) -> WeightIndex:
@@ -120,7 +120,7 @@ def iter_tensors(index: WeightIndex, names: list[str] | None = None) -> Iterator
         with open(file, "rb") as f:
             for name, spec in index.tensors.items():
                 if spec.file == file and name in wanted:
-                    yield name, stf.read_tensor(f, index._infos[name])
+                    yield name, stf.read_tensor(f, index.infos[name])
 
 
 def placer(dtype=None, sharding: Sharding = None) -> Callable[[str, np.ndarray], jax.Array]:

@@ -55,7 +55,7 @@ def _folder_source(path: Path, what: str, config: ModelConfig | None) -> TensorS
         spec = index.tensors[name]
         if spec.file not in handles:
             handles[spec.file] = open(spec.file, "rb")  # noqa: SIM115 - kept open for the whole merge
-        return stf.read_tensor(handles[spec.file], index._infos[name])
+        return stf.read_tensor(handles[spec.file], index.infos[name])
 
     specs = {n: (s.shape, s.dtype) for n, s in index.tensors.items()}
     return TensorSource(what, config, specs, read, path)
