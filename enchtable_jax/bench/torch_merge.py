@@ -57,7 +57,7 @@ class SafetensorsFolder:
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self.where: dict[str, Any] = {}
         for handle in self._handles:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 self.where[name] = handle
 
     def names(self) -> list[str]:

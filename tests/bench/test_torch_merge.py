@@ -15,7 +15,7 @@ from enchtable_jax.distillation.vector import write_vector
 from enchtable_jax.models import init_params, preset_config
 from enchtable_jax.models.identity import identity
 
-SMALL = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=48, vocab_size=64)
+SMALL = {"num_hidden_layers": 3, "hidden_size": 32, "intermediate_size": 48, "vocab_size": 64}
 
 
 def _world(root, dtype=jnp.float32):

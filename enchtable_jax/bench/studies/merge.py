@@ -12,12 +12,14 @@ Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<
   progress=False, overwrite=True)`; torch = `bench.torch_merge.merge` (same math, same output). Both
   alternate in this process (`timing.alternate`, order rotating every repeat); the first call of each
   is a warm-up (JAX compilation) except for llama3-8b-layer, where one call takes minutes and
-  compilation is a few seconds of it (warm-up 0).
+  compilation about a second of it (warm-up 0). The machine load average before and after is recorded
+  (other processes slow both sides, torch's OpenMP threads markedly more).
 - cold process: each implementation once more in a fresh `python -c` process, which also gives its peak
-  RSS (a process maximum: VmHWM on Linux, as `ru_maxrss` there carries the parent's size over fork/exec) and its RSS after imports (the runtime's own memory). The torch
-  process loads `torch_merge.py` by path, so it does not import JAX. RSS counts resident pages of the
-  process: ours reads tensors with read() (anonymous memory only); safetensors' `safe_open` maps the
-  files, so torch's RSS also counts the mapped pages it touched.
+  RSS (a process maximum: VmHWM on Linux, since `ru_maxrss` there carries the parent's size over fork
+  and exec) and its RSS after imports (the runtime's own memory). The torch process loads
+  `torch_merge.py` by path, so it does not import JAX. RSS counts resident pages of the process: ours
+  reads tensors with read() (anonymous memory only); safetensors' `safe_open` maps the files, so
+  torch's RSS also counts the mapped pages it touched.
 - floor: bytes that must move (task + safety read once, base of the merged tensors read once, the
   output written once) at the memory bandwidth of a large numpy copy (counted as read + write), plus
   the SVD and interference flops at the best float32 matmul rate measured (numpy and jax). SVD flops
