@@ -218,13 +218,9 @@ def _check_resume(meta: dict[str, Any], run_key: dict[str, Any], ckpt_dir: Path)
 
 
 def _tokenizer(folder: Path | None):
-    import transformers
+    from enchtable_jax.models.tokenizer import load_tokenizer
 
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{folder}: no usable tokenizer files ({e}); distillation renders the data with the "
-                                "model folder's own tokenizer") from e
+    return load_tokenizer(folder, "distillation renders the data with the model folder's own tokenizer")
 
 
 def _plot_losses(losses: list[float], path: Path, title: str) -> None:

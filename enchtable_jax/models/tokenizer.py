@@ -8,6 +8,8 @@ round-trips, so random tiny models and tests get a real `transformers` tokenizer
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -80,3 +82,14 @@ def byte_level_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> transfo
         tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
         extra_special_tokens=list(SPECIAL_TOKENS[1:]), chat_template=chat_template,
         clean_up_tokenization_spaces=False)
+
+
+def load_tokenizer(folder: str | Path | None, purpose: str) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer saved in a model folder (read offline by `AutoTokenizer`); errors say what needed it."""
+    if folder is None:
+        raise FileNotFoundError(f"the model was not loaded from a folder, so it has no tokenizer; {purpose}: pass a "
+                                "tokenizer or a folder holding one")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{folder}: no usable tokenizer files ({e}); {purpose}") from e

@@ -5,13 +5,21 @@ function reads only the names of `tensors.expected_shapes`, so extra entries are
 numerics follow transformers' PyTorch implementation: RMSNorm and softmax in float32, RoPE tables in
 float32 cast to the compute dtype, rotate-half RoPE, grouped-query attention.
 
-Shapes: B batch, T tokens, H query heads, K key/value heads, D head_dim.
+`forward_cached` runs the same layers over a key/value cache (`KVCache`): a prompt is written into
+it once (prefill), then one token per call (decoding). Cache slots play the role of the padded
+sequence's indices, so positions (running count of real tokens), causal order and sliding windows
+mean exactly what they mean in `forward`; the cache holds every slot, so windows are masks, not
+rolling buffers.
+
+Shapes: B batch, T tokens, S cache slots, H query heads, K key/value heads, D head_dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,18 +96,31 @@ def linear(x: jax.Array, params: Params, name: str) -> jax.Array:
     return y if bias is None else y + bias
 
 
-def attention_masks(attention_mask: jax.Array, config: ModelConfig) -> dict[int | None, jax.Array]:
-    """Boolean [B, 1, T, T] masks (query, key) for each distinct window size among the layers."""
-    t = attention_mask.shape[1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
+def attention_masks(attention_mask: jax.Array, config: ModelConfig,
+                    query_slots: jax.Array | None = None) -> dict[int | None, jax.Array]:
+    """Boolean [B, 1, Q, S] masks (query, key) for each distinct window size among the layers.
+
+    Keys are the S slots of `attention_mask` [B, S]; queries sit at `query_slots` [Q] (default: every slot).
+    A query sees a key at or before its own slot that holds a token and, in a window w, lies within w slots.
+    """
+    k_idx = jnp.arange(attention_mask.shape[1])[None, :]
+    q_idx = (k_idx[0] if query_slots is None else query_slots)[:, None]
     base = (k_idx <= q_idx)[None, None] & attention_mask[:, None, None, :].astype(bool)
     return {w: base if w is None else base & (k_idx > q_idx - w)[None, None] for w in set(config.sliding_windows)}
 
 
-def attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, cos: jax.Array, sin: jax.Array,
-              mask: jax.Array, unit: Unit = call_unit) -> jax.Array:
-    """Grouped-query self-attention of one layer; x [B, T, hidden] -> [B, T, hidden]."""
+LayerKV = tuple[jax.Array, jax.Array, jax.Array]  # one layer's cache: keys, values [B, S, K, D], write slot (int32)
+
+
+def self_attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, cos: jax.Array, sin: jax.Array,
+                   mask: jax.Array, unit: Unit = call_unit,
+                   cache: LayerKV | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Grouped-query self-attention of one layer: (output [B, T, hidden], keys, values it attended to).
+
+    Without a cache the keys/values are x's own [B, T, K, D] and `mask` is [B, 1, T, T]; with one, x's
+    keys/values are written into it at the write slot and the queries attend to all S slots
+    (`mask` [B, 1, T, S]); the returned keys/values are then the updated cache.
+    """
     b, t, _ = x.shape
     h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
@@ -109,13 +130,23 @@ def attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, co
     q = apply_rope(proj("q_proj", x).reshape(b, t, h, d), cos, sin)
     key = apply_rope(proj("k_proj", x).reshape(b, t, k, d), cos, sin)
     value = proj("v_proj", x).reshape(b, t, k, d)
+    if cache is not None:
+        cached_keys, cached_values, slot = cache
+        key = jax.lax.dynamic_update_slice_in_dim(cached_keys, key.astype(cached_keys.dtype), slot, axis=1)
+        value = jax.lax.dynamic_update_slice_in_dim(cached_values, value.astype(cached_values.dtype), slot, axis=1)
     q = q.reshape(b, t, k, h // k, d)  # query heads grouped by the key/value head they share
     acc = jnp.promote_types(x.dtype, jnp.float32)  # softmax in float32 (float64 when the model is)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=acc) * (d ** -0.5)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, key.astype(x.dtype), preferred_element_type=acc) * (d ** -0.5)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value).reshape(b, t, h * d)
-    return proj("o_proj", out)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(x.dtype)).reshape(b, t, h * d)
+    return proj("o_proj", out), key, value
+
+
+def attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, cos: jax.Array, sin: jax.Array,
+              mask: jax.Array, unit: Unit = call_unit) -> jax.Array:
+    """Grouped-query self-attention of one layer without a cache; x [B, T, hidden] -> [B, T, hidden]."""
+    return self_attention(x, params, prefix, config, cos, sin, mask, unit)[0]
 
 
 def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig) -> jax.Array:
@@ -126,18 +157,47 @@ def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig) -> jax.A
 
 
 def decoder_layer(x: jax.Array, params: Params, i: int, config: ModelConfig, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, unit: Unit = call_unit) -> jax.Array:
-    """Pre-norm residual block: attention then MLP."""
+                  mask: jax.Array, unit: Unit = call_unit,
+                  cache: LayerKV | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Pre-norm residual block, attention then MLP: (new x, the layer's updated (keys, values) or None).
+
+    With a cache the attention block is evaluated directly, not through `unit` (its output is a tuple;
+    linearization never decodes), while its projections and the MLP still go through `unit`.
+    """
     p = layer_prefix(i)
     h = rms_norm(x, params[p + "input_layernorm.weight"], config.rms_norm_eps)
-    x = x + unit(p + "self_attn", lambda q: attention(h, q, p + "self_attn.", config, cos, sin, mask, unit), params)
+    if cache is None:
+        x = x + unit(p + "self_attn", lambda q: attention(h, q, p + "self_attn.", config, cos, sin, mask, unit), params)
+        kv = None
+    else:
+        out, *kv = self_attention(h, params, p + "self_attn.", config, cos, sin, mask, unit, cache)
+        x = x + out
     h = rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config), params)
+    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config), params), None if kv is None else tuple(kv)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids that skip padding: the count of real tokens before each token (pads get 0)."""
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def _layers(params: Params, config: ModelConfig, input_ids: jax.Array, position_ids: jax.Array,
+            masks: Mapping[int | None, jax.Array], unit: Unit, caches: Sequence[LayerKV] | None,
+            last_only: bool) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+    """Embedding, the decoder layers, final norm and head: (logits, updated per-layer caches)."""
+    embed = params["model.embed_tokens.weight"]
+    x = embed[input_ids]
+    cos, sin = rope_tables(position_ids, config, x.dtype)
+    updated = []
+    for i in range(config.num_hidden_layers):
+        x, kv = decoder_layer(x, params, i, config, cos, sin, masks[config.sliding_windows[i]], unit,
+                              None if caches is None else caches[i])
+        updated.append(kv)
+    if last_only:
+        x = x[:, -1:]
+    x = rms_norm(x, params["model.norm.weight"], config.rms_norm_eps)
+    head = embed if config.tie_word_embeddings else params["lm_head.weight"]
+    return x @ head.T, updated
 
 
 def forward(params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -152,12 +212,48 @@ def forward(params: Params, config: ModelConfig, input_ids: jax.Array, attention
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if position_ids is None:
         position_ids = positions_from_mask(attention_mask)
-    embed = params["model.embed_tokens.weight"]
-    x = embed[input_ids]
-    cos, sin = rope_tables(position_ids, config, x.dtype)
     masks = attention_masks(attention_mask, config)
-    for i in range(config.num_hidden_layers):
-        x = decoder_layer(x, params, i, config, cos, sin, masks[config.sliding_windows[i]], unit)
-    x = rms_norm(x, params["model.norm.weight"], config.rms_norm_eps)
-    head = embed if config.tie_word_embeddings else params["lm_head.weight"]
-    return x @ head.T
+    return _layers(params, config, input_ids, position_ids, masks, unit, None, last_only=False)[0]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["keys", "values", "mask", "length"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer over S slots, filled left to right by `forward_cached`.
+
+    mask [B, S] marks slots holding a real token (0 = padding or not yet written); `length` (int32
+    scalar) is the number of slots written, the same for every row: prompts are left-padded to one width.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array
+    length: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
+    """An empty cache of `slots` slots for `batch` rows, keys and values in `dtype` (the compute dtype)."""
+    shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+    layers = config.num_hidden_layers
+    return KVCache(keys=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+                   values=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+                   mask=jnp.zeros((batch, slots), jnp.int32), length=jnp.zeros((), jnp.int32))
+
+
+def forward_cached(params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
+                   cache: KVCache, last_only: bool = True) -> tuple[jax.Array, KVCache]:
+    """Run tokens [B, T] written at cache slots [length, length + T): (logits, updated cache).
+
+    The logits equal `forward`'s on the whole sequence of slots so far (same positions, masks and
+    windows): [B, vocab] of the last token when `last_only` (decoding), else [B, T, vocab]. The caller
+    keeps length + T <= S; slots past the end would be silently clipped by `dynamic_update_slice`.
+    """
+    t = input_ids.shape[1]
+    mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.length, axis=1)
+    position_ids = jax.lax.dynamic_slice_in_dim(positions_from_mask(mask), cache.length, t, axis=1)
+    masks = attention_masks(mask, config, query_slots=cache.length + jnp.arange(t))
+    layer_caches = [(k, v, cache.length) for k, v in zip(cache.keys, cache.values)]
+    logits, updated = _layers(params, config, input_ids, position_ids, masks, call_unit, layer_caches, last_only)
+    new = KVCache(keys=tuple(k for k, _ in updated), values=tuple(v for _, v in updated), mask=mask,
+                  length=cache.length + t)
+    return (logits[:, 0] if last_only else logits), new

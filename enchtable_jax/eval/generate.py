@@ -1,0 +1,182 @@
+"""Batched text generation in JAX: chat-templated prompts, a key/value cache, greedy or seeded sampling.
+
+A batch of prompts is left-padded to one width, written into the cache in one call (prefill), then
+decoded one token per step inside a jitted `lax.while_loop` until every row has produced an
+end-of-sequence id or `max_new_tokens` tokens. Prompt widths and batch sizes are rounded up to
+buckets, so a run compiles once per (batch bucket, width bucket), not once per prompt. Prompts are
+sorted by length before batching (less padding) and answers returned in the input order.
+
+Sampling draws each row from its own key, `fold_in(key(seed), prompt index)` then the step, so a
+prompt's sample does not depend on which prompts share its batch (up to float rounding of padding).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.transformer import Params, forward_cached, init_cache
+
+MIN_WIDTH = 16  # smallest prompt-width bucket
+WIDTH_STEP = 512  # widths above this are rounded to multiples of it, below to powers of two
+
+
+def width_bucket(n: int) -> int:
+    """Padded prompt width for a longest prompt of n tokens: a power of two from 16, then multiples of 512."""
+    if n <= WIDTH_STEP:
+        return max(MIN_WIDTH, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // WIDTH_STEP) * WIDTH_STEP
+
+
+def batch_bucket(n: int, batch_size: int) -> int:
+    """Rows of a batch holding n prompts: the next power of two, at most `batch_size`."""
+    return min(batch_size, 1 << (max(n, 1) - 1).bit_length())
+
+
+def eos_ids(model: Any, tokenizer: Any = None) -> tuple[int, ...]:
+    """End-of-sequence ids: the union of config.json's, generation_config.json's and the tokenizer's eos.
+
+    Chat models often end a turn with a token (`<|im_end|>`, `<|eot_id|>`) that only one of these names,
+    so stopping at any of them is what a chat evaluation needs.
+    """
+    found: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(v for v in value if isinstance(v, int))
+
+    add(model.config.hf.get("eos_token_id"))
+    if model.source is not None and (Path(model.source) / "generation_config.json").is_file():
+        path = Path(model.source) / "generation_config.json"
+        try:
+            add(json.loads(path.read_text()).get("eos_token_id"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    return tuple(sorted(found))
+
+
+def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, sample: bool, temperature: jax.Array,
+            top_p: jax.Array) -> jax.Array:
+    """Next token per row [B] from last-position logits [B, V]: argmax, or a top-p sample at `temperature`."""
+    logits = logits.astype(jnp.float32)
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens; the first token always stays
+    kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    picked = jax.vmap(jax.random.categorical)(step_keys, kept)
+    return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
+def _decode(params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array, keys: jax.Array,
+            done: jax.Array, stop_ids: jax.Array, pad_id: jax.Array, temperature: jax.Array, top_p: jax.Array,
+            max_new_tokens: int, sample: bool) -> jax.Array:
+    """New tokens [B, max_new_tokens] for left-padded prompts [B, P]; after a row's eos id, `pad_id`.
+
+    `done` [B] marks rows that generate nothing (batch padding); the loop ends when every row is done.
+    """
+    b, width = input_ids.shape
+    cache = init_cache(config, b, width + max_new_tokens, params["model.embed_tokens.weight"].dtype)
+    logits, cache = forward_cached(params, config, input_ids, attention_mask, cache)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, logits, cache, out, done = state
+        token = jnp.where(done, pad_id, _choose(logits, keys, step, sample, temperature, top_p))
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = forward_cached(params, config, token[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        return step + 1, logits, cache, out, done
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, done))[3]
+
+
+def generate_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                 stop_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, batch_size: int = 16, progress: bool | None = None) -> list[list[int]]:
+    """New token ids for each prompt of token ids, up to and including the first id in `stop_ids`.
+
+    temperature 0 is greedy decoding; above 0, sampling from the top-p nucleus with a key per prompt.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    empty = [i for i, p in enumerate(prompts) if not len(p)]
+    if empty:
+        raise ValueError(f"prompt(s) {empty[:5]} have no tokens; every prompt needs at least one")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    base_key = jax.random.key(seed)
+    stop_set = set(stop_ids)
+    stop_list = sorted(stop_set)
+    slots = max(4, -(-len(stop_list) // 4) * 4)  # padded with -1 to a multiple of 4: one compilation for most sets
+    stops = jnp.asarray(stop_list + [-1] * (slots - len(stop_list)), jnp.int32)
+    results: list[list[int]] = [[] for _ in prompts]
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=None if progress is None else not progress):
+        members = order[start:start + batch_size]
+        rows, width = batch_bucket(len(members), batch_size), width_bucket(max(len(prompts[i]) for i in members))
+        ids = np.full((rows, width), pad_id, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for row, i in enumerate(members):
+            ids[row, width - len(prompts[i]):] = prompts[i]
+            mask[row, width - len(prompts[i]):] = 1
+        ids[len(members):], mask[len(members):] = ids[0], mask[0]  # batch padding: a copy of row 0, marked done
+        indices = np.asarray(members + [0] * (rows - len(members)), np.uint32)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
+        done = np.arange(rows) >= len(members)
+        tokens = np.asarray(_decode(model.params, model.config, ids, mask, keys, done, stops, jnp.int32(pad_id),
+                                    jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                                    max_new_tokens=max_new_tokens, sample=temperature > 0))
+        for row, i in enumerate(members):
+            new = tokens[row].tolist()
+            ends = [k for k, t in enumerate(new) if t in stop_set]
+            results[i] = new[:ends[0] + 1] if ends else new
+    return results
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
+             template: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 16, progress: bool | None = None) -> list[str]:
+    """Responses of `model` (an `enchtable_jax.Model`) to each prompt, as one user turn in the chat template.
+
+    tokenizer: a transformers tokenizer, a folder holding one, or None for the model's own folder.
+    template: None for the tokenizer's chat template, a name in `models.tokenizer.TEMPLATES`, or a .jinja
+    file. Stops at any eos id (see `eos_ids`) or after `max_new_tokens`; special tokens are not decoded.
+    """
+    from enchtable_jax.distillation.data import render_prompts
+    from enchtable_jax.models.tokenizer import load_tokenizer
+
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model.source,
+                                   "generation renders prompts with the model's tokenizer and chat template")
+    prompt_ids = render_prompts(prompts, tokenizer, template)
+    stops = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    new = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad,
+                       temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
+    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids, skip_special_tokens=True) for ids in new]
