@@ -35,5 +35,15 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
-    """Per-repeat ratios (paired by alternation order), summarised."""
-    return summary([a / b for a, b in zip(numerator, denominator)])
+    """Per-repeat ratios (paired by alternation order), summarised, and the ratio of the two medians.
+
+    The paired ratios cancel noise that hits both sides of one repeat alike; `of_medians` is what a
+    reader computes from the two recorded medians.
+    """
+    return {**summary([a / b for a, b in zip(numerator, denominator)]),
+            "of_medians": statistics.median(numerator) / statistics.median(denominator)}
+
+
+def rate(amount: float, seconds: list[float]) -> dict[str, float]:
+    """`amount` per second (bytes, tokens, examples) for each repeat, summarised."""
+    return summary([amount / s for s in seconds])
