@@ -1,0 +1,127 @@
+"""Study: our task arithmetic, TIES, DARE, Model Breadcrumbs and Model Stock against mergekit's, end to end
+(read three HF folders, merge every tensor, write an HF folder), in seconds.
+
+Synthetic float32 folders (`bench.synthetic`): base; task = base + noise; safe = base + τ_safe with
+τ_safe noise on every tensor, so that both merge every tensor (ours copies a tensor where τ_safe is
+exactly zero, mergekit would still sparsify it). mergekit gets base_model = base and models task
+(weight 1) and safe (weight α = 1), configured as in tests/merging/test_mergekit.py, where the outputs
+are checked against ours; ours is `merge(method, base, task, aligned=safe, harmful=base, alpha=1,
+out=..., return_model=False)`, so τ_safe = safe − base by the same float32 subtraction (ours reads the
+base folder twice, once as `harmful`: that is counted against it). Options at our defaults: TIES
+density 0.5 (mergekit `normalize: true`), DARE density 0.5 (mergekit `dare_linear`, `rescale: false`,
+weights 1/p and α/p, our 1/density rescale), breadcrumbs density 0.9, gamma 0.01, Model Stock per
+tensor (`filter_wise: false`). mergekit runs on the CPU with its defaults otherwise (torch threads).
+
+Each method's two implementations alternate (first call of each is a warm-up); both write into a
+folder that is replaced every call. `speedup_vs_mergekit[method]` = mergekit seconds / ours, per
+repeat. `max_abs_difference[method]` compares the two last outputs, tensor by tensor (not for DARE,
+whose random masks differ). Sizes: `--quick` the tiny preset; full: SmolLM2-135M's shape.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from enchtable_jax.bench.optional import optional_module
+from enchtable_jax.bench.synthetic import perturbed, write_model
+from enchtable_jax.bench.timing import alternate, ratio, summary
+from enchtable_jax.converters.hf import index_weights, iter_tensors
+from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.models.init import preset_config
+
+TASK_STD, SAFETY_STD = 0.002, 0.003
+ALPHA = 1.0
+_LINEAR = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
+# method -> (our options, mergekit method, mergekit weights (task, safe), shared parameters, per-model parameters)
+METHODS = {
+    "task_arithmetic": ({}, "task_arithmetic", (1.0, ALPHA), _LINEAR, {}),
+    "ties": ({"density": 0.5}, "ties", (1.0, ALPHA), {**_LINEAR, "normalize": True}, {"density": 0.5}),
+    "dare": ({"density": 0.5}, "dare_linear", (1.0 / 0.5, ALPHA / 0.5), _LINEAR, {"density": 0.5}),
+    "breadcrumbs": ({"density": 0.9, "gamma": 0.01}, "breadcrumbs", (1.0, ALPHA), _LINEAR,
+                    {"density": 0.9, "gamma": 0.01}),
+    "model_stock": ({}, "model_stock", (None, None), {"filter_wise": False}, {}),
+}
+RANDOM = {"dare"}
+
+
+def mergekit_config(method: str, folders: dict[str, Path]) -> dict:
+    """mergekit's YAML configuration (as a dict) for one of `METHODS`."""
+    _, name, weights, shared, per_model = METHODS[method]
+    models = [{"model": str(folders[role]), "parameters": {**({"weight": w} if w is not None else {}), **per_model}}
+              for role, w in (("task", weights[0]), ("safe", weights[1]))]
+    return {"merge_method": name, "base_model": str(folders["base"]), "dtype": "float32", "out_dtype": "float32",
+            "models": models, **({"parameters": shared} if shared else {})}
+
+
+def _mergekit_runner(mergekit, method: str, folders: dict[str, Path], out: Path):
+    """A call that runs mergekit's merge into `out` (replaced), as its CLI would."""
+    config = mergekit["config"].MergeConfiguration.model_validate(mergekit_config(method, folders))
+    options = mergekit["merge"].MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True,
+                                            random_seed=0)
+
+    def call():
+        shutil.rmtree(out, ignore_errors=True)
+        mergekit["merge"].run_merge(config, str(out), options)
+
+    return call
+
+
+def _ours_runner(method: str, folders: dict[str, Path], out: Path):
+    options = METHODS[method][0]
+    return lambda: merge(method, folders["base"], folders["task"], aligned=folders["safe"], harmful=folders["base"],
+                         alpha=ALPHA, out=out, return_model=False, progress=False, overwrite=True, **options)
+
+
+def max_abs_difference(a: Path, b: Path) -> float:
+    """Largest |a − b| over every tensor of two HF folders with the same tensors (float64)."""
+    index_a, index_b = index_weights(a), index_weights(b)
+    if set(index_a.tensors) != set(index_b.tensors):
+        raise ValueError(f"{a} and {b} hold different tensors")
+    theirs = dict(iter_tensors(index_b))
+    return max(float(np.max(np.abs(x.astype(np.float64) - theirs[n].astype(np.float64))))
+               for n, x in iter_tensors(index_a))
+
+
+def run(quick: bool = False, repeats: int | None = None) -> dict:
+    preset = "tiny" if quick else "smollm2-135m"
+    repeats = repeats or (2 if quick else 3)
+    modules = {part: optional_module(f"mergekit.{part}") for part in ("config", "merge")}
+    missing = next((why for _, why in modules.values() if why), None)
+    setup = f"{preset}, every tensor merged, α = {ALPHA}, {repeats} repeats after a warm-up"
+    if missing:
+        return {"preset": preset, "setup": setup, "repeats": repeats, "seconds": {},
+                "unavailable": {f"mergekit/{m}": missing for m in METHODS}}
+    mergekit = {part: module for part, (module, _) in modules.items()}
+    config = preset_config(preset)
+    seconds, speedup, difference, samples = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="mergekit-study-") as tmp:
+        tmp = Path(tmp)
+        folders = {"base": write_model(tmp / "base", config),
+                   "task": write_model(tmp / "task", config, perturbed(1, TASK_STD)),
+                   "safe": write_model(tmp / "safe", config, perturbed(2, SAFETY_STD))}
+        for method in METHODS:
+            outs = {"ours": tmp / f"ours-{method}", "mergekit": tmp / f"mergekit-{method}"}
+            times = alternate({"ours": _ours_runner(method, folders, outs["ours"]),
+                               "mergekit": _mergekit_runner(mergekit, method, folders, outs["mergekit"])}, repeats)
+            for impl, t in times.items():
+                seconds[f"{impl}/{method}"] = summary(t)
+                samples[f"{impl}/{method}"] = t
+            speedup[method] = ratio(times["mergekit"], times["ours"])
+            if method not in RANDOM:
+                difference[method] = max_abs_difference(outs["ours"], outs["mergekit"])
+            for out in outs.values():
+                shutil.rmtree(out, ignore_errors=True)
+    return {"preset": preset, "setup": setup, "repeats": repeats, "alpha": ALPHA, "seconds": seconds,
+            "speedup_vs_mergekit": speedup, "max_abs_difference": difference, "samples": samples}
+
+
+def markdown(figures: dict) -> list[str]:
+    """How far apart the two implementations' outputs are (DARE's random masks differ by design)."""
+    if not figures.get("max_abs_difference"):
+        return []
+    return ["Largest |ours − mergekit| over every merged tensor: "
+            + ", ".join(f"{m} {d:.3g}" for m, d in figures["max_abs_difference"].items()) + "."]
