@@ -4,7 +4,9 @@ Writes into DIR: `bench.json` (machine, versions, load averages, every figure as
 repeats with the raw samples, and `targets`: the headline medians), one PNG per study, and `bench.md`
 (tables to paste into BENCHMARKS.md). Both files are rewritten after every study, so a long run that
 stops keeps what it measured. A study that fails is recorded with its error and the others still run
-(exit status 1); one whose comparison library is missing records it under `unavailable`.
+(exit status 1). A comparison library that is missing (torch, mergekit) is recorded under `unavailable`:
+by the study, which still measures our side, or, when a study cannot run at all without it, by the
+harness in place of the study's figures.
 """
 
 from __future__ import annotations
@@ -200,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             figures = modules[suite].run(quick=args.quick, repeats=args.repeats)
             results["plots"][suite] = plot_suite(suite, figures, modules[suite], out)
         except Exception as e:  # noqa: BLE001 - one failed study must not lose the others' measurements
-            traceback.print_exc()
-            figures = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            failed.append(suite)
+            missing = e.name if isinstance(e, ImportError) else None
+            if missing and missing.split(".")[0] != "enchtable_jax":  # a third-party library, not our bug
+                figures = {"unavailable": {suite: f"{missing} unavailable ({type(e).__name__}: {e})"}}
+            else:
+                traceback.print_exc()
+                figures = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                failed.append(suite)
         results["suites"][suite] = figures
         results["load_average"][suite] = {"before": before, "after": load_average()}
         results["wall_seconds"][suite] = time.perf_counter() - start

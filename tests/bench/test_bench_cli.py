@@ -141,19 +141,27 @@ def test_torch_missing_is_reported(monkeypatch):
     assert "- torch_linearized: torch unavailable (" in "\n".join(bench.suite_markdown("linearize", figures))
 
 
-def test_failing_study_is_recorded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error,status,recorded", [
+    (RuntimeError("disk on fire"), 1, {"error": "RuntimeError: disk on fire"}),
+    (ModuleNotFoundError("No module named 'torch'", name="torch"), 0,
+     {"unavailable": {"failing": "torch unavailable (ModuleNotFoundError: No module named 'torch')"}}),
+    (ModuleNotFoundError("No module named 'enchtable_jax.nope'", name="enchtable_jax.nope"), 1,
+     {"error": "ModuleNotFoundError: No module named 'enchtable_jax.nope'"}),  # our own bug, not an absent library
+])
+def test_failing_study_is_recorded(tmp_path, monkeypatch, error, status, recorded):
     study = types.ModuleType("failing_study")
 
     def run(quick, repeats):
-        raise RuntimeError("disk on fire")
+        raise error
 
     study.run = run
     monkeypatch.setitem(sys.modules, "failing_study", study)
     monkeypatch.setitem(bench.SUITES, "failing", "failing_study")
-    assert bench.main(["--suite", "failing", "--out", str(tmp_path)]) == 1
+    assert bench.main(["--suite", "failing", "--out", str(tmp_path)]) == status
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert results["suites"]["failing"] == {"error": "RuntimeError: disk on fire"} and results["targets"] == {}
-    assert "**failed**: `RuntimeError: disk on fire`" in (tmp_path / "bench.md").read_text()
+    assert results["suites"]["failing"] == recorded and results["targets"] == {}
+    md = (tmp_path / "bench.md").read_text()
+    assert (f"**failed**: `{recorded['error']}`" if "error" in recorded else "- failing: torch unavailable (") in md
 
 
 def test_fresh_process_device_count_and_peak_rss():
