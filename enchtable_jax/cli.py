@@ -77,14 +77,21 @@ def _distill_options(args: argparse.Namespace):
                           group_by_length=not args.no_group_by_length, linearized=not args.plain)
 
 
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-process run (jax.distributed) when --coordinator is given."""
+    if args.coordinator:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id, initialization_timeout=args.init_timeout)
+
+
 def _distill(args: argparse.Namespace) -> None:
     import jax
 
     from enchtable_jax.distillation.train import distill
 
-    if args.coordinator:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id, initialization_timeout=args.init_timeout)
+    _initialize_distributed(args)
     options = _distill_options(args)
     manifest = distill(args.model, args.data, args.out, options, resume=args.resume, overwrite=args.overwrite,
                        export_harmful=args.export_harmful)
@@ -127,6 +134,8 @@ def _list_methods() -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
+    import jax
+
     from enchtable_jax.merging.pipeline import merge
 
     if args.list:
@@ -138,9 +147,12 @@ def _merge(args: argparse.Namespace) -> None:
     if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
         raise ValueError("give either --safety-vector, or both --aligned and --harmful")
     check_destination(args.out, args.overwrite)
+    _initialize_distributed(args)
     merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
           safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta, seed=args.seed,
           overwrite=args.overwrite, shard_size=args.shard_size, return_model=False, **_method_options(args))
+    if jax.process_index() != 0:  # process 0 writes the folder and reports
+        return
     report = json.loads((Path(args.out) / "merge_report.json").read_text())
     print(f"merged {report['merged']} tensors with {report['method']} (α = {report['alpha']:.4g}), copied "
           f"{report['skipped']} unchanged, in {report['seconds']:.1f}s on {report['devices']} device(s); peak RSS "
@@ -170,6 +182,13 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (dare)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="multi-host: coordinator address HOST:PORT for jax.distributed")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    p.add_argument("--init-timeout", type=int, default=300, help="multi-host: seconds to wait for all processes")
 
 
 def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
@@ -246,10 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--export-harmful", metavar="DIR", help="also write theta_harm as an HF folder")
-    p.add_argument("--coordinator", help="multi-host: coordinator address HOST:PORT for jax.distributed")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    p.add_argument("--init-timeout", type=int, default=300, help="multi-host: seconds to wait for all processes")
+    _add_distributed_options(p)
     p.set_defaults(func=_distill)
 
     p = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (EnchTable or a baseline)",
@@ -264,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", help="the aligned model after harmful fine-tuning")
     p.add_argument("--out", help="output HF folder")
     _add_merge_options(p)
+    _add_distributed_options(p)
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("enchant", help="distil (or reuse) a safety vector, then merge it with EnchTable: one command",

@@ -16,6 +16,7 @@ import functools
 import math
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -92,29 +93,36 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
     digest = WeightsDigest()
     sums = {"task": 0.0, "safety": 0.0}
     tensors: dict[str, TensorPlan] = {}
-    for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
-        base_arr = base.read(name)
-        digest.update(name, base_arr)
-        if name not in task:
-            continue
-        shape, dtype = task.specs[name]
-        entry = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=False)
-        tensors[name] = entry
-        if tuple(base_arr.shape) != tuple(shape):
-            entry.reason = f"shape {tuple(shape)} differs from the base's {tuple(base_arr.shape)} (resized vocabulary?)"
-        elif name not in safety_names:
-            entry.reason = "no safety delta for this tensor (outside the safety vector's scope)"
-        elif tuple(safety.shape(name)) != tuple(shape):
-            entry.reason = f"safety delta shape {tuple(safety.shape(name))} differs from {tuple(shape)}"
-        else:
-            safe = safety.read(name)
-            if not np.any(safe):
-                entry.reason = "safety delta is zero"
+    # The digest (a check of the safety vector's base) hashes every base tensor; hashlib releases the GIL,
+    # so it runs on a worker thread, one tensor behind the reads, in name order.
+    with ThreadPoolExecutor(1) as hasher:
+        hashing = None
+        for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
+            base_arr = base.read(name)
+            if hashing is not None:
+                hashing.result()
+            hashing = hasher.submit(digest.update, name, base_arr)
+            if name not in task:
+                continue
+            shape, dtype = task.specs[name]
+            entry = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=False)
+            tensors[name] = entry
+            if tuple(base_arr.shape) != tuple(shape):
+                entry.reason = f"shape {tuple(shape)} differs from the base's {tuple(base_arr.shape)} (resized vocabulary?)"
+            elif name not in safety_names:
+                entry.reason = "no safety delta for this tensor (outside the safety vector's scope)"
+            elif tuple(safety.shape(name)) != tuple(shape):
+                entry.reason = f"safety delta shape {tuple(safety.shape(name))} differs from {tuple(shape)}"
             else:
-                entry.merge = True
-                delta = task.read(name).astype(np.float64) - base_arr.astype(np.float64)
-                sums["task"] += float(np.sum(delta * delta))
-                sums["safety"] += float(np.sum(safe.astype(np.float64) ** 2))
+                safe = safety.read(name)
+                if not np.any(safe):
+                    entry.reason = "safety delta is zero"
+                else:
+                    entry.merge = True
+                    sums["task"] += _sum_squares(task.read(name), base_arr)
+                    sums["safety"] += _sum_squares(safe)
+        if hashing is not None:
+            hashing.result()
     if safety.manifest is not None and base.config is not None:
         identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
                     "weights_blake2b": digest.hexdigest()}
@@ -125,6 +133,14 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         beta = 0.1 if beta is None else beta
         alpha = beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0
     return MergePlan(tensors, 1.0 if alpha is None else float(alpha), norms)
+
+
+def _sum_squares(x: np.ndarray, minus: np.ndarray | None = None) -> float:
+    """Σ (x − minus)² accumulated in float64 (norms of 8B models overflow float32 precision)."""
+    d = x.astype(np.float64).reshape(-1)
+    if minus is not None:
+        d -= minus.reshape(-1)
+    return float(np.dot(d, d))
 
 
 def _disable(progress: bool | None) -> bool | None:
@@ -178,22 +194,40 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     alpha = put(np.float32(plan_.alpha), replicated)
     frozen = tuple(sorted(options.items()))
 
+    def load(group: list[str]) -> tuple[jax.Array, ...]:
+        """One group's base, task and safety stacks (float32) and PRNG keys, placed on the mesh."""
+        padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
+        stacks = []
+        for read in (base.read, task.read, safety.read):
+            stack = np.empty((len(padded), *plan_.tensors[group[0]].shape), np.float32)
+            for i, name in enumerate(padded):
+                stack[i] = read(name)  # converted to float32 in place: no second copy
+            stacks.append(put(stack, sharding))
+            del stack  # placed; on CPU the device copy may share it, otherwise it can go now
+        keys = np.stack([tensor_key(seed, name) for name in padded])
+        return (*stacks, put(keys, sharding))
+
+    def launch(group: list[str], inputs: tuple[jax.Array, ...]):
+        fn = _group_fn(method, frozen, plan_.tensors[group[0]].dtype.name, mesh)
+        return fn(*inputs, alpha)  # dispatched asynchronously: returns before the merge is done
+
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for name in copied:
             yield name, task.read(name)
         bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
                    disable=_disable(progress))
+        # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
+        # g's results go to the writer, so reading and writing overlap with the decompositions.
+        running = launch(groups[0], load(groups[0])) if groups else None
         with bar:
-            for group in groups:
-                dtype = plan_.tensors[group[0]].dtype
-                padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
-                stacks = [np.stack([read(name).astype(np.float32) for name in padded])
-                          for read in (base.read, task.read, safety.read)]
-                keys = np.stack([tensor_key(seed, name) for name in padded])
-                fn = _group_fn(method, frozen, dtype.name, mesh)
-                merged, stats = fn(*(put(x, sharding) for x in (*stacks, keys)), alpha)
+            for g, group in enumerate(groups):
+                following = load(groups[g + 1]) if g + 1 < len(groups) else None
+                merged, stats = running
                 merged = fully_replicated_numpy(merged)
                 stats = {k: fully_replicated_numpy(v) for k, v in stats.items()}
+                if following is not None:
+                    running = launch(groups[g + 1], following)
+                del following
                 for i, name in enumerate(group):
                     plan_.tensors[name].stats = {k: float(v[i]) for k, v in stats.items()}
                     yield name, merged[i]

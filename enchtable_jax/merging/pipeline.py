@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from enchtable_jax.converters.atomic import check_destination
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import method_options
-from enchtable_jax.merging.report import report_dict, write_report
+from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
 from enchtable_jax.merging.sources import SafetyDelta, open_model
 
 ModelLike = api.Model | str | Path
@@ -57,7 +56,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         summary = {"inputs": {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
                    "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
                    "seconds": time.perf_counter() - start,
-                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                   "peak_rss_bytes": peak_rss_bytes()}
         write_report(folder, report_dict(plan, method, options, summary))
 
     specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}

@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import math
 import re
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 from enchtable_jax.merging.executor import MergePlan
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: VmHWM, since Linux's ru_maxrss carries a parent's peak over
+    fork and exec (a merge started from a large notebook would report the notebook's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return (1 if sys.platform == "darwin" else 1024) * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def report_dict(plan: MergePlan, method: str, options: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,10 @@ awkward cases (tied head, resized vocabulary, bf16, a vector from another base) 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +112,40 @@ def test_eight_devices_write_the_same_bytes_as_one(world, tmp_path):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
     reports = [json.loads((o / "merge_report.json").read_text()) for o in outs]
     assert (reports[0]["devices"], reports[1]["devices"]) == (1, 8)
+
+
+def _merge_cli(args, devices: int) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, "-m", "enchtable_jax.cli", "merge", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_write_the_same_bytes_as_one(world, tmp_path):
+    """jax.distributed over two local processes (2 devices each, coordinator on 127.0.0.1): every group is
+    split over the 4 devices of both hosts, process 0 writes, and the files equal a 1-device merge."""
+    common = ["--method", "enchtable", "--base", world["base"], "--task", world["task"], "--aligned", world["base"],
+              "--harmful", world["harmful"]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [_merge_cli([*common, "--out", tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}",
+                         "--num-processes", 2, "--process-id", i, "--init-timeout", 60], devices=2) for i in range(2)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, outputs[-1][-3000:]
+    assert "on 4 device(s)" in outputs[0] and "merged" not in outputs[1]  # process 0 reports, process 1 is quiet
+    merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
+          out=tmp_path / "one", mesh=merge_mesh(jax.devices()[:1]), return_model=False, progress=False)
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "multi").glob("*.safetensors"))
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "multi" / f).read_bytes(), f
+    report = json.loads((tmp_path / "multi" / "merge_report.json").read_text())
+    assert (report["devices"], report["processes"]) == (4, 2)
 
 
 def test_untouched_tensors_keep_their_bytes_and_transformers_loads_the_result(world, tmp_path):
