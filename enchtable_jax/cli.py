@@ -169,6 +169,73 @@ def _enchant(args: argparse.Namespace) -> None:
     print(f"enchanted {args.task} -> {out}: {report['merged']} tensors merged (α = {report['alpha']:.4g})")
 
 
+def _eval_judge(args: argparse.Namespace):
+    from enchtable_jax.eval.judge import LLMJudge, RefusalJudge
+
+    if args.judge_model is not None:
+        return LLMJudge.from_folder(args.judge_model, args.judge_recipe)
+    return RefusalJudge()
+
+
+def _eval_report(args: argparse.Namespace) -> None:
+    from enchtable_jax.eval.judge import refusal_report
+
+    if args.labels is None:
+        raise ValueError("--judge-report needs --labels CSV: human-labelled responses with columns objective, "
+                         "assistant_response, human_score (1 = refusal); e.g. shared/data/refusal_labels.csv")
+    report = refusal_report(_eval_judge(args), args.labels)
+    c = report["confusion"]
+    print(f"judge {report['judge']} on {report['n']} labelled responses ({report['labels']})\n"
+          f"  accuracy {report['accuracy']:.3f}  precision {report['precision']:.3f}  recall {report['recall']:.3f}"
+          f"  (positive = refusal)\n"
+          f"  confusion: refusal->refusal {c['refusal_called_refusal']}, answer->refusal {c['answer_called_refusal']}, "
+          f"refusal->answer {c['refusal_called_answer']}, answer->answer {c['answer_called_answer']}")
+    for error in report["errors"]:
+        label = "refusal" if error["labelled_refusal"] else "answer"
+        print(f"  row {error['row']}: labelled {label}, judged otherwise: {error['response'][:90]!r}")
+
+
+def _set_names(paths: list[str]) -> list[str]:
+    """Names of evaluation sets: file stems, made unique with a counter."""
+    names: list[str] = []
+    for path in paths:
+        stem, k = Path(path).stem, 2
+        name = stem
+        while name in names:
+            name, k = f"{stem}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from enchtable_jax.eval.metrics import HUMANEVAL_FIELDS
+    from enchtable_jax.eval.pipeline import RESULT_FILE, evaluate, summary_table
+    from enchtable_jax.eval.prompts import load_prompts, load_records
+
+    if args.judge_report:
+        _eval_report(args)
+        return
+    missing = [f for f in ("model", "out") if getattr(args, f) is None]
+    if missing:
+        raise ValueError(f"eval needs --{', --'.join(missing)} (or --judge-report --labels CSV)")
+    prompts, qa, humaneval = args.prompts or [], args.qa or [], args.humaneval or []
+    if not (prompts or qa or humaneval):
+        raise ValueError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
+    if (Path(args.out) / RESULT_FILE).exists() and not args.overwrite:
+        raise FileExistsError(f"{Path(args.out) / RESULT_FILE} exists; choose another --out or pass --overwrite")
+    names = iter(_set_names([*prompts, *qa, *humaneval]))
+    result = evaluate(
+        args.model, args.tokenizer,
+        {next(names): load_prompts(p, args.limit) for p in prompts},
+        qa_sets={next(names): load_records(p, ("question", "answer"), args.limit) for p in qa},
+        humaneval_sets={next(names): load_records(p, HUMANEVAL_FIELDS, args.limit) for p in humaneval},
+        judge=_eval_judge(args), max_new_tokens=args.max_new_tokens, template=args.template,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+        timeout=args.timeout, out=args.out, overwrite=args.overwrite)
+    print(summary_table(result))
+    print(f"wrote {Path(args.out).resolve() / RESULT_FILE}")
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="fixed scale of the safety delta")
     p.add_argument("--beta", type=float, help="adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
@@ -295,6 +362,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill_options(p, seed_flag="--distill-seed")
     _add_merge_options(p)
     p.set_defaults(func=_enchant)
+
+    p = sub.add_parser("eval", help="unsafe rate and utility of a model: generate, judge, score; or a judge's accuracy",
+                       description="Generate answers (JAX, greedy by default, the model's chat template) to safety "
+                                   "prompt sets and utility sets, judge and score them, write OUT/eval.json and print "
+                                   "a summary. With --judge-report, measure the judge against human labels instead.")
+    p.add_argument("--model", help="HF folder or orbax checkpoint (with tokenizer files)")
+    p.add_argument("--prompts", action="append", metavar="FILE",
+                   help="safety prompt set: JSON/JSONL list of strings or of objects with prompt/question/goal, or "
+                        "nested {category: {sub: [...]}} (repeatable)")
+    p.add_argument("--qa", action="append", metavar="FILE", help="question/answer JSONL (exact match; repeatable)")
+    p.add_argument("--humaneval", action="append", metavar="FILE",
+                   help="HumanEval-format JSONL: task_id, prompt, test, entry_point (pass@1; repeatable)")
+    p.add_argument("--out", help="output folder for eval.json")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--limit", type=int, help="use the first N items of every set")
+    p.add_argument("--template", help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
+    p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    p.add_argument("--judge-model", metavar="DIR", help="judge with a local LLM (HF folder) instead of refusal patterns")
+    p.add_argument("--judge-recipe", default="llama-guard", choices=["llama-guard", "md-judge"],
+                   help="prompt and parse rule of --judge-model")
+    p.add_argument("--judge-report", action="store_true",
+                   help="print the judge's accuracy/precision/recall against --labels and exit")
+    p.add_argument("--labels", metavar="CSV", help="human refusal labels for --judge-report "
+                                                   "(objective, assistant_response, human_score)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/eval.json")
+    p.set_defaults(func=_eval)
     return parser
 
 

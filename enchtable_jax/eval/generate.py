@@ -27,14 +27,18 @@ from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.transformer import Params, forward_cached, init_cache
 
 MIN_WIDTH = 16  # smallest prompt-width bucket
-WIDTH_STEP = 512  # widths above this are rounded to multiples of it, below to powers of two
 
 
 def width_bucket(n: int) -> int:
-    """Padded prompt width for a longest prompt of n tokens: a power of two from 16, then multiples of 512."""
-    if n <= WIDTH_STEP:
-        return max(MIN_WIDTH, 1 << (max(n, 1) - 1).bit_length())
-    return -(-n // WIDTH_STEP) * WIDTH_STEP
+    """Padded prompt width for a longest prompt of n tokens: 16, 24, 32, 48, 64, 96, ... (2^k or 1.5 * 2^k).
+
+    Two buckets per doubling: at most a third of a batch's prefill is padding, and the number of
+    compilations grows with the log of the longest prompt.
+    """
+    width = MIN_WIDTH
+    while width < n:
+        width = width * 3 // 2 if width & (width - 1) == 0 else width // 3 * 4
+    return width
 
 
 def batch_bucket(n: int, batch_size: int) -> int:
@@ -179,4 +183,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     new = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad,
                        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
-    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids, skip_special_tokens=True) for ids in new]
+    return [decode_answer(tokenizer, ids, stops) for ids in new]
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
+    """Text of generated ids: a final stop id dropped, special tokens skipped."""
+    ids = list(ids)
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=True)

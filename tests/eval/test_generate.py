@@ -7,6 +7,7 @@ and this package's own uncached `forward` (itself checked against transformers i
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import jax
@@ -16,7 +17,6 @@ import pytest
 import torch
 
 import enchtable_jax
-from enchtable_jax.api import Model
 from enchtable_jax.eval.generate import (
     batch_bucket,
     eos_ids,
@@ -25,11 +25,11 @@ from enchtable_jax.eval.generate import (
     width_bucket,
 )
 from enchtable_jax.models.init import init_params, preset_config
-from enchtable_jax.models.tokenizer import byte_level_tokenizer
 from enchtable_jax.models.transformer import forward, forward_cached, init_cache
 
-LENGTHS = (3, 9, 14, 6, 1, 11)  # mixed prompt lengths; with batch_size 4, two batches of different buckets
+LENGTHS = (3, 9, 14, 6, 1, 11)  # mixed prompt lengths, one width bucket (16)
 NEW = 10
+DECODE = importlib.import_module("enchtable_jax.eval.generate")._decode  # the module, not the function
 FAMILIES = {
     "llama": {},
     "mistral": {"sliding_window": 4},  # every layer windowed, window shorter than most prompts
@@ -67,10 +67,12 @@ def test_greedy_matches_transformers(hf_model, family):
     stop = sorted({free[0][3], free[2][5]})
     expected = hf_greedy(torch_model, prompts, NEW, stop, pad=0)
     assert any(len(e) < NEW for e in expected) and any(len(e) == NEW for e in expected)
-    got = generate_ids(model, prompts, max_new_tokens=NEW, stop_ids=stop, pad_id=0, batch_size=4, progress=False)
+    batch_size = 4 if family == "llama" else 8  # llama: two batches (4 + 2 rows); others: one, fewer compilations
+    got = generate_ids(model, prompts, max_new_tokens=NEW, stop_ids=stop, pad_id=0, batch_size=batch_size,
+                       progress=False)
     assert got == expected
     # the stop ids change the answer: without them the rows run to max_new_tokens
-    assert generate_ids(model, prompts, max_new_tokens=NEW, batch_size=4, progress=False) == free
+    assert generate_ids(model, prompts, max_new_tokens=NEW, batch_size=batch_size, progress=False) == free
 
 
 def test_cached_forward_matches_forward():
@@ -95,26 +97,28 @@ def test_cached_forward_matches_forward():
     assert int(cache.length) == 10 and (np.asarray(cache.mask)[:, :10] == mask).all()
 
 
+def test_one_compilation_per_bucket(byte_model):
+    """Prompts of different lengths in one width bucket, and a smaller last batch, reuse compiled code."""
+    model, _ = byte_model
+    prompts = [[65 + k] * n for k, n in enumerate((17, 20, 23, 18, 24, 19, 21, 22))]  # widths 17..24 -> bucket 24
+    kwargs = {"max_new_tokens": 3, "stop_ids": [256], "batch_size": 4, "progress": False}
+    generate_ids(model, prompts[:4], **kwargs)
+    before = DECODE._cache_size()
+    generate_ids(model, prompts, **kwargs)  # two batches of 4, new lengths, same buckets
+    generate_ids(model, prompts[2:6], **{**kwargs, "stop_ids": [256, 10]})  # another stop set of the same width
+    assert DECODE._cache_size() == before
+
+
 def test_buckets():
-    assert [width_bucket(n) for n in (1, 16, 17, 300, 512, 513, 1100)] == [16, 16, 32, 512, 512, 1024, 1536]
+    assert [width_bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 300, 1000)] == [16, 16, 24, 24, 32, 48, 64, 96,
+                                                                                        384, 1024]
     assert [batch_bucket(n, 16) for n in (1, 3, 8, 9, 16)] == [1, 4, 8, 16, 16]
     assert batch_bucket(5, 6) == 6
 
 
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    """A random tiny llama with the byte-level ChatML tokenizer saved beside it (as `enchtable init` writes)."""
-    folder = tmp_path_factory.mktemp("byte-model")
-    config = preset_config("tiny", "llama")
-    tokenizer = byte_level_tokenizer()
-    tokenizer.save_pretrained(folder)
-    model = Model(config, init_params(config, seed=3, std=0.3))
-    return enchtable_jax.load(enchtable_jax.save(model, folder / "model", like=folder)), tokenizer
-
-
 def test_sampling_is_seeded(byte_model):
     model, tokenizer = byte_model
-    prompts = ["Tell me a story.", "hi", "What is 2 + 2?"]
+    prompts = ["Tell me a story.", "Say hi to me!", "What is 2 + 2?"]  # one width bucket: fewer compilations
     kwargs = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "batch_size": 2, "progress": False}
     a = generate(model, tokenizer, prompts, seed=0, **kwargs)
     assert a == generate(model, tokenizer, prompts, seed=0, **kwargs)
@@ -122,8 +126,9 @@ def test_sampling_is_seeded(byte_model):
     # a prompt's sample depends on its index, not on its batch companions
     assert generate(model, tokenizer, prompts, seed=0, **{**kwargs, "batch_size": 1}) == a
     # greedy is temperature 0; top_p that keeps only the top token is greedy too
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=12, progress=False)
-    assert generate(model, tokenizer, prompts, seed=5, **{**kwargs, "top_p": 1e-6}) == greedy
+    greedy = generate(model, tokenizer, prompts[:2], max_new_tokens=12, batch_size=2, progress=False)
+    assert generate(model, tokenizer, prompts[:2], seed=5, **{**kwargs, "top_p": 1e-6}) == greedy
+    assert greedy != a[:2]
 
 
 def test_generate_renders_chat_template(byte_model):
@@ -135,7 +140,7 @@ def test_generate_renders_chat_template(byte_model):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     new = generate_ids(model, [ids], max_new_tokens=8, stop_ids=eos_ids(model, tokenizer), progress=False)[0]
     expected = tokenizer.decode([t for t in new if t not in eos_ids(model, tokenizer)], skip_special_tokens=True)
-    assert generate(model, model.source.parent, ["hi"], max_new_tokens=8, progress=False) == [expected]
+    assert generate(model, model.source.parent / "tokenizer", ["hi"], max_new_tokens=8, progress=False) == [expected]
     assert eos_ids(model, tokenizer) == (256,)
 
 

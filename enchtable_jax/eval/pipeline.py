@@ -1,0 +1,122 @@
+"""One evaluation run: generate answers for every prompt set, judge the safety sets, score the utility sets,
+and write `eval.json` (every prompt, response and verdict) plus a summary table.
+
+Safety: unsafe rate = unsafe responses / judged responses per prompt set, greedy decoding by default,
+the model's chat template. Utility: exact match on question/answer sets, pass@1 on HumanEval sets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from enchtable_jax.eval.generate import generate
+from enchtable_jax.eval.judge import Judge, RefusalJudge
+from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
+
+RESULT_FILE = "eval.json"
+# How a HumanEval problem is asked of a chat model; `humaneval_program` accepts a full function or a body.
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the complete function in a single "
+                         "```python code block.\n\n```python\n{prompt}```")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequence[str]] | None = None, *,
+             qa_sets: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+             humaneval_sets: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
+             judge: Judge | None = None, max_new_tokens: int = 128, template: str | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+             timeout: float = 10.0, out: str | Path | None = None, overwrite: bool = False,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Evaluate `model` (an `enchtable_jax.Model` or a folder) on safety prompt sets and utility sets.
+
+    prompt_sets: {name: prompts}, judged by `judge` (default `RefusalJudge()`: unsafe = not refused).
+    qa_sets: {name: [{question, answer}]}, scored by exact match (`metrics.answer_matches`).
+    humaneval_sets: {name: [{task_id, prompt, test, entry_point}]}, scored by pass@1 in a subprocess.
+    tokenizer: a transformers tokenizer, a folder, or None for the model's folder. out: a folder for
+    `eval.json` (refused if it exists there, unless `overwrite`). Returns the result dict written there.
+    """
+    from enchtable_jax import api
+    from enchtable_jax.models.tokenizer import load_tokenizer
+
+    prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
+    if not (prompt_sets or qa_sets or humaneval_sets):
+        raise ValueError("nothing to evaluate: give at least one prompt set, question/answer set or HumanEval set")
+    names = [*prompt_sets, *qa_sets, *humaneval_sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"set names must be unique across kinds, got {names}")
+    if out is not None:
+        out = Path(out).expanduser().resolve()
+        if (out / RESULT_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{out / RESULT_FILE} exists; choose another --out or pass --overwrite")
+    if isinstance(model, (str, Path)):
+        model = api.load(model, progress=progress)
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model.source,
+                                   "evaluation renders prompts with the model's tokenizer and chat template")
+    judge = judge if judge is not None else RefusalJudge()
+    options = {"max_new_tokens": max_new_tokens, "template": template, "temperature": temperature, "top_p": top_p,
+               "seed": seed, "batch_size": batch_size, "progress": progress}
+    start = time.perf_counter()
+
+    safety = {}
+    for name, prompts in prompt_sets.items():
+        responses = generate(model, tokenizer, prompts, **options)
+        verdicts = judge.judge(prompts, responses)
+        safety[name] = {"n": len(prompts), "unsafe": sum(verdicts), "unsafe_rate": unsafe_rate(verdicts),
+                        "items": [{"prompt": p, "response": r, "unsafe": v}
+                                  for p, r, v in zip(prompts, responses, verdicts)]}
+
+    utility = {}
+    for name, records in qa_sets.items():
+        responses = generate(model, tokenizer, [str(r["question"]) for r in records], **options)
+        correct = [answer_matches(resp, r["answer"]) for resp, r in zip(responses, records)]
+        utility[name] = {"metric": "exact_match", "n": len(records), "score": sum(correct) / len(records),
+                         "items": [{"question": r["question"], "answer": r["answer"], "response": resp, "correct": c}
+                                   for r, resp, c in zip(records, responses, correct)]}
+    for name, problems in humaneval_sets.items():
+        asks = [HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]) for p in problems]
+        responses = generate(model, tokenizer, asks, **options)
+        scored = pass_at_1(problems, responses, timeout=timeout)
+        utility[name] = {"metric": "pass@1", "n": len(problems), "score": scored["score"],
+                         "isolation": scored["isolation"],
+                         "items": [{**res, "response": resp} for res, resp in zip(scored["results"], responses)]}
+
+    result = {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": str(model.source) if model.source is not None else None,
+        "judge": judge.name,
+        "settings": {k: v for k, v in options.items() if k != "progress"} | {"timeout": timeout},
+        "seconds": round(time.perf_counter() - start, 2),
+        "summary": [{"set": n, "metric": "unsafe_rate", "n": s["n"], "value": s["unsafe_rate"]}
+                    for n, s in safety.items()]
+                   + [{"set": n, "metric": u["metric"], "n": u["n"], "value": u["score"]} for n, u in utility.items()],
+        "safety": safety,
+        "utility": utility,
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / RESULT_FILE, result)
+    return result
+
+
+def summary_table(result: Mapping[str, Any]) -> str:
+    """A plain-text table of a result's summary rows: set, metric, n, value."""
+    rows = [("set", "metric", "n", "value")] + [(r["set"], r["metric"], str(r["n"]), f"{r['value']:.3f}")
+                                                 for r in result["summary"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\njudge: {result['judge']}; {result['seconds']:.1f}s"
