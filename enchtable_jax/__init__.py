@@ -1,12 +1,14 @@
 """enchtable-jax: EnchTable safety-alignment transfer in JAX.
 
 Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describe`, `Model`;
-`distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`).
+`distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`);
+`generate` and `evaluate` (more in `enchtable_jax.eval`).
 """
 
 from enchtable_jax.api import Model, apply, describe, load, save, save_orbax
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.distillation.vector import SafetyVector, load_safety_vector
+from enchtable_jax.eval import evaluate, generate
 from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
@@ -15,4 +17,5 @@ from enchtable_jax.models.config import ModelConfig
 __version__ = "0.1.0"
 
 __all__ = ["DistillOptions", "METHODS", "Model", "ModelConfig", "SafetyVector", "apply", "describe", "distill",
-           "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "save", "save_orbax", "__version__"]
+           "evaluate", "generate", "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "save", "save_orbax",
+           "__version__"]

@@ -1,4 +1,9 @@
-"""Evaluation: generate answers in JAX, judge them, and measure unsafe rate and utility."""
+"""Evaluation: generate answers in JAX, judge them, and measure unsafe rate and utility.
+
+`evaluate` runs a whole evaluation (what `enchtable eval` calls); the pieces are usable on their own:
+`generate` (batched, KV-cached, greedy or seeded sampling), the judges (`RefusalJudge`, `LLMJudge`,
+`is_refusal`, `refusal_report`), `load_prompts`, and the metrics (`unsafe_rate`, `exact_match`, `pass_at_1`).
+"""
 
 from enchtable_jax.eval.generate import eos_ids, generate, generate_ids
 from enchtable_jax.eval.judge import (
@@ -9,6 +14,10 @@ from enchtable_jax.eval.judge import (
     is_refusal,
     refusal_report,
 )
+from enchtable_jax.eval.metrics import exact_match, pass_at_1, unsafe_rate
+from enchtable_jax.eval.pipeline import evaluate, summary_table
+from enchtable_jax.eval.prompts import load_prompts, load_records
 
-__all__ = ["RECIPES", "Judge", "LLMJudge", "RefusalJudge", "eos_ids", "generate", "generate_ids", "is_refusal",
-           "refusal_report"]
+__all__ = ["RECIPES", "Judge", "LLMJudge", "RefusalJudge", "eos_ids", "evaluate", "exact_match", "generate",
+           "generate_ids", "is_refusal", "load_prompts", "load_records", "pass_at_1", "refusal_report",
+           "summary_table", "unsafe_rate"]
