@@ -2,7 +2,7 @@
 the physical floor.
 
 Synthetic HF folders per size (random float32 weights): base; task = base + noise; a safety vector
-(`distillation.vector.write_vector`, manifest naming the base by `models.identity.identity`) on every
+(`bench.synthetic`: manifest naming the base by its digest) on every
 2-D matrix of the decoder layers (attention and MLP, 7 per layer). Sizes: `--quick` the tiny preset;
 full: 'smollm2-135m' (30 layers, 210 matrices, 420 SVDs) and 'llama3-8b-layer' (one Llama-3-8B-shaped
 layer with its 128k-vocabulary embedding and head; 7 matrices, 14 SVDs).
@@ -40,134 +40,58 @@ Headline figures (bench.json `targets`):
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zlib
-from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enchtable_jax.bench.process import run_fresh
+from enchtable_jax.bench.synthetic import folder_bytes, layer_matrices, perturbed, shapes_of, write_model, \
+    write_safety_vector
 from enchtable_jax.bench.timing import alternate, ratio, summary
-from enchtable_jax.converters.hf import write_hf
-from enchtable_jax.distillation.vector import write_vector
 from enchtable_jax.merging.executor import DEFAULT_GROUP_BYTES, MergePlan, TensorPlan
 from enchtable_jax.merging.pipeline import merge
-from enchtable_jax.merging.sources import open_model
-from enchtable_jax.models.config import ModelConfig
-from enchtable_jax.models.identity import identity
 from enchtable_jax.models.init import preset_config
-from enchtable_jax.models.tensors import expected_shapes
 
-BASE_STD, TASK_STD, SAFETY_STD = 0.02, 0.002, 0.003
+TASK_STD, SAFETY_STD = 0.002, 0.003
 
-# Peak RSS of this process in KiB. Linux keeps ru_maxrss across fork and exec, so a child of the (large)
-# bench process would report at least the parent's size: VmHWM (this address space's high-water mark)
-# is read instead where /proc exists.
-_PEAK = """
-def peak_kib():
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-"""
+# Run by `process.run_fresh` (after its PRELUDE: peak_rss_bytes() and ARGS); print one JSON line.
 _OURS = """
-import json, resource, sys, time
-""" + _PEAK + """
-args = json.loads(sys.argv[1])
+import time
 from enchtable_jax.merging.pipeline import merge
-rss0 = peak_kib()
+rss0 = peak_rss_bytes()
 start = time.perf_counter()
-merge("enchtable", args["base"], args["task"], safety_vector=args["vector"], out=args["out"], return_model=False,
+merge("enchtable", ARGS["base"], ARGS["task"], safety_vector=ARGS["vector"], out=ARGS["out"], return_model=False,
       progress=False, overwrite=True)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "rss_after_import_kib": rss0, "peak_rss_kib": peak_kib()}))
+print(json.dumps({"seconds": seconds, "rss_after_import_bytes": rss0, "peak_rss_bytes": peak_rss_bytes()}))
 """
 _TORCH = """
-import importlib.util, json, resource, sys, time
-""" + _PEAK + """
-args = json.loads(sys.argv[1])
-spec = importlib.util.spec_from_file_location("torch_merge", args["module"])
+import importlib.util, time
+spec = importlib.util.spec_from_file_location("torch_merge", ARGS["module"])
 torch_merge = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(torch_merge)
-rss0 = peak_kib()
+rss0 = peak_rss_bytes()
 start = time.perf_counter()
-torch_merge.merge(args["base"], args["task"], args["out"], safety_vector=args["vector"], overwrite=True)
+torch_merge.merge(ARGS["base"], ARGS["task"], ARGS["out"], safety_vector=ARGS["vector"], overwrite=True)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "rss_after_import_kib": rss0, "peak_rss_kib": peak_kib()}))
+print(json.dumps({"seconds": seconds, "rss_after_import_bytes": rss0, "peak_rss_bytes": peak_rss_bytes()}))
 """
-
-
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-def _base_tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name.endswith("norm.weight"):
-        return np.ones(shape, np.float32)
-    x = _rng(0, name).standard_normal(shape, dtype=np.float32)
-    x *= BASE_STD
-    return x
-
-
-def _task_tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    x = _rng(1, name).standard_normal(shape, dtype=np.float32)
-    x *= TASK_STD
-    x += _base_tensor(name, shape)
-    return x
-
-
-class _FolderParams(Mapping):
-    """A model folder's tensors as a read-on-demand mapping (for `identity` without holding the model)."""
-
-    def __init__(self, folder: Path):
-        self._source = open_model(folder, "base")
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._source.read(name)
-
-    def __iter__(self):
-        return iter(self._source.specs)
-
-    def __len__(self) -> int:
-        return len(self._source.specs)
-
-
-def safety_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Every 2-D matrix of the decoder layers (attention and MLP)."""
-    return [n for n, s in shapes.items() if n.startswith("model.layers.") and len(s) == 2]
 
 
 def build_world(root: Path, preset: str) -> dict:
     """base, task and safety-vector folders under `root`, written tensor by tensor (never a whole model)."""
     config = preset_config(preset)
-    shapes = {n: tuple(s) for n, s in expected_shapes(config).items()}
-    specs = {n: jax.ShapeDtypeStruct(s, np.float32) for n, s in shapes.items()}
-    folders = {"base": root / "base", "task": root / "task", "vector": root / "vector"}
-    for role, make in (("base", _base_tensor), ("task", _task_tensor)):
-        write_hf(folders[role], config, specs, progress=False, overwrite=True,
-                 produce=((n, make(n, s)) for n, s in shapes.items()))
-    base_config = ModelConfig.from_file(folders["base"] / "config.json")
-    manifest = {"base_model": identity(base_config, _FolderParams(folders["base"])), "scope": "layer matrices",
-                "note": "synthetic, for the merge study"}
-    names = safety_names(shapes)
-    tau = {}
-    for n in names:
-        t = _rng(2, n).standard_normal(shapes[n], dtype=np.float32)
-        t *= SAFETY_STD
-        tau[n] = t
-    write_vector(folders["vector"], tau, manifest)
-    del tau
-    shutil.rmtree(folders["vector"] / "safety_vector")  # the orbax copy: the merge reads the safetensors file
+    shapes = shapes_of(config)
+    names = layer_matrices(shapes)
+    folders = {"base": write_model(root / "base", config),
+               "task": write_model(root / "task", config, perturbed(1, TASK_STD)),
+               "vector": write_safety_vector(root / "vector", root / "base", names, seed=2, std=SAFETY_STD)}
     return {"config": config, "shapes": shapes, "merged": names, **folders}
 
 
@@ -213,10 +137,6 @@ def matmul_rate(n: int, repeats: int = 3) -> dict[str, float]:
     return rates
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
 def floor_memory(world: dict, devices: int) -> dict[str, int]:
     """The memory a streaming merge cannot avoid (see the module docstring)."""
     shapes = world["shapes"]
@@ -225,17 +145,6 @@ def floor_memory(world: dict, devices: int) -> dict[str, int]:
     stack = max((len(g) + (-len(g) % devices)) * 4 * math.prod(shapes[g[0]]) for g in groups)
     largest = max(4 * math.prod(s) for s in shapes.values())
     return {"largest_group_stack_bytes": stack, "largest_tensor_bytes": largest, "floor_bytes": 4 * stack + largest}
-
-
-def _cold(code: str, args: dict) -> dict:
-    """One merge in a fresh process: seconds, RSS after imports and peak RSS (bytes)."""
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                          env=os.environ.copy(), check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"cold merge failed:\n{done.stderr[-4000:]}")
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"seconds": got["seconds"], "rss_after_import_bytes": got["rss_after_import_kib"] * 1024,
-            "peak_rss_bytes": got["peak_rss_kib"] * 1024}
 
 
 def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) -> dict:
@@ -254,13 +163,13 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
     load = [os.getloadavg()[0]]  # other processes on the machine slow both sides; recorded to judge the noise
     times = alternate(fns, repeats, warmup=warmup)
     load.append(os.getloadavg()[0])
-    cold = {"ours": _cold(_OURS, {**args, "out": str(out_ours)}),
-            "torch": _cold(_TORCH, {**args, "out": str(out_torch), "module": torch_merge.__file__})}
+    cold = {"ours": run_fresh(_OURS, {**args, "out": str(out_ours)}),
+            "torch": run_fresh(_TORCH, {**args, "out": str(out_torch), "module": torch_merge.__file__})}
 
     shapes = world["shapes"]
-    out_bytes = _folder_bytes(out_ours)
+    out_bytes = folder_bytes(out_ours)
     vector_file = world["vector"] / "safety_vector.safetensors"
-    moved = (_folder_bytes(world["task"]) + sum(4 * math.prod(shapes[n]) for n in world["merged"])
+    moved = (folder_bytes(world["task"]) + sum(4 * math.prod(shapes[n]) for n in world["merged"])
              + vector_file.stat().st_size + out_bytes)
     flops_svd = sum(2 * svd_flops(*shapes[n]) for n in world["merged"])
     flops_interference = sum(interference_flops(*shapes[n]) for n in world["merged"])
