@@ -83,7 +83,7 @@ def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, sample: bool, t
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens; the first token always stays
-    kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    kept = jnp.where((before < top_p) | (top_p >= 1), sorted_logits, -jnp.inf)  # top_p 1: no rounding losses
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
     picked = jax.vmap(jax.random.categorical)(step_keys, kept)
     return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
