@@ -3,10 +3,13 @@
 Pass 1 reads the tensors one at a time in name order: checks shapes, decides per tensor whether it
 is merged or copied from the task model (and why), digests the base weights (to check a safety
 vector's base model) and accumulates the global norms that set the adaptive α. Pass 2 stacks the
-merged tensors by (shape, dtype) into groups no larger than `group_bytes`, maps the method over
-each group with `jax.shard_map` (the group split over a 1-D mesh of all devices, every device
-running one tensor at a time with `lax.map`, so results do not depend on the device count), and
-yields the results in write order. Copied tensors keep their bytes.
+merged tensors' τ_task = task − base and τ_safe by (shape, dtype) into groups no larger than
+`group_bytes`, maps the method over each group with `jax.shard_map` (the group split over a 1-D mesh
+of all devices, every device running one tensor at a time with `lax.map`, so results do not depend
+on the device count; the deltas overwrite the donated τ_task stack), adds each delta to its base
+tensor on the host (re-read, one tensor at a time) and yields the results in write order. Two stacks
+per group, not four (base, task, safety, merged): peak memory stays near two groups in flight.
+Copied tensors keep their bytes.
 """
 
 from __future__ import annotations
@@ -148,22 +151,22 @@ def _disable(progress: bool | None) -> bool | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_fn(method: str, options: tuple, out_dtype: str, mesh: Mesh):
-    """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one."""
+def _group_fn(method: str, options: tuple, mesh: Mesh):
+    """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one.
+
+    Takes the τ_task stack (donated: the deltas are written over it), the τ_safe stack, the keys and α;
+    returns the merged deltas (float32) and the per-tensor stats.
+    """
     fn = METHODS[method].fn
     opts = dict(options)
 
-    def one(args, alpha):
-        base, task, safety, key = args
-        delta, stats = fn(task - base, safety, alpha, jax.random.wrap_key_data(key), **opts)
-        return (base + delta).astype(out_dtype), stats
-
-    def per_device(base, task, safety, keys, alpha):
-        return jax.lax.map(lambda args: one(args, alpha), (base, task, safety, keys))
+    def per_device(tau, safety, keys, alpha):
+        return jax.lax.map(lambda a: fn(a[0], a[1], alpha, jax.random.wrap_key_data(a[2]), **opts),
+                           (tau, safety, keys))
 
     spec = P(GROUP_AXIS)
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=(spec, spec))
-    return jax.jit(mapped)
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, spec))
+    return jax.jit(mapped, donate_argnums=0)
 
 
 def tensor_key(seed: int, name: str) -> np.ndarray:
@@ -195,21 +198,21 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     frozen = tuple(sorted(options.items()))
 
     def load(group: list[str]) -> tuple[jax.Array, ...]:
-        """One group's base, task and safety stacks (float32) and PRNG keys, placed on the mesh."""
+        """One group's τ_task and τ_safe stacks (float32) and PRNG keys, placed on the mesh."""
         padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
-        stacks = []
-        for read in (base.read, task.read, safety.read):
-            stack = np.empty((len(padded), *plan_.tensors[group[0]].shape), np.float32)
-            for i, name in enumerate(padded):
-                stack[i] = read(name)  # converted to float32 in place: no second copy
-            stacks.append(put(stack, sharding))
-            del stack  # placed; on CPU the device copy may share it, otherwise it can go now
-        keys = np.stack([tensor_key(seed, name) for name in padded])
-        return (*stacks, put(keys, sharding))
+        shape = (len(padded), *plan_.tensors[group[0]].shape)
+        tau, safe = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        for i, name in enumerate(padded):  # filled in place: no second copy of a stack
+            tau[i] = task.read(name)
+            tau[i] -= base.read(name)
+        placed = put(tau, sharding)
+        del tau  # placed (a copy): one host stack at a time
+        for i, name in enumerate(padded):
+            safe[i] = safety.read(name)
+        return placed, put(safe, sharding), put(np.stack([tensor_key(seed, name) for name in padded]), sharding)
 
     def launch(group: list[str], inputs: tuple[jax.Array, ...]):
-        fn = _group_fn(method, frozen, plan_.tensors[group[0]].dtype.name, mesh)
-        return fn(*inputs, alpha)  # dispatched asynchronously: returns before the merge is done
+        return _group_fn(method, frozen, mesh)(*inputs, alpha)  # asynchronous: returns before it is done
 
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for name in copied:
@@ -222,15 +225,17 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         with bar:
             for g, group in enumerate(groups):
                 following = load(groups[g + 1]) if g + 1 < len(groups) else None
-                merged, stats = running
-                merged = fully_replicated_numpy(merged)
+                deltas, stats = running
+                deltas = fully_replicated_numpy(deltas)
                 stats = {k: fully_replicated_numpy(v) for k, v in stats.items()}
                 if following is not None:
                     running = launch(groups[g + 1], following)
                 del following
                 for i, name in enumerate(group):
                     plan_.tensors[name].stats = {k: float(v[i]) for k, v in stats.items()}
-                    yield name, merged[i]
+                    merged = base.read(name).astype(np.float32)
+                    merged += deltas[i]
+                    yield name, merged.astype(plan_.tensors[name].dtype, copy=False)
                 bar.update(len(group))
 
     return order, produce()

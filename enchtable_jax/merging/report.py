@@ -70,10 +70,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ax.plot(*zip(*points), marker="o", ms=3, label=module.replace("self_attn.", "").replace("mlp.", ""))
         ax.set(xlabel="layer", ylabel=key, title=f"{report['method']}: {key} (α = {report['alpha']:.3g})")
         ax.grid(alpha=0.3)
-    if series:
+    if axes[0].get_lines():
         axes[0].legend(fontsize=7, ncol=2)
     else:
-        axes[0].text(0.5, 0.5, "no per-layer matrices merged", ha="center", transform=axes[0].transAxes)
+        why = "this method has no per-matrix weight" if series else "no per-layer matrices merged"
+        axes[0].text(0.5, 0.5, why, ha="center", transform=axes[0].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
