@@ -5,7 +5,7 @@
 `is_refusal`, `refusal_report`), `load_prompts`, and the metrics (`unsafe_rate`, `exact_match`, `pass_at_1`).
 """
 
-from enchtable_jax.eval.generate import eos_ids, generate, generate_ids
+from enchtable_jax.eval.generate import complete, eos_ids, generate, generate_ids
 from enchtable_jax.eval.judge import (
     RECIPES,
     Judge,
@@ -18,6 +18,6 @@ from enchtable_jax.eval.metrics import exact_match, pass_at_1, unsafe_rate
 from enchtable_jax.eval.pipeline import evaluate, summary_table
 from enchtable_jax.eval.prompts import load_prompts, load_records
 
-__all__ = ["RECIPES", "Judge", "LLMJudge", "RefusalJudge", "eos_ids", "evaluate", "exact_match", "generate",
+__all__ = ["RECIPES", "Judge", "LLMJudge", "RefusalJudge", "complete", "eos_ids", "evaluate", "exact_match", "generate",
            "generate_ids", "is_refusal", "load_prompts", "load_records", "pass_at_1", "refusal_report",
            "summary_table", "unsafe_rate"]

@@ -154,13 +154,34 @@ def generate_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
         keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
         done = np.arange(rows) >= len(members)
         tokens = np.asarray(_decode(model.params, model.config, ids, mask, keys, done, stops, jnp.int32(pad_id),
-                                    jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                                    jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
                                     max_new_tokens=max_new_tokens, sample=temperature > 0))
         for row, i in enumerate(members):
             new = tokens[row].tolist()
             ends = [k for k, t in enumerate(new) if t in stop_set]
             results[i] = new[:ends[0] + 1] if ends else new
     return results
+
+
+def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
+    """`tokenizer` itself, or the tokenizer saved in the folder it names (None: the model's own folder)."""
+    from enchtable_jax.models.tokenizer import load_tokenizer
+
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        return load_tokenizer(tokenizer if tokenizer is not None else model.source,
+                              "generation renders prompts with the model's tokenizer and chat template")
+    return tokenizer
+
+
+def complete(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], **options: Any) -> list[str]:
+    """Text answers to prompts given as token ids: `generate_ids` stopping at `eos_ids`, then decoded.
+
+    The final stop id is dropped and special tokens are skipped; `options` are `generate_ids`' keywords.
+    """
+    stops = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    new = generate_ids(model, prompt_ids, stop_ids=stops, pad_id=pad, **options)
+    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids, skip_special_tokens=True) for ids in new]
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
@@ -173,20 +194,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
     file. Stops at any eos id (see `eos_ids`) or after `max_new_tokens`; special tokens are not decoded.
     """
     from enchtable_jax.distillation.data import render_prompts
-    from enchtable_jax.models.tokenizer import load_tokenizer
 
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model.source,
-                                   "generation renders prompts with the model's tokenizer and chat template")
-    prompt_ids = render_prompts(prompts, tokenizer, template)
-    stops = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    new = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad,
-                       temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
-    return [decode_answer(tokenizer, ids, stops) for ids in new]
-
-
-def decode_answer(tokenizer: Any, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
-    """Text of generated ids: a final stop id dropped, special tokens skipped."""
-    ids = list(ids)
-    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=True)
+    tokenizer = resolve_tokenizer(model, tokenizer)
+    return complete(model, tokenizer, render_prompts(prompts, tokenizer, template), max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)

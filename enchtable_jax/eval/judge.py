@@ -229,13 +229,10 @@ class LLMJudge:
 
     def judge_details(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[bool, str]]:
         """(unsafe, the judge's raw answer) per pair."""
-        from enchtable_jax.eval.generate import decode_answer, eos_ids, generate_ids
+        from enchtable_jax.eval.generate import complete
 
-        stops = eos_ids(self.model, self.tokenizer)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-        new = generate_ids(self.model, self.prompt_ids(prompts, responses), max_new_tokens=self.recipe.max_new_tokens,
-                           stop_ids=stops, pad_id=pad, batch_size=self.batch_size, progress=False)
-        answers = [decode_answer(self.tokenizer, ids, stops) for ids in new]
+        answers = complete(self.model, self.tokenizer, self.prompt_ids(prompts, responses),
+                           max_new_tokens=self.recipe.max_new_tokens, batch_size=self.batch_size, progress=False)
         return [(self.recipe.parse(a) is not False, a) for a in answers]
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:

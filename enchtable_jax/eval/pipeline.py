@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from enchtable_jax.eval.generate import generate
+from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
 
@@ -48,7 +48,6 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     `eval.json` (refused if it exists there, unless `overwrite`). Returns the result dict written there.
     """
     from enchtable_jax import api
-    from enchtable_jax.models.tokenizer import load_tokenizer
 
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
     if not (prompt_sets or qa_sets or humaneval_sets):
@@ -62,9 +61,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
             raise FileExistsError(f"{out / RESULT_FILE} exists; choose another --out or pass --overwrite")
     if isinstance(model, (str, Path)):
         model = api.load(model, progress=progress)
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model.source,
-                                   "evaluation renders prompts with the model's tokenizer and chat template")
+    tokenizer = resolve_tokenizer(model, tokenizer)
     judge = judge if judge is not None else RefusalJudge()
     options = {"max_new_tokens": max_new_tokens, "template": template, "temperature": temperature, "top_p": top_p,
                "seed": seed, "batch_size": batch_size, "progress": progress}

@@ -170,10 +170,10 @@ def decoder_layer(x: jax.Array, params: Params, i: int, config: ModelConfig, cos
         x = x + unit(p + "self_attn", lambda q: attention(h, q, p + "self_attn.", config, cos, sin, mask, unit), params)
         kv = None
     else:
-        out, *kv = self_attention(h, params, p + "self_attn.", config, cos, sin, mask, unit, cache)
-        x = x + out
+        out, keys, values = self_attention(h, params, p + "self_attn.", config, cos, sin, mask, unit, cache)
+        x, kv = x + out, (keys, values)
     h = rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config), params), None if kv is None else tuple(kv)
+    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config), params), kv
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -246,7 +246,7 @@ def forward_cached(params: Params, config: ModelConfig, input_ids: jax.Array, at
 
     The logits equal `forward`'s on the whole sequence of slots so far (same positions, masks and
     windows): [B, vocab] of the last token when `last_only` (decoding), else [B, T, vocab]. The caller
-    keeps length + T <= S; slots past the end would be silently clipped by `dynamic_update_slice`.
+    keeps length + T <= S: past the end, `dynamic_update_slice` would clamp the write onto earlier slots.
     """
     t = input_ids.shape[1]
     mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.length, axis=1)
