@@ -377,14 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for eval.json")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--limit", type=int, help="use the first N items of every set")
-    p.add_argument("--template", help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
+    p.add_argument("--template",
+                   help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
     p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program")
-    p.add_argument("--judge-model", metavar="DIR", help="judge with a local LLM (HF folder) instead of refusal patterns")
+    p.add_argument("--judge-model", metavar="DIR",
+                   help="judge with a local LLM (HF folder) instead of refusal patterns")
     p.add_argument("--judge-recipe", default="llama-guard", choices=["llama-guard", "md-judge"],
                    help="prompt and parse rule of --judge-model")
     p.add_argument("--judge-report", action="store_true",

@@ -134,7 +134,8 @@ class RefusalJudge:
 
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; a judge needs one response per prompt")
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; a judge needs one response per "
+                         "prompt")
 
 
 # ----------------------------------------------------------------------------------------------- LLM judges

@@ -98,7 +98,8 @@ def answer_matches(response: str, answer: Any) -> bool:
 def exact_match(responses: Sequence[str], answers: Sequence[Any]) -> float:
     """Fraction of responses that state their reference answer (`answer_matches`)."""
     if len(responses) != len(answers) or not answers:
-        raise ValueError(f"exact_match needs as many responses as answers (>0), got {len(responses)} and {len(answers)}")
+        raise ValueError(f"exact_match needs as many responses as answers (>0), got {len(responses)} and "
+                         f"{len(answers)}")
     return sum(answer_matches(r, a) for r, a in zip(responses, answers)) / len(answers)
 
 

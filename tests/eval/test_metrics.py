@@ -19,8 +19,10 @@ from enchtable_jax.eval.metrics import (
 )
 
 ADD = {"task_id": "Test/0", "entry_point": "add",
-       "prompt": 'import math\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n    >>> add(1, 2)\n    3\n    """\n',
-       "test": "METADATA = {}\n\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-4, 4) == 0\n"}
+       "prompt": ('import math\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n    >>> add(1, 2)\n'
+                  '    3\n    """\n'),
+       "test": ("METADATA = {}\n\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n"
+                "    assert candidate(-4, 4) == 0\n")}
 
 
 def test_unsafe_rate():
