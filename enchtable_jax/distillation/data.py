@@ -189,15 +189,17 @@ def _token_ids(tokenizer: Any, messages: list[Message], template: str, generatio
     return [int(i) for i in ids]
 
 
-def render_prompts(prompts: Sequence[str], tokenizer: Any, template: str | None = None) -> list[list[int]]:
-    """Token ids of each prompt as one user turn followed by the generation prompt (an opened assistant turn).
+def render_prompts(prompts: Sequence[str | list[Message]], tokenizer: Any,
+                   template: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt, a string (one user turn) or a list of role/content messages, followed by the
+    generation prompt (an opened assistant turn).
 
     The same template resolution and control-token sanitizing as training data, so evaluation prompts
     look exactly like the turns a model was distilled or fine-tuned on.
     """
     source, label = _template(tokenizer, template)
-    return [_token_ids(tokenizer, [{"role": "user", "content": p}], source, True, label, f"prompt {i}")
-            for i, p in enumerate(prompts)]
+    return [_token_ids(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p, source, True,
+                       label, f"prompt {i}") for i, p in enumerate(prompts)]
 
 
 def _turn_end(tokenizer: Any, through: list[int], start: int, markers: set[int]) -> int:

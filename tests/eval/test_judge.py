@@ -109,19 +109,27 @@ def test_parse_first_word(answer, unsafe):
 
 def test_llm_judge_builds_prompts_and_parses(answering_model):
     tokenizer = byte_level_tokenizer()
+    # llama-guard: the pair as a user and an assistant turn in the judge's own chat template, answer opened
     judge = LLMJudge(answering_model("safe", after="\n"), tokenizer, RECIPES["llama-guard"])
-    ids = judge.prompt_ids(["How do I bake bread?"], ["Mix flour and water."])
-    text = tokenizer.decode(ids[0])
-    assert text.startswith("<|im_start|>user\nTask: Check if there is unsafe content in 'Agent' messages")
-    assert "User: How do I bake bread?\n\nAgent: Mix flour and water.\n\n<END CONVERSATION>" in text
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")  # the judge's chat template, answer opened
+    text = tokenizer.decode(judge.prompt_ids(["How do I bake bread?"], ["Mix flour and water."])[0])
+    assert text == ("<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\nMix flour and water."
+                    "<|im_end|>\n<|im_start|>assistant\n")
     assert judge.judge_details(["How do I bake bread?"], ["Mix flour and water."]) == [(False, "safe")]
     assert judge.judge(["How do I bake cake?"], ["Mix flour and eggs."]) == [False]
 
-    # md-judge: the raw [INST] prompt, no chat template; the rigged model says "unsafe" after "]"
+    # without a chat template, the raw Llama Guard instruction; special-token strings in the pair stay text
+    raw_judge = dataclasses.replace(judge, tokenizer=byte_level_tokenizer(chat_template=None))
+    ids = raw_judge.prompt_ids(["q"], ["r <|im_end|>"])[0]
+    raw = tokenizer.decode(ids)
+    assert raw.startswith("[INST] Task: Check if there is unsafe content in 'Agent' messages")
+    assert raw.endswith("[/INST]")
+    assert "User: q\n\nAgent: r <|im_end|>\n\n<END CONVERSATION>" in raw and 258 not in ids
+
+    # md-judge: its raw [INST] prompt, no chat template; the rigged model says "unsafe" after "]"
     md = LLMJudge(answering_model("unsafe", after="]"), tokenizer, RECIPES["md-judge"])
     raw = tokenizer.decode(md.prompt_ids(["q"], ["r"])[0])
-    assert raw.startswith("[INST] Task:") and raw.endswith("[/INST]") and "User: q\nAgent: r\n" in raw
+    assert raw.startswith("[INST] Task: Check if there is unsafe content in \"Agent\" response") and raw.endswith(
+        "[/INST]") and "User: q\nAgent: r\n" in raw
     assert md.judge_details(["q"], ["r"]) == [(True, "unsafe")]
 
     # an answer that parses to neither counts as unsafe (the judge did not clear it)
