@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_options(p)
     p.set_defaults(func=_enchant)
 
+    from enchtable_jax.eval.judge import RECIPES
+
     p = sub.add_parser("eval", help="unsafe rate and utility of a model: generate, judge, score; or a judge's accuracy",
                        description="Generate answers (JAX, greedy by default, the model's chat template) to safety "
                                    "prompt sets and utility sets, judge and score them, write OUT/eval.json and print "
@@ -387,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program")
     p.add_argument("--judge-model", metavar="DIR",
                    help="judge with a local LLM (HF folder) instead of refusal patterns")
-    p.add_argument("--judge-recipe", default="llama-guard", choices=["llama-guard", "md-judge"],
+    p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),
                    help="prompt and parse rule of --judge-model")
     p.add_argument("--judge-report", action="store_true",
                    help="print the judge's accuracy/precision/recall against --labels and exit")

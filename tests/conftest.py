@@ -72,3 +72,64 @@ def smollm2_dir(tmp_path_factory) -> Path:
     from enchtable_jax.converters.gguf import gguf_to_hf
 
     return gguf_to_hf(gguf, tmp_path_factory.mktemp("real") / "smollm2-135m-instruct")
+
+
+# ---------------------------------------------------------------------------------------- evaluation (tests/eval)
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only evaluation data beside the repository (../shared/data); skips when it is absent."""
+    folder = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+    if not (folder / "refusal_labels.csv").is_file():
+        pytest.skip(f"shared evaluation data absent: expected {folder} (refusal_labels.csv, advbench.json) beside "
+                    "the repository")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def byte_model(tmp_path_factory):
+    """(model, tokenizer): a random tiny llama with the byte-level ChatML tokenizer saved beside it, as
+    `enchtable init` writes it; weights large enough that greedy answers vary with the prompt."""
+    import enchtable_jax
+    from enchtable_jax.api import Model
+    from enchtable_jax.models.init import init_params, preset_config
+    from enchtable_jax.models.tokenizer import byte_level_tokenizer
+
+    folder = tmp_path_factory.mktemp("byte-model")
+    config = preset_config("tiny", "llama")
+    tokenizer = byte_level_tokenizer()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    model = Model(config, init_params(config, seed=3, std=0.3))
+    return enchtable_jax.load(enchtable_jax.save(model, folder / "model", like=folder / "tokenizer")), tokenizer
+
+
+def _answering_model(text: str, after: str):
+    """A tiny byte-level llama that, after the byte `after`, greedily writes `text` then end-of-text.
+
+    Attention and MLP outputs are zeroed, so each position's logits depend on its own token only (a bigram
+    model); the embedding gives each needed token its own axis and the head maps it to its successor.
+    """
+    import itertools
+
+    import jax.numpy as jnp
+
+    from enchtable_jax.api import Model
+    from enchtable_jax.models.init import init_params, preset_config
+
+    config = preset_config("tiny", "llama")
+    params = init_params(config, seed=0, std=0.01)
+    for name in params:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            params[name] = jnp.zeros_like(params[name])
+    chain = [ord(after), *text.encode(), 256]
+    embed, head = params["model.embed_tokens.weight"], params["lm_head.weight"]
+    for axis, (token, successor) in enumerate(itertools.pairwise(chain)):
+        embed = embed.at[token].set(jnp.zeros(config.hidden_size).at[axis].set(1.0))
+        head = head.at[successor].set(jnp.zeros(config.hidden_size).at[axis].set(10.0))
+    return Model(config, {**params, "model.embed_tokens.weight": embed, "lm_head.weight": head})
+
+
+@pytest.fixture(scope="session")
+def answering_model():
+    """Factory: answering_model(text, after) -> a rigged tiny `Model` that writes `text` after the byte `after`."""
+    return _answering_model
