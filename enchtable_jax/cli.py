@@ -221,8 +221,6 @@ def _eval(args: argparse.Namespace) -> None:
     prompts, qa, humaneval = args.prompts or [], args.qa or [], args.humaneval or []
     if not (prompts or qa or humaneval):
         raise ValueError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
-    if (Path(args.out) / RESULT_FILE).exists() and not args.overwrite:
-        raise FileExistsError(f"{Path(args.out) / RESULT_FILE} exists; choose another --out or pass --overwrite")
     names = iter(_set_names([*prompts, *qa, *humaneval]))
     result = evaluate(
         args.model, args.tokenizer,
