@@ -108,32 +108,45 @@ def _conversation(record: Any, where: str) -> list[Message]:
                     "'input', 'output') or chat form ('messages')")
 
 
-def read_records(path: str | Path) -> list[list[Message]]:
-    """Conversations from a JSON list or a JSONL file, each a list of {role, content} ending with the assistant."""
+def read_json_or_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> tuple[Any, list[int] | None]:
+    """(content, line numbers): a JSON file's value and None, or a JSONL file's values and their line numbers.
+
+    A file starting with '[' is one JSON list; otherwise the whole file is tried as one JSON value (an
+    object, e.g. nested categories), then as JSONL (blank lines skipped). Errors, raised as `error`,
+    name the file and line.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} not found")
+        raise error(f"{path}: file not found")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if text.lstrip().startswith("["):  # one JSON list
+        raise error(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    values, lines = [], []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            records = json.loads(text)
+            values.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        conversations = [_conversation(r, f"{path}: record {i}") for i, r in enumerate(records)]
-    else:  # JSONL; blank lines are skipped
-        conversations = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); JSONL needs one "
-                                "object per line, JSON a top-level list") from None
-            conversations.append(_conversation(record, f"{path}:{line_no}"))
+            raise error(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); JSONL needs one value per "
+                        "line, JSON one top-level value") from None
+        lines.append(line_no)
+    return values, lines
+
+
+def read_records(path: str | Path) -> list[list[Message]]:
+    """Conversations from a JSON list or a JSONL file, each a list of {role, content} ending with the assistant."""
+    records, lines = read_json_or_jsonl(path, DataError)
+    if lines is None and not isinstance(records, list):  # a one-line JSONL file is one JSON object
+        records, lines = [records], [1]
+    wheres = [f"{path}: record {i}" for i in range(len(records))] if lines is None else [f"{path}:{n}" for n in lines]
+    conversations = [_conversation(r, where) for r, where in zip(records, wheres)]
     if not conversations:
         raise DataError(f"{path}: no records; expected a JSON list or JSONL lines of alpaca or chat records")
     return conversations

@@ -8,39 +8,16 @@ the item forms. Order is kept (nested sets in file order), so `--limit N` takes 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from enchtable_jax.distillation.data import read_json_or_jsonl
 
 PROMPT_FIELDS = ("prompt", "question", "goal", "instruction", "behavior")
 
 
 class PromptFileError(ValueError):
     """An unusable evaluation file; the message names the file, the item and the fix."""
-
-
-def _read_json_or_jsonl(path: Path) -> tuple[Any, bool]:
-    """(parsed content, is_jsonl): a whole-file JSON value, or the list of a JSONL file's lines."""
-    if not path.is_file():
-        raise PromptFileError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: not UTF-8 text ({e})") from None
-    try:
-        return json.loads(text), False
-    except json.JSONDecodeError:
-        pass
-    items = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); expected a JSON "
-                                  "file or JSONL with one value per line") from None
-    return items, True
 
 
 def _prompt(item: Any, where: str) -> str:
@@ -67,7 +44,7 @@ def _flatten(value: Any, where: str) -> list[str]:
 def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """The prompts of a prompt-set file (any shape in the module docstring), the first `limit` if given."""
     path = Path(path)
-    content, _ = _read_json_or_jsonl(path)
+    content, _ = read_json_or_jsonl(path, PromptFileError)
     if isinstance(content, str) or not isinstance(content, (list, dict)):
         raise PromptFileError(f"{path}: top level is a {type(content).__name__}; expected a list of prompts or "
                               "a {category: [...]} object")
@@ -83,14 +60,14 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 def load_records(path: str | Path, fields: tuple[str, ...], limit: int | None = None) -> list[dict[str, Any]]:
     """Objects of a JSON list or JSONL file, each checked to have `fields` (e.g. question/answer, HumanEval's)."""
     path = Path(path)
-    content, jsonl = _read_json_or_jsonl(path)
+    content, lines = read_json_or_jsonl(path, PromptFileError)
     if isinstance(content, dict):  # a one-line JSONL file parses as one JSON object
-        content, jsonl = [content], True
+        content, lines = [content], [1]
     if not isinstance(content, list) or not content:
         raise PromptFileError(f"{path}: expected JSONL lines (or a JSON list) of objects with fields "
                               f"{', '.join(fields)}")
     for i, record in enumerate(content):
-        where = f"{path}:{i + 1}" if jsonl else f"{path}: record {i}"
+        where = f"{path}:{lines[i]}" if lines is not None else f"{path}: record {i}"
         if not isinstance(record, dict):
             raise PromptFileError(f"{where}: a {type(record).__name__}; expected an object with fields "
                                   f"{', '.join(fields)}")
