@@ -12,8 +12,10 @@ also reports its peak RSS (the process's, over both kinds: merge first, then the
 than those of the other studies.
 - merge: `merge('enchtable', base, task, safety_vector=..., out=..., mesh=merge_mesh(N devices))`, read,
   merge, write; the safety vector covers every 2-D matrix of the decoder layers (as in the merge study);
-- linearized_step: one AdamW step of the `ffn` scope linearized (`studies.linearize.jax_step` on a
-  ('data', 'fsdp') mesh of N devices, examples split over them), batch 8 x 64 tokens (`--quick`: 8 x 16).
+- linearized_step: one AdamW step of the `ffn` scope linearized (`studies.linearize.jax_step`), batch 8 x 64
+  tokens (`--quick`: 8 x 16), on a ('data', 'fsdp') mesh with all N devices on 'fsdp': θ0, Δ and the
+  optimizer state split over the devices, examples too. (Replicated data parallelism would hold N copies:
+  18 GB peak RSS at 8 simulated devices for SmolLM2's shape, against 7 GB sharded.)
 Compilation is excluded (a warm-up call), except for the 8B-shaped merge, where one call takes minutes.
 
 Figures: `points` (every measurement), `seconds["<kind>/<preset>/<N>dev"]`, `size_growth[kind]` (median
@@ -67,7 +69,7 @@ def _step_call(preset: str, devices: list, batch: tuple[int, int]) -> Callable[[
 
     config = preset_config(preset)
     return jax_step(config, init_params(config, seed=0), resolve_scope(config, "ffn"),
-                    token_batch(config.vocab_size, *batch), True, make_mesh(devices=devices))
+                    token_batch(config.vocab_size, *batch), True, make_mesh(fsdp=len(devices), devices=devices))
 
 
 def measure(preset: str, devices: int, runs: dict[str, list[int]], folders: dict[str, str],
