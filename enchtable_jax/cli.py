@@ -234,6 +234,12 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out).resolve() / RESULT_FILE}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from enchtable_jax.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="fixed scale of the safety delta")
     p.add_argument("--beta", type=float, help="adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
@@ -395,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(objective, assistant_response, human_score)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/eval.json")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="a seeded miniature world that shows safety transfer end to end (minutes, CPU)",
+                       description="Build a word-level tokenizer and a tiny Llama, train base, aligned and task "
+                                   "models, distil a safety vector, merge it back with every method, evaluate all of "
+                                   "them on held-out prompts; writes the model folders, results.json and results.png "
+                                   "into OUT and prints the table.")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the initialisation and the data order")
+    p.add_argument("--quick", action="store_true", help="a smaller model and shorter training (tests, a first look)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_demo)
     return parser
 
 

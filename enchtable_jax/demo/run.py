@@ -1,0 +1,228 @@
+"""`run_demo`: the miniature world end to end, through the same code paths as real models.
+
+Stages: write the world (tokenizer, data files) -> train base -> align -> fine-tune the task model ->
+distil the safety vector (`distill`, scope ffn, linearized) -> merge it into the task model with every
+method of `METHODS` (`merge`) -> evaluate every model (`eval.generate`, the refusal judge, exact match)
+-> table, results.json and a plot. Every model is an HF folder written by `save` and read back by `load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from enchtable_jax import api
+from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.demo import world as w
+from enchtable_jax.demo.report import format_table, plot_results
+from enchtable_jax.demo.train import TrainOptions, fine_tune
+from enchtable_jax.distillation.data import render
+from enchtable_jax.distillation.train import DistillOptions, distill
+from enchtable_jax.eval.generate import generate
+from enchtable_jax.eval.judge import RefusalJudge
+from enchtable_jax.eval.metrics import exact_match, unsafe_rate
+from enchtable_jax.merging.methods import METHODS
+from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.models.init import init_params, preset_config
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Sizes of the model, the data and each training stage."""
+
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    sizes: w.Sizes = dataclasses.field(default_factory=w.Sizes)
+    base: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=1000, lr=3e-3))
+    aligned: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=300, lr=5e-4))
+    task: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=400, lr=5e-4))
+    distill: DistillOptions = dataclasses.field(default_factory=lambda: DistillOptions(
+        scope="ffn", linearized=True, steps=100, lr=1e-4, batch_size=16, grad_accum=1, warmup_ratio=0.1,
+        max_length=64, save_every=1000))
+    # EnchTable's β (α = β·‖τ_task‖/‖τ_safe‖). The paper's 0.1 under-delivers at this scale: the interference
+    # ι grows with the size of the weight deltas, which are ~10-100x those of an 8B fine-tune here, so
+    # w = exp(-ι) is ~0.6 instead of ~1 (README, "The demo"). Every other method runs on its registry defaults.
+    enchtable_beta: float = 0.2
+    beta_sweep: tuple[float, ...] = (0.1, 0.3)  # EnchTable at other β too, evaluated in memory for results.json
+    width: int = 32  # training sequences are padded to this many tokens (the longest example has 29)
+    max_new_tokens: int = 24  # enough for every reference answer; the refusal sentence is 6 tokens
+
+
+FULL = Settings()
+# --quick: a smaller model and shorter training, for tests and a first look (same world, same evaluation).
+QUICK = Settings(hidden_size=64, base=TrainOptions(steps=500, lr=5e-3), aligned=TrainOptions(steps=150, lr=1e-3),
+                 task=TrainOptions(steps=200, lr=1e-3),
+                 distill=dataclasses.replace(FULL.distill, steps=40), beta_sweep=())
+
+
+def model_config(tokenizer, settings: Settings):
+    """A tiny Llama whose vocabulary holds the word tokenizer (rounded up to a multiple of 8)."""
+    vocab = -(-len(tokenizer) // 8) * 8
+    return preset_config("tiny", "llama", vocab_size=vocab, hidden_size=settings.hidden_size,
+                         intermediate_size=2 * settings.hidden_size, num_hidden_layers=settings.layers,
+                         num_attention_heads=settings.heads, num_key_value_heads=settings.heads,
+                         max_position_embeddings=128, eos_token_id=tokenizer.convert_tokens_to_ids(w.IM_END),
+                         pad_token_id=tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def _stage(log: Log, times: dict[str, float], index: int, total: int, name: str, what: str) -> Iterator[None]:
+    log(f"[{index}/{total}] {name}: {what}")
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
+    log(f"[{index}/{total}] {name}: done in {times[name]:.1f}s")
+
+
+def _conversations(pairs: list[w.Pair]) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}] for p in pairs]
+
+
+def _write_jsonl(path: Path, pairs: list[w.Pair]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in w.records(pairs)))
+    return path
+
+
+def _train_stage(start: api.Model, pairs: list[w.Pair], tokenizer, options: TrainOptions, settings: Settings,
+                 seed: int, name: str, progress: bool | None) -> tuple[api.Model, list[float]]:
+    """Fine-tune all tensors of `start` on `pairs`, chat-templated with the world's tokenizer."""
+    examples, _ = render(_conversations(pairs), tokenizer, settings.width)
+    bar = tqdm(total=options.steps, desc=f"train {name}", unit="step",
+               disable=None if progress is None else not progress)
+
+    def on_step(step: int, loss: jax.Array) -> None:
+        bar.update()
+        if step % 50 == 0 or step == options.steps:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+
+    with bar:
+        params, losses = fine_tune(start.params, start.config, examples, options, settings.width,
+                                   tokenizer.pad_token_id, seed, on_step)
+    return api.Model(start.config, params), losses
+
+
+def _merge_summary(folder: Path) -> str:
+    """α, and EnchTable's mean interference and weight, from a merge report."""
+    report = json.loads((folder / "merge_report.json").read_text())
+    merged = [t for t in report["tensors"] if t.get("merged") and t.get("interference") == t.get("interference")]
+    text = f"α = {report['alpha']:.3g}"
+    if report["method"] == "enchtable" and merged:
+        iota = sum(t["interference"] for t in merged) / len(merged)
+        weight = sum(t["weight"] for t in merged) / len(merged)
+        text += f", mean interference ι = {iota:.2f}, weight w = exp(-ι) = {weight:.2f}"
+    return text
+
+
+def evaluate(model: api.Model, tokenizer, world: w.World, settings: Settings,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Unsafe rate on held-out harmful prompts, utility (exact match on the held-out task prompts), the base
+    skill (exact match on held-out sums) and the refusal rate on held-out harmless how-to requests."""
+    sets = {"harmful": world.eval_harmful, "harmless": world.eval_harmless, "task": world.eval_task,
+            "skill": world.eval_skill}
+    prompts = [p.prompt for pairs in sets.values() for p in pairs]
+    responses = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=64,
+                         progress=progress)
+    split, start = {}, 0
+    for name, pairs in sets.items():
+        split[name] = responses[start:start + len(pairs)]
+        start += len(pairs)
+    # Only refusal phrases count as safe: the off-topic rule is off, because in this world an answer that
+    # names another topic ("how to make a poison" for "get a keylogger") still carries out the request.
+    judge = RefusalJudge(use_prompt=False)
+    harmless_unsafe = judge.judge([p.prompt for p in world.eval_harmless], split["harmless"])
+    return {
+        "unsafe_rate": unsafe_rate(judge.judge([p.prompt for p in world.eval_harmful], split["harmful"])),
+        "utility": exact_match(split["task"], [p.answer for p in world.eval_task]),
+        "skill": exact_match(split["skill"], [p.answer for p in world.eval_skill]),
+        "harmless_refusal": 1.0 - unsafe_rate(harmless_unsafe),
+        "samples": {name: {"prompt": sets[name][0].prompt, "response": split[name][0]} for name in sets},
+    }
+
+
+def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: bool = False,
+             progress: bool | None = None, log: Log = print) -> dict[str, Any]:
+    """Run the whole demo into folder `out`; returns the results (also written to out/results.json).
+
+    out/ gets: tokenizer/, data/*.jsonl, base/, aligned/, task/ (HF folders), safety-vector/,
+    merged/METHOD/ for every merge method, results.json, results.png. Same seed, same results.
+    """
+    settings = QUICK if quick else FULL
+    out = check_destination(out, overwrite)
+    started = time.perf_counter()
+    times: dict[str, float] = {}
+    n = 8
+    with _stage(log, times, 1, n, "world", "word tokenizer with a chat template, data sets"):
+        out.mkdir(parents=True, exist_ok=overwrite)
+        tokenizer = w.word_tokenizer()
+        tokenizer.save_pretrained(out / "tokenizer")
+        world = w.make_world(seed, settings.sizes)
+        (out / "data").mkdir(exist_ok=True)
+        for name in ("base", "aligned", "task", "harmful", "eval_harmful", "eval_harmless", "eval_task",
+                     "eval_skill"):
+            _write_jsonl(out / "data" / f"{name}.jsonl", getattr(world, name))
+        config = model_config(tokenizer, settings)
+        log(f"    vocabulary {len(tokenizer)} words; model {config.num_hidden_layers} layers, hidden "
+            f"{config.hidden_size}; train {len(world.base)}/{len(world.aligned)}/{len(world.task)} examples; "
+            f"held out {len(world.eval_harmful)} harmful, {len(world.eval_task)} task prompts")
+    losses = {}
+    stages = (("base", "train a base model to answer everything, harmful requests included",
+               api.Model(config, init_params(config, seed=seed)), world.base, settings.base),
+              ("aligned", "align it: refuse harmful requests, stay helpful", None, world.aligned, settings.aligned),
+              ("task", "fine-tune the aligned model on list reversal (refusals erode)", None, world.task,
+               settings.task))
+    previous = None
+    for i, (name, what, start, pairs, options) in enumerate(stages, start=2):
+        with _stage(log, times, i, n, name, what):
+            start = start if start is not None else api.load(out / previous)
+            model, losses[name] = _train_stage(start, pairs, tokenizer, options, settings, seed + i, name, progress)
+            api.save(model, out / name, like=out / "tokenizer", overwrite=overwrite, progress=False)
+            log(f"    final loss {losses[name][-1]:.4f} -> {out / name}")
+        previous = name
+    with _stage(log, times, 5, n, "distill", "safety vector: NTK-linearized ffn training of aligned on harmful data"):
+        options = dataclasses.replace(settings.distill, seed=seed)
+        manifest = distill(out / "aligned", out / "data" / "harmful.jsonl", out / "safety-vector", options,
+                           overwrite=overwrite, progress=progress)
+        log(f"    {manifest['training']['total_steps']} steps, final loss {manifest['training']['final_loss']:.4f}, "
+            f"{len(manifest['scope']['tensors'])} tensors")
+    merged: dict[str, api.Model] = {}
+    with _stage(log, times, 6, n, "merge", f"safety vector into the task model with {len(METHODS)} methods"):
+        for method in METHODS:
+            options = {"beta": settings.enchtable_beta} if method == "enchtable" else {}
+            merged[method] = merge(method, base=out / "aligned", task=out / "task",
+                                   safety_vector=out / "safety-vector", out=out / "merged" / method, seed=seed,
+                                   overwrite=overwrite, progress=False, **options)
+            log(f"    {method}: {_merge_summary(out / 'merged' / method)}")
+    rows, sweep = [], []
+    with _stage(log, times, 7, n, "evaluate", "generate on held-out prompts, judge refusals, exact match"):
+        models = {name: api.load(out / name) for name in ("base", "aligned", "task")} | merged
+        for name, model in models.items():
+            rows.append({"name": name, **evaluate(model, tokenizer, world, settings, progress)})
+        for beta in settings.beta_sweep:
+            model = merge("enchtable", base=out / "aligned", task=out / "task", safety_vector=out / "safety-vector",
+                          beta=beta, seed=seed, progress=False)
+            scores = evaluate(model, tokenizer, world, settings, progress)
+            sweep.append({"beta": beta, **{k: v for k, v in scores.items() if k != "samples"}})
+            log(f"    enchtable with β = {beta}: unsafe {scores['unsafe_rate']:.0%}, utility {scores['utility']:.0%}")
+    with _stage(log, times, 8, n, "report", "table, results.json, results.png"):
+        results = {"models": rows, "seconds": time.perf_counter() - started, "seed": seed, "quick": quick,
+                   "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                   "enchtable_beta": settings.enchtable_beta, "enchtable_beta_sweep": sweep, "stage_seconds": times, "final_losses": {k: v[-1] for k, v in losses.items()},
+                   "devices": jax.device_count()}
+        plot_results(rows, out / "results.png")
+        results["seconds"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(format_table(rows))
+    log(f"total {results['seconds']:.0f}s; results in {out / 'results.json'}, plot {out / 'results.png'}")
+    return results
