@@ -62,7 +62,7 @@ def _cold_load(code: str, args: dict, nbytes: int) -> dict:
 
 def run(quick: bool = False, repeats: int | None = None) -> dict:
     preset, shard_size = ("tiny", "5GB") if quick else ("smollm2-135m", "256MB")
-    repeats = repeats or (3 if quick else 5)
+    repeats = repeats or (3 if quick else 9)  # a full repeat takes ~2 s: more of them tame the noise
     st, st_missing = optional_module("safetensors.numpy")
     config = preset_config(preset)
     with tempfile.TemporaryDirectory(prefix="convert-study-") as tmp:
