@@ -2,7 +2,7 @@
 
 Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describe`, `Model`;
 `distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`);
-`generate` and `evaluate` (more in `enchtable_jax.eval`).
+`generate` and `evaluate` (more in `enchtable_jax.eval`); `run_demo`, the miniature world end to end.
 """
 
 from enchtable_jax.api import Model, apply, describe, load, save, save_orbax
@@ -13,9 +13,10 @@ from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.demo import run_demo
 
 __version__ = "0.1.0"
 
 __all__ = ["DistillOptions", "METHODS", "Model", "ModelConfig", "SafetyVector", "apply", "describe", "distill",
-           "evaluate", "generate", "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "save", "save_orbax",
-           "__version__"]
+           "evaluate", "generate", "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "run_demo", "save",
+           "save_orbax", "__version__"]

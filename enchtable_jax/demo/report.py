@@ -22,22 +22,31 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Unsafe rate (x) against utility (y): one point per model and merge method; lower right is better."""
+    """Unsafe rate (x) against utility, and against over-refusal (y): one point per model and merge method.
+
+    Left panel: up and to the left is better; right panel: down and to the left. Points that coincide
+    share one label.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for row in rows:
-        reference = row["name"] in REFERENCE_MODELS
-        ax.scatter(100 * row["unsafe_rate"], 100 * row["utility"], marker="s" if reference else "o",
-                   color="grey" if reference else ("tab:red" if row["name"] == "enchtable" else "tab:blue"), zorder=3)
-        ax.annotate(row["name"], (100 * row["unsafe_rate"], 100 * row["utility"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.set(xlabel="unsafe rate on held-out harmful prompts (%)", ylabel="utility: held-out task exact match (%)",
-           title="EnchTable demo: safety transfer into the fine-tuned model", xlim=(-5, 105), ylim=(-5, 105))
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "utility", "utility: held-out task exact match (%)"),
+                           (axes[1], "harmless_refusal", "over-refusal: held-out harmless requests refused (%)")):
+        points: dict[tuple[float, float], list[str]] = {}
+        for row in rows:
+            points.setdefault((round(100 * row["unsafe_rate"], 1), round(100 * row[key], 1)), []).append(row["name"])
+        for i, ((x, y), names) in enumerate(sorted(points.items())):
+            reference = any(n in REFERENCE_MODELS for n in names)
+            color = "grey" if reference else ("tab:red" if "enchtable" in names else "tab:blue")
+            ax.scatter(x, y, marker="s" if reference else "o", color=color, zorder=3)
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, (4, -11, 12)[i % 3]),
+                        fontsize=8)  # neighbours' labels at staggered heights
+        ax.set(xlabel="unsafe rate on held-out harmful prompts (%)", ylabel=label, xlim=(-5, 105), ylim=(-5, 105))
+        ax.grid(alpha=0.3)
+    fig.suptitle("EnchTable demo: safety transfer into the fine-tuned model (grey: base, aligned, task)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,11 +51,9 @@ class Settings:
     distill: DistillOptions = dataclasses.field(default_factory=lambda: DistillOptions(
         scope="ffn", linearized=True, steps=100, lr=1e-4, batch_size=16, grad_accum=1, warmup_ratio=0.1,
         max_length=64, save_every=1000))
-    # EnchTable's β (α = β·‖τ_task‖/‖τ_safe‖). The paper's 0.1 under-delivers at this scale: the interference
-    # ι grows with the size of the weight deltas, which are ~10-100x those of an 8B fine-tune here, so
-    # w = exp(-ι) is ~0.6 instead of ~1 (README, "The demo"). Every other method runs on its registry defaults.
-    enchtable_beta: float = 0.2
-    beta_sweep: tuple[float, ...] = (0.1, 0.3)  # EnchTable at other β too, evaluated in memory for results.json
+    # Every merge method runs on its registry defaults (EnchTable: β = 0.1, α = β·‖τ_task‖/‖τ_safe‖); EnchTable
+    # is also evaluated at these β (in memory, into results.json) to show how the result depends on the scale.
+    beta_sweep: tuple[float, ...] = (0.05, 0.2)
     width: int = 32  # training sequences are padded to this many tokens (the longest example has 29)
     max_new_tokens: int = 24  # enough for every reference answer; the refusal sentence is 6 tokens
 
@@ -199,10 +197,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
     merged: dict[str, api.Model] = {}
     with _stage(log, times, 6, n, "merge", f"safety vector into the task model with {len(METHODS)} methods"):
         for method in METHODS:
-            options = {"beta": settings.enchtable_beta} if method == "enchtable" else {}
             merged[method] = merge(method, base=out / "aligned", task=out / "task",
                                    safety_vector=out / "safety-vector", out=out / "merged" / method, seed=seed,
-                                   overwrite=overwrite, progress=False, **options)
+                                   overwrite=overwrite, progress=False)
             log(f"    {method}: {_merge_summary(out / 'merged' / method)}")
     rows, sweep = [], []
     with _stage(log, times, 7, n, "evaluate", "generate on held-out prompts, judge refusals, exact match"):
@@ -218,7 +215,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
     with _stage(log, times, 8, n, "report", "table, results.json, results.png"):
         results = {"models": rows, "seconds": time.perf_counter() - started, "seed": seed, "quick": quick,
                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                   "enchtable_beta": settings.enchtable_beta, "enchtable_beta_sweep": sweep, "stage_seconds": times, "final_losses": {k: v[-1] for k, v in losses.items()},
+                   "enchtable_beta_sweep": sweep, "stage_seconds": times, "final_losses": {k: v[-1] for k, v in losses.items()},
                    "devices": jax.device_count()}
         plot_results(rows, out / "results.png")
         results["seconds"] = time.perf_counter() - started
