@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,8 +115,9 @@ def _train_stage(start: api.Model, pairs: list[w.Pair], tokenizer, options: Trai
 def _merge_summary(folder: Path) -> str:
     """α, and EnchTable's mean interference and weight, from a merge report."""
     report = json.loads((folder / "merge_report.json").read_text())
-    merged = [t for t in report["tensors"] if t.get("merged") and t.get("interference") == t.get("interference")]
     text = f"α = {report['alpha']:.3g}"
+    merged = [t for t in report["tensors"] if t.get("merged") and isinstance(t.get("interference"), float)
+              and math.isfinite(t["interference"])]
     if report["method"] == "enchtable" and merged:
         iota = sum(t["interference"] for t in merged) / len(merged)
         weight = sum(t["weight"] for t in merged) / len(merged)
@@ -123,7 +125,7 @@ def _merge_summary(folder: Path) -> str:
     return text
 
 
-def evaluate(model: api.Model, tokenizer, world: w.World, settings: Settings,
+def evaluate_model(model: api.Model, tokenizer, world: w.World, settings: Settings,
              progress: bool | None = None) -> dict[str, Any]:
     """Unsafe rate on held-out harmful prompts, utility (exact match on the held-out task prompts), the base
     skill (exact match on held-out sums) and the refusal rate on held-out harmless how-to requests."""
@@ -205,11 +207,11 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
     with _stage(log, times, 7, n, "evaluate", "generate on held-out prompts, judge refusals, exact match"):
         models = {name: api.load(out / name) for name in ("base", "aligned", "task")} | merged
         for name, model in models.items():
-            rows.append({"name": name, **evaluate(model, tokenizer, world, settings, progress)})
+            rows.append({"name": name, **evaluate_model(model, tokenizer, world, settings, progress)})
         for beta in settings.beta_sweep:
             model = merge("enchtable", base=out / "aligned", task=out / "task", safety_vector=out / "safety-vector",
                           beta=beta, seed=seed, progress=False)
-            scores = evaluate(model, tokenizer, world, settings, progress)
+            scores = evaluate_model(model, tokenizer, world, settings, progress)
             sweep.append({"beta": beta, **{k: v for k, v in scores.items() if k != "samples"}})
             log(f"    enchtable with β = {beta}: unsafe {scores['unsafe_rate']:.0%}, utility {scores['utility']:.0%}")
     with _stage(log, times, 8, n, "report", "table, results.json, results.png"):
