@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from enchtable_jax import api
 from enchtable_jax.converters.atomic import check_destination
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
+from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 
 
@@ -415,8 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _backend_started() -> bool:
+    """Whether JAX has created its devices (after that, XLA_FLAGS no longer matter)."""
+    from jax._src import xla_bridge  # no public equivalent yet
+
+    return xla_bridge.backends_are_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "merge" and not _backend_started():  # one CPU device per core: concurrent SVDs
+        os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

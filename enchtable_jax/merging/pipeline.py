@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 from enchtable_jax import api
 from enchtable_jax.converters.atomic import check_destination
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
+from enchtable_jax.kernels.cpu_threads import blas_threads
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
@@ -33,15 +35,26 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     with `beta` (default 0.1) for adaptive methods, else 1. With `out`, the result is streamed into an
     HF folder (tokenizer files from the task model) with `merge_report.json` and `merge_report.png`,
     and returned loaded unless `return_model=False`; without it, the merged Model is returned.
+    On CPU devices LAPACK runs single-threaded for the merge, one decomposition per device at once: the
+    bytes written then do not depend on the device count, and a busy machine does not stall it (see
+    `kernels.cpu_threads`; give the process one CPU device per core to use them all).
     """
     options = method_options(method, options)
     if out is not None:
         out = check_destination(out, overwrite)
+    mesh = mesh or executor.merge_mesh()
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    with blas_threads(1) if on_cpu else contextlib.nullcontext():
+        return _merge(method, base, task, aligned, harmful, safety_vector, out, alpha, beta, seed, overwrite,
+                      shard_size, group_bytes, mesh, progress, return_model, options)
+
+
+def _merge(method, base, task, aligned, harmful, safety_vector, out, alpha, beta, seed, overwrite, shard_size,
+           group_bytes, mesh, progress, return_model, options) -> api.Model | None:
     start = time.perf_counter()
     base_src, task_src = open_model(base, "base"), open_model(task, "task")
     safety = SafetyDelta(safety_vector, aligned, harmful)
     plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress)
-    mesh = mesh or executor.merge_mesh()
     order, produced = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
                                    group_bytes, progress)
     if out is None:

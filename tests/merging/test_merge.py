@@ -148,6 +148,18 @@ def test_two_processes_write_the_same_bytes_as_one(world, tmp_path):
     assert (report["devices"], report["processes"]) == (4, 2)
 
 
+def test_cli_merge_uses_one_cpu_device_per_core(world, tmp_path):
+    """`enchtable merge` in a fresh process without a device-count flag gets one CPU device per core."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = ["--method", "task_arithmetic", "--base", world["base"], "--task", world["task"], "--aligned",
+            world["base"], "--harmful", world["harmful"], "--out", tmp_path / "o"]
+    done = subprocess.run([sys.executable, "-m", "enchtable_jax.cli", "merge", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
+    assert report["devices"] == os.cpu_count()
+
+
 def test_untouched_tensors_keep_their_bytes_and_transformers_loads_the_result(world, tmp_path):
     import torch
     import transformers
