@@ -87,9 +87,20 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return infos, metadata
 
 
+ALIGNMENT = 64  # bytes: JAX's CPU client adopts host buffers aligned like this instead of copying them
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an ALIGNMENT-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
 def read_tensor(f: BinaryIO, info: TensorInfo) -> np.ndarray:
-    """Read one tensor's bytes into a fresh array (no memory map kept alive)."""
-    out = np.empty(info.shape, info.dtype)
+    """Read one tensor's bytes into a fresh, 64-byte aligned array (no memory map kept alive)."""
+    out = aligned_empty(info.shape, info.dtype)
     f.seek(info.start)
     view = memoryview(out.reshape(-1).view(np.uint8))
     if f.readinto(view) != info.nbytes:

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.distillation.vector import check_base, fully_replicated_numpy
 from enchtable_jax.kernels.mesh import put
 from enchtable_jax.merging.methods import METHODS, method_options
@@ -201,12 +202,12 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         """One group's τ_task and τ_safe stacks (float32) and PRNG keys, placed on the mesh."""
         padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
         shape = (len(padded), *plan_.tensors[group[0]].shape)
-        tau, safe = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        tau, safe = aligned_empty(shape, np.float32), aligned_empty(shape, np.float32)  # placed without a copy
         for i, name in enumerate(padded):  # filled in place: no second copy of a stack
             tau[i] = task.read(name)
             tau[i] -= base.read(name)
         placed = put(tau, sharding)
-        del tau  # placed (a copy): one host stack at a time
+        del tau
         for i, name in enumerate(padded):
             safe[i] = safety.read(name)
         return placed, put(safe, sharding), put(np.stack([tensor_key(seed, name) for name in padded]), sharding)
