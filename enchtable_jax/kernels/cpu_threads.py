@@ -23,7 +23,13 @@ _SYMBOLS = (("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads")
 
 
 def _loaded_openblas() -> list[tuple]:
-    """(set, get) functions of every OpenBLAS loaded in this process (Linux; elsewhere none)."""
+    """(set, get) functions of every OpenBLAS loaded in this process (Linux; elsewhere none).
+
+    jaxlib's LAPACK is scipy's, loaded on the first decomposition JAX compiles: it is loaded here first,
+    or a fresh process would limit numpy's OpenBLAS only.
+    """
+    with contextlib.suppress(ImportError):
+        import scipy.linalg.cython_lapack  # noqa: F401 - loads the library jaxlib calls
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}

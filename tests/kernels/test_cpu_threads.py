@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import json
+import subprocess
+import sys
+
 import pytest
 
 from enchtable_jax.kernels.cpu_threads import DEVICE_COUNT_FLAG, _loaded_openblas, blas_threads, with_cpu_devices
 
 
 def test_blas_threads_limits_then_restores():
-    jnp.linalg.svd(jnp.ones((4, 4)))  # jaxlib's LAPACK (scipy's OpenBLAS) is loaded
     libraries = _loaded_openblas()
     if not libraries:
         pytest.skip("no OpenBLAS loaded in this process (not Linux, or another LAPACK)")
@@ -25,3 +27,31 @@ def test_device_flag_is_added_unless_chosen():
     assert with_cpu_devices("--xla_dump_to=/tmp/x", 2) == f"--xla_dump_to=/tmp/x {DEVICE_COUNT_FLAG}=2"
     chosen = f"{DEVICE_COUNT_FLAG}=8"
     assert with_cpu_devices(chosen, 2) == chosen
+
+
+_FRESH = """
+import json
+import jax.numpy as jnp
+from enchtable_jax.kernels.cpu_threads import _loaded_openblas, blas_threads
+
+
+def openblas_names():
+    return sorted({line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.rsplit("/", 1)[-1]})
+
+
+with blas_threads(1):  # before JAX has compiled any decomposition
+    inside = openblas_names()
+    threads = [get() for _, get in _loaded_openblas()]
+jnp.linalg.svd(jnp.ones((4, 4))).S.block_until_ready()  # now jaxlib's LAPACK is certainly loaded
+print(json.dumps({"inside": inside, "after": openblas_names(), "threads": threads}))
+"""
+
+
+def test_a_fresh_process_limits_the_lapack_jax_calls():
+    """jaxlib's LAPACK (scipy's OpenBLAS) loads lazily: blas_threads must reach it in a fresh process too."""
+    done = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    if not got["after"]:
+        pytest.skip("no OpenBLAS in this environment")
+    assert set(got["after"]) <= set(got["inside"])  # every OpenBLAS that JAX uses was limited
+    assert got["threads"] and set(got["threads"]) == {1}
