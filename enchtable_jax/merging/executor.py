@@ -14,6 +14,7 @@ Copied tensors keep their bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.distillation.vector import check_base, fully_replicated_numpy
+from enchtable_jax.kernels.cpu_threads import blas_threads
 from enchtable_jax.kernels.mesh import put
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
@@ -220,10 +222,13 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
             yield name, task.read(name)
         bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
                    disable=_disable(progress))
-        # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
-        # g's results go to the writer, so reading and writing overlap with the decompositions.
-        running = launch(groups[0], load(groups[0])) if groups else None
-        with bar:
+        # One decomposition per CPU device at once, each single-threaded: the bytes do not depend on the
+        # device count, and spinning LAPACK threads cannot stall a busy machine (kernels/cpu_threads.py).
+        on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+        with bar, blas_threads(1) if on_cpu else contextlib.nullcontext():
+            # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
+            # g's results go to the writer, so reading and writing overlap with the decompositions.
+            running = launch(groups[0], load(groups[0])) if groups else None
             for g, group in enumerate(groups):
                 following = load(groups[g + 1]) if g + 1 < len(groups) else None
                 deltas, stats = running

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import numpy as np
 from enchtable_jax import api
 from enchtable_jax.converters.atomic import check_destination
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
-from enchtable_jax.kernels.cpu_threads import blas_threads
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
@@ -42,19 +40,11 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     options = method_options(method, options)
     if out is not None:
         out = check_destination(out, overwrite)
-    mesh = mesh or executor.merge_mesh()
-    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    with blas_threads(1) if on_cpu else contextlib.nullcontext():
-        return _merge(method, base, task, aligned, harmful, safety_vector, out, alpha, beta, seed, overwrite,
-                      shard_size, group_bytes, mesh, progress, return_model, options)
-
-
-def _merge(method, base, task, aligned, harmful, safety_vector, out, alpha, beta, seed, overwrite, shard_size,
-           group_bytes, mesh, progress, return_model, options) -> api.Model | None:
     start = time.perf_counter()
     base_src, task_src = open_model(base, "base"), open_model(task, "task")
     safety = SafetyDelta(safety_vector, aligned, harmful)
     plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress)
+    mesh = mesh or executor.merge_mesh()
     order, produced = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
                                    group_bytes, progress)
     if out is None:
