@@ -214,8 +214,7 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
             safe[i] = safety.read(name)
         return placed, put(safe, sharding), put(np.stack([tensor_key(seed, name) for name in padded]), sharding)
 
-    def launch(group: list[str], inputs: tuple[jax.Array, ...]):
-        return _group_fn(method, frozen, mesh)(*inputs, alpha)  # asynchronous: returns before it is done
+    merge_group = _group_fn(method, frozen, mesh)  # called asynchronously: returns before the merge is done
 
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for name in copied:
@@ -228,14 +227,14 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         with bar, blas_threads(1) if on_cpu else contextlib.nullcontext():
             # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
             # g's results go to the writer, so reading and writing overlap with the decompositions.
-            running = launch(groups[0], load(groups[0])) if groups else None
+            running = merge_group(*load(groups[0]), alpha) if groups else None
             for g, group in enumerate(groups):
                 following = load(groups[g + 1]) if g + 1 < len(groups) else None
                 deltas, stats = running
                 deltas = fully_replicated_numpy(deltas)
                 stats = {k: fully_replicated_numpy(v) for k, v in stats.items()}
                 if following is not None:
-                    running = launch(groups[g + 1], following)
+                    running = merge_group(*following, alpha)
                 del following
                 for i, name in enumerate(group):
                     plan_.tensors[name].stats = {k: float(v[i]) for k, v in stats.items()}
