@@ -98,14 +98,36 @@ def task_arithmetic(task, safety, alpha, key):
     return task + alpha * safety, _stats(weight=alpha)
 
 
+def _ranked_before(bits: jax.Array, count: int) -> jax.Array:
+    """Mask of the `count` (0 < count < n) entries of largest `bits` (ties in index order, as a stable sort).
+
+    Selection instead of a sort: a bisection on the value of the count-th largest entry (32 counting
+    passes over the array), then the ties at that value taken first to last. Several times faster than
+    an argsort on CPU for the 10⁷–10⁸ entries of an embedding matrix.
+    """
+
+    def bisect(_, bounds):  # invariant: #(bits ≥ lo) ≥ count > #(bits ≥ hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid) >= count
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    threshold, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.int32(0), jnp.int32(2**31 - 1)))
+    above, tied = bits > threshold, bits == threshold
+    return above | (tied & (jnp.cumsum(tied) <= count - jnp.sum(above)))
+
+
 def _top_magnitude_mask(x: jax.Array, fraction: float, skip: float = 0.0) -> jax.Array:
     """Mask of the entries ranked [⌊skip·n⌋, ⌊skip·n⌋ + ⌊fraction·n⌋) by decreasing magnitude."""
-    flat = jnp.abs(x).reshape(-1)
-    n = flat.shape[0]
+    # Non-negative floats order as their int32 bit patterns do.
+    bits = jax.lax.bitcast_convert_type(jnp.abs(x).reshape(-1), jnp.int32)
+    n = bits.shape[0]
     start, count = int(skip * n), int(fraction * n)
-    order = jnp.argsort(-flat, stable=True)
-    ranks = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return ((ranks >= start) & (ranks < start + count)).reshape(x.shape)
+
+    def before(c: int) -> jax.Array:
+        return jnp.full(n, c >= n) if c <= 0 or c >= n else _ranked_before(bits, c)
+
+    return (before(start + count) & ~before(start)).reshape(x.shape)
 
 
 @register("ties", "trim each delta to its top `density` magnitudes, elect the sign of the weighted sum, average the "

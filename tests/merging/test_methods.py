@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from enchtable_jax.kernels import spectral
-from enchtable_jax.merging.methods import METHODS, method_options
+from enchtable_jax.merging.methods import METHODS, _top_magnitude_mask, method_options
 
 RTOL = 1e-5
 SHAPES = [(24, 40), (40, 24), (32, 32), (48,)]
@@ -338,6 +338,16 @@ def test_ties(shape, density):
     # an agreeing pair is the weighted mean (t + α s)/(1 + α), not the sum
     np.testing.assert_allclose(delta[both_agree], ((f64(task) + ALPHA * f64(safety)) / (1 + ALPHA))[both_agree],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("fraction,skip", [(0.5, 0.0), (0.3, 0.25), (0.9, 0.01), (1.0, 0.0), (0.0, 0.5)])
+def test_trim_mask_breaks_ties_in_index_order(fraction, skip):
+    """Many exact ties (and ±0) at the cut: kept first to last, as a stable sort by magnitude would."""
+    rng = np.random.default_rng(11)
+    x = rng.choice(np.float32([0.0, -0.0, 0.25, -0.25, 0.5, 1.0, -3.0]), size=(37, 11))
+    got = np.asarray(_top_magnitude_mask(jnp.asarray(x), fraction, skip))
+    np.testing.assert_array_equal(got, np_trim_mask(x, fraction, skip))
+    assert got.sum() == math.floor(fraction * x.size)
 
 
 def test_ties_disagreeing_entries():
