@@ -88,3 +88,34 @@ def test_given_arrays_shards_and_plain_svd_agree(world, tmp_path):
         np.testing.assert_allclose(ta[name], tb[name], rtol=1e-5, atol=1e-7, err_msg=name)
     with pytest.raises(FileExistsError):
         torch_merge.merge(world["base"], world["task"], tmp_path / "a", safety_vector=world["vector"])
+
+
+def test_merge_study_agreement_measures_the_difference(world, tmp_path):
+    """The merge study's `agreement`: ~float rounding for ours vs torch, and a planted change is found."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from enchtable_jax.bench.studies.merge import agreement
+
+    ej.merge("enchtable", world["base"], world["task"], safety_vector=world["vector"], out=tmp_path / "ours",
+             return_model=False, progress=False)
+    torch_merge.merge(world["base"], world["task"], tmp_path / "torch", safety_vector=world["vector"])
+    merged = sorted(world["tau"])
+    got = agreement(tmp_path / "ours", tmp_path / "torch", world["task"], merged)
+    assert got["same_tensor_names"] and got["copied_identical"]
+    assert got["max_abs_over_max"] < 1e-5 and got["safety_part"] < 1e-4
+
+    shutil.copytree(tmp_path / "ours", tmp_path / "changed")
+    tensors = _tensors(tmp_path / "changed")
+    name = "model.layers.2.mlp.down_proj.weight"
+    task, theirs = _tensors(world["task"])[name], _tensors(tmp_path / "torch")[name]
+    tensors[name] = theirs + 0.01 * (theirs - task)  # the safety part off by 1%
+    copied = next(n for n in tensors if n not in merged)
+    tensors[copied] = tensors[copied] * 2
+    for f in (tmp_path / "changed").glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, str(tmp_path / "changed" / "model.safetensors"))
+    got = agreement(tmp_path / "changed", tmp_path / "torch", world["task"], merged)
+    assert got["safety_part"] == pytest.approx(0.01, rel=1e-3) and got["safety_part_tensor"] == name
+    assert not got["copied_identical"]

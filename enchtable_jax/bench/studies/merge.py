@@ -26,6 +26,7 @@ Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<
   per m×n matrix (m ≥ n after transposing), thin U, Σ, V by R-SVD: 6mn² + 20n³ (Golub & Van Loan,
   Matrix Computations, 4th ed., Fig. 8.6.1); interference (block formula, k = ⌊n/2⌋):
   2k²(m + n) + 4k³. A floor, not a model: real SVDs run far below the matmul rate.
+- agreement_with_torch: the two merged models compared tensor by tensor (`agreement`).
 
 Headline figures (bench.json `targets`):
 - `merge_speedup_vs_torch`: torch seconds / ours seconds, per repeat (paired by alternation), for the
@@ -147,6 +148,41 @@ def floor_memory(world: dict, devices: int) -> dict[str, int]:
     return {"largest_group_stack_bytes": stack, "largest_tensor_bytes": largest, "floor_bytes": 4 * stack + largest}
 
 
+def agreement(ours: Path, torch_out: Path, task: Path, merged: list[str]) -> dict:
+    """How far our merged model is from the PyTorch reference's, tensor by tensor (float64).
+
+    `max_abs_over_max` is max|ours − torch| / max|torch| over a tensor (float tolerance of the stored
+    weights); `safety_part` is ‖ours − torch‖ / ‖torch − task‖, the difference relative to what the merge
+    added to the task model (w·α·τ_safe), which is where differing interference weights would show.
+    Copied tensors must be byte-identical.
+    """
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict:
+        return {name: (f, name) for f in sorted(folder.glob("*.safetensors"))
+                for name in safe_open(str(f), framework="np").keys()}  # noqa: SIM118 - a handle, not a dict
+
+    def read(where: tuple) -> np.ndarray:
+        with safe_open(str(where[0]), framework="np") as handle:
+            return handle.get_tensor(where[1])
+
+    a, b, t = tensors(ours), tensors(torch_out), tensors(task)
+    if set(a) != set(b):
+        return {"same_tensor_names": False, "only_ours": sorted(set(a) - set(b)), "only_torch": sorted(set(b) - set(a))}
+    worst_abs, worst_safety, copied_identical = (0.0, ""), (0.0, ""), True
+    for name in sorted(a):
+        x, y = read(a[name]), read(b[name])
+        if name not in merged:
+            copied_identical &= x.tobytes() == y.tobytes()
+            continue
+        x, y, z = x.astype(np.float64), y.astype(np.float64), read(t[name]).astype(np.float64)
+        worst_abs = max(worst_abs, (float(np.max(np.abs(x - y)) / np.max(np.abs(y))), name))
+        worst_safety = max(worst_safety, (float(np.linalg.norm(x - y) / np.linalg.norm(y - z)), name))
+    return {"same_tensor_names": True, "copied_identical": copied_identical, "max_abs_over_max": worst_abs[0],
+            "max_abs_over_max_tensor": worst_abs[1], "safety_part": worst_safety[0],
+            "safety_part_tensor": worst_safety[1]}
+
+
 def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) -> dict:
     """All figures for one size (see the module docstring)."""
     from enchtable_jax.bench import torch_merge
@@ -176,6 +212,7 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
     floor_io = moved / rates["memory_bandwidth_bytes_per_s"]
     floor_flops = (flops_svd + flops_interference) / rates["matmul_flops_per_s"]
     memory = floor_memory(world, len(jax.devices()))
+    agree = agreement(out_ours, out_torch, world["task"], world["merged"])
     peak = cold["ours"]["peak_rss_bytes"]
     return {
         "preset": preset, "repeats": repeats, "warmup": warmup, "merged_matrices": len(world["merged"]),
@@ -193,6 +230,7 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
         "merge_peak_rss_over_floor_plus_runtime": peak / (memory["floor_bytes"]
                                                           + cold["ours"]["rss_after_import_bytes"]),
         "torch_peak_rss_over_ours": cold["torch"]["peak_rss_bytes"] / peak,
+        "agreement_with_torch": agree,
         "samples": times,
     }
 
@@ -226,3 +264,15 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         "merge_peak_rss_over_floor": {**summary([heaviest["merge_peak_rss_over_floor"]]),
                                       "preset": heaviest["preset"]},
     }
+
+
+def markdown(figures: dict) -> list[str]:
+    """Per size: seconds, speed-up, peak RSS over the floor, and agreement with the PyTorch reference."""
+    lines = ["| size | ours s | torch s | torch / ours | peak RSS / floor | max abs diff / max | diff / safety part |",
+             "|---|---|---|---|---|---|---|"]
+    for preset, s in figures["sizes"].items():
+        agree = s.get("agreement_with_torch", {})
+        lines.append(f"| {preset} | {s['seconds']['ours']['median']:.3g} | {s['seconds']['torch']['median']:.3g} | "
+                     f"{s['merge_speedup_vs_torch']['median']:.3g} | {s['merge_peak_rss_over_floor']:.3g} | "
+                     f"{agree.get('max_abs_over_max', float('nan')):.2g} | {agree.get('safety_part', float('nan')):.2g} |")
+    return lines
