@@ -13,12 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from enchtable_jax.bench import torch_merge
 from enchtable_jax.bench.process import run_fresh
 from enchtable_jax.bench.studies.merge import _OURS, _TORCH, build_world, floor_memory
 
 
 def main(out: str) -> None:
+    torch_merge = Path(__file__).with_name("torch_merge.py")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')} python benchmarks/merge_cold_recheck.py {out}",
                "sizes": {}}
@@ -28,7 +28,7 @@ def main(out: str) -> None:
             args = {"base": str(world["base"]), "task": str(world["task"]), "vector": str(world["vector"])}
             load = [os.getloadavg()[0]]
             ours = run_fresh(_OURS, {**args, "out": str(Path(tmp) / "out-ours")})
-            torch = run_fresh(_TORCH, {**args, "out": str(Path(tmp) / "out-torch"), "module": torch_merge.__file__})
+            torch = run_fresh(_TORCH, {**args, "out": str(Path(tmp) / "out-torch"), "module": str(torch_merge)})
             load.append(os.getloadavg()[0])
             floor = floor_memory(world, int(os.environ.get("XLA_FLAGS", "=1").rsplit("=", 1)[-1]))
             results["sizes"][preset] = {"ours": ours, "torch": torch, "load_average_1min_before_after": load,

@@ -22,7 +22,7 @@ import matplotlib.image
 import pytest
 
 from enchtable_jax.bench import __main__ as bench
-from enchtable_jax.bench.optional import optional_module
+from enchtable_jax.bench.optional import BENCHMARKS_ENV, optional_module, reference_module
 from enchtable_jax.bench.process import cpu_devices_env, run_fresh
 from enchtable_jax.bench.studies import scale
 
@@ -130,15 +130,32 @@ def test_targets_and_markdown(quick_run):
 
 def test_torch_missing_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
-    monkeypatch.delitem(sys.modules, "enchtable_jax.bench.torch_reference", raising=False)
-    module, why = optional_module("enchtable_jax.bench.torch_reference")
+    monkeypatch.delitem(sys.modules, "enchtable_benchmarks.torch_reference", raising=False)
+    module, why = reference_module("torch_reference")
     assert module is None and why.startswith("torch unavailable (")
+    assert "enchtable_benchmarks.torch_reference" not in sys.modules
     from enchtable_jax.bench.studies import linearize
 
     figures = linearize.run(quick=True, repeats=1)
     assert figures["unavailable"] == {"torch_linearized": why}
     assert set(figures["seconds"]) == {"jax_linearized", "jax_plain"} and "linearized_speedup_vs_torch" not in figures
     assert "- torch_linearized: torch unavailable (" in "\n".join(bench.suite_markdown("linearize", figures))
+
+
+def test_references_missing_from_an_install_are_reported(monkeypatch, tmp_path):
+    """A wheel install has no benchmarks/ folder: the merge study measures ours alone and says why."""
+    monkeypatch.setenv(BENCHMARKS_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.delitem(sys.modules, "enchtable_benchmarks.torch_merge", raising=False)
+    module, why = reference_module("torch_merge")
+    assert module is None and str(tmp_path / "nowhere" / "torch_merge.py") in why and BENCHMARKS_ENV in why
+    from enchtable_jax.bench.studies import merge
+
+    figures = merge.run(quick=True, repeats=1)
+    assert figures["unavailable"] == {"torch": why}
+    assert set(figures["seconds"]) == {"ours/tiny", "ours cold process/tiny", "floor (io + flops)/tiny"}
+    assert "merge_speedup_vs_torch" not in figures and figures["merge_peak_rss_over_floor"]["median"] > 0
+    assert bench.targets({"merge": figures})[0].keys() == {"merge_peak_rss_over_floor"}
+    assert "| tiny |" in "\n".join(merge.markdown(figures))
 
 
 @pytest.mark.parametrize("error,status,recorded", [

@@ -10,10 +10,13 @@ import pytest
 from safetensors.numpy import load_file
 
 import enchtable_jax as ej
-from enchtable_jax.bench import torch_merge
+from enchtable_jax.bench.optional import reference_module
 from enchtable_jax.distillation.vector import write_vector
 from enchtable_jax.models import init_params, preset_config
 from enchtable_jax.models.identity import identity
+
+torch_merge, _why = reference_module("torch_merge")  # benchmarks/torch_merge.py
+assert torch_merge is not None, _why
 
 SMALL = {"num_hidden_layers": 3, "hidden_size": 32, "intermediate_size": 48, "vocab_size": 64}
 

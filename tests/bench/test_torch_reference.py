@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from enchtable_jax.api import Model, apply
-from enchtable_jax.bench import torch_reference
-from enchtable_jax.bench.torch_reference import (make_torch_train_step, to_torch, torch_forward,
-                                                 torch_linearized_forward)
+from enchtable_jax.bench.optional import reference_module
 from enchtable_jax.kernels.linearize import linearized_forward, zero_delta
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.kernels.train_step import loss_fn, make_train_step
 from enchtable_jax.models import init_params, preset_config, transformer
 from enchtable_jax.models.transformer import rope_inv_freq
+
+torch_reference, _why = reference_module("torch_reference")  # benchmarks/torch_reference.py
+assert torch_reference is not None, _why
+make_torch_train_step, to_torch = torch_reference.make_torch_train_step, torch_reference.to_torch
+torch_forward, torch_linearized_forward = torch_reference.torch_forward, torch_reference.torch_linearized_forward
 
 # torch.func.jvp's first call jit-scripts torch's jvp decompositions (torch-internal, once per process).
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from enchtable_jax.bench.optional import optional_module
+from enchtable_jax.bench.optional import reference_module
 from enchtable_jax.bench.timing import alternate, rate, ratio, summary
 from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import batch_sharding, put_tree, shard_tree
@@ -70,7 +70,7 @@ def run(quick: bool = False, repeats: int | None = None, scope_name: str = "ffn"
     batch = token_batch(config.vocab_size, batch_size, tokens)
     fns = {"jax_linearized": jax_step(config, params0, scope, batch, True),
            "jax_plain": jax_step(config, params0, scope, batch, False)}
-    torch_reference, torch_missing = optional_module("enchtable_jax.bench.torch_reference")
+    torch_reference, torch_missing = reference_module("torch_reference")
     if torch_reference is not None:
         torch_step = torch_reference.make_torch_train_step(config, scope, torch_reference.to_torch(params0), lr=LR,
                                                            linearized=True)

@@ -9,7 +9,8 @@ layer with its 128k-vocabulary embedding and head; 7 matrices, 14 SVDs).
 
 Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<preset>"):
 - ours = `enchtable_jax.merge('enchtable', base, task, safety_vector=..., out=..., return_model=False,
-  progress=False, overwrite=True)`; torch = `bench.torch_merge.merge` (same math, same output). Both
+  progress=False, overwrite=True)`; torch = `merge` of `benchmarks/torch_merge.py` (same math, same
+  output; where that file or torch is missing, ours is measured alone and the reason recorded). Both
   alternate in this process (`timing.alternate`, order rotating every repeat); the first call of each
   is a warm-up (JAX compilation) except for llama3-8b-layer, where one call takes minutes and
   compilation about a second of it (warm-up 0). The machine load average before and after is recorded
@@ -51,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enchtable_jax.bench.optional import reference_module
 from enchtable_jax.bench.process import run_fresh
 from enchtable_jax.bench.synthetic import folder_bytes, layer_matrices, perturbed, shapes_of, write_model, \
     write_safety_vector
@@ -184,23 +186,22 @@ def agreement(ours: Path, torch_out: Path, task: Path, merged: list[str]) -> dic
 
 
 def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) -> dict:
-    """All figures for one size (see the module docstring)."""
-    from enchtable_jax.bench import torch_merge
-
+    """All figures for one size (see the module docstring); ours alone when the PyTorch reference is missing."""
+    torch_merge, missing = reference_module("torch_merge")
     world = build_world(root, preset)
     out_ours, out_torch = root / "out-ours", root / "out-torch"
     args = {"base": str(world["base"]), "task": str(world["task"]), "vector": str(world["vector"])}
-    fns = {
-        "ours": lambda: merge("enchtable", world["base"], world["task"], safety_vector=world["vector"], out=out_ours,
-                              return_model=False, progress=False, overwrite=True),
-        "torch": lambda: torch_merge.merge(world["base"], world["task"], out_torch, safety_vector=world["vector"],
-                                           overwrite=True),
-    }
+    fns = {"ours": lambda: merge("enchtable", world["base"], world["task"], safety_vector=world["vector"],
+                                 out=out_ours, return_model=False, progress=False, overwrite=True)}
+    if torch_merge is not None:
+        fns["torch"] = lambda: torch_merge.merge(world["base"], world["task"], out_torch,
+                                                 safety_vector=world["vector"], overwrite=True)
     load = [os.getloadavg()[0]]  # other processes on the machine slow both sides; recorded to judge the noise
     times = alternate(fns, repeats, warmup=warmup)
     load.append(os.getloadavg()[0])
-    cold = {"ours": run_fresh(_OURS, {**args, "out": str(out_ours)}),
-            "torch": run_fresh(_TORCH, {**args, "out": str(out_torch), "module": torch_merge.__file__})}
+    cold = {"ours": run_fresh(_OURS, {**args, "out": str(out_ours)})}
+    if torch_merge is not None:
+        cold["torch"] = run_fresh(_TORCH, {**args, "out": str(out_torch), "module": torch_merge.__file__})
 
     shapes = world["shapes"]
     out_bytes = folder_bytes(out_ours)
@@ -212,15 +213,12 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
     floor_io = moved / rates["memory_bandwidth_bytes_per_s"]
     floor_flops = (flops_svd + flops_interference) / rates["matmul_flops_per_s"]
     memory = floor_memory(world, len(jax.devices()))
-    agree = agreement(out_ours, out_torch, world["task"], world["merged"])
     peak = cold["ours"]["peak_rss_bytes"]
-    return {
+    figures = {
         "preset": preset, "repeats": repeats, "warmup": warmup, "merged_matrices": len(world["merged"]),
         "svds": 2 * len(world["merged"]), "load_average_1min_before_after": load,
-        "seconds": {"ours": summary(times["ours"]), "torch": summary(times["torch"]),
-                    "ours_cold_process": cold["ours"]["seconds"], "torch_cold_process": cold["torch"]["seconds"]},
-        "merge_speedup_vs_torch": ratio(times["torch"], times["ours"]),
-        "merge_speedup_vs_torch_cold_process": cold["torch"]["seconds"] / cold["ours"]["seconds"],
+        "seconds": {**{impl: summary(t) for impl, t in times.items()},
+                    **{f"{impl}_cold_process": c["seconds"] for impl, c in cold.items()}},
         "cold": cold,
         "floor": {"bytes_moved": moved, "seconds_io": floor_io, "svd_flops": flops_svd,
                   "interference_flops": flops_interference, "seconds_flops": floor_flops,
@@ -229,10 +227,15 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
         "merge_peak_rss_over_floor": peak / memory["floor_bytes"],
         "merge_peak_rss_over_floor_plus_runtime": peak / (memory["floor_bytes"]
                                                           + cold["ours"]["rss_after_import_bytes"]),
-        "torch_peak_rss_over_ours": cold["torch"]["peak_rss_bytes"] / peak,
-        "agreement_with_torch": agree,
         "samples": times,
     }
+    if torch_merge is None:
+        return {**figures, "unavailable": {"torch": missing}}
+    return {**figures,
+            "merge_speedup_vs_torch": ratio(times["torch"], times["ours"]),
+            "merge_speedup_vs_torch_cold_process": cold["torch"]["seconds"] / cold["ours"]["seconds"],
+            "torch_peak_rss_over_ours": cold["torch"]["peak_rss_bytes"] / peak,
+            "agreement_with_torch": agreement(out_ours, out_torch, world["task"], world["merged"])}
 
 
 def run(quick: bool = False, repeats: int | None = None) -> dict:
@@ -249,30 +252,34 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
             sizes[preset] = study_size(Path(tmp), preset, count, 0 if big else 1, rates)
     seconds = {}
     for preset, s in sizes.items():
-        seconds[f"ours/{preset}"] = s["seconds"]["ours"]
-        seconds[f"torch/{preset}"] = s["seconds"]["torch"]
         for impl in ("ours", "torch"):
-            seconds[f"{impl} cold process/{preset}"] = summary([s["seconds"][f"{impl}_cold_process"]])
+            if impl in s["seconds"]:
+                seconds[f"{impl}/{preset}"] = s["seconds"][impl]
+                seconds[f"{impl} cold process/{preset}"] = summary([s["seconds"][f"{impl}_cold_process"]])
         seconds[f"floor (io + flops)/{preset}"] = summary([s["floor"]["seconds"]])
-    slowest = min(sizes.values(), key=lambda s: s["merge_speedup_vs_torch"]["median"])
     heaviest = max(sizes.values(), key=lambda s: s["merge_peak_rss_over_floor"])
-    return {
+    figures = {
         "preset": ", ".join(presets), "scope": "all 2-D layer matrices", "batch": "-",
         "repeats": ", ".join(f"{s['repeats']} ({p})" for p, s in sizes.items()), "devices": len(jax.devices()),
         "rates": rates, "seconds": seconds, "sizes": sizes,
-        "merge_speedup_vs_torch": {**slowest["merge_speedup_vs_torch"], "preset": slowest["preset"]},
         "merge_peak_rss_over_floor": {**summary([heaviest["merge_peak_rss_over_floor"]]),
                                       "preset": heaviest["preset"]},
     }
+    compared = [s for s in sizes.values() if "merge_speedup_vs_torch" in s]
+    if not compared:
+        return {**figures, "unavailable": next(iter(sizes.values()))["unavailable"]}
+    slowest = min(compared, key=lambda s: s["merge_speedup_vs_torch"]["median"])
+    return {**figures, "merge_speedup_vs_torch": {**slowest["merge_speedup_vs_torch"], "preset": slowest["preset"]}}
 
 
 def markdown(figures: dict) -> list[str]:
     """Per size: seconds, speed-up, peak RSS over the floor, and agreement with the PyTorch reference."""
     lines = ["| size | ours s | torch s | torch / ours | peak RSS / floor | max abs diff / max | diff / safety part |",
              "|---|---|---|---|---|---|---|"]
+    nan = {"median": float("nan")}
     for preset, s in figures["sizes"].items():
         agree = s.get("agreement_with_torch", {})
-        lines.append(f"| {preset} | {s['seconds']['ours']['median']:.3g} | {s['seconds']['torch']['median']:.3g} | "
-                     f"{s['merge_speedup_vs_torch']['median']:.3g} | {s['merge_peak_rss_over_floor']:.3g} | "
+        lines.append(f"| {preset} | {s['seconds']['ours']['median']:.3g} | {s['seconds'].get('torch', nan)['median']:.3g} | "
+                     f"{s.get('merge_speedup_vs_torch', nan)['median']:.3g} | {s['merge_peak_rss_over_floor']:.3g} | "
                      f"{agree.get('max_abs_over_max', float('nan')):.2g} | {agree.get('safety_part', float('nan')):.2g} |")
     return lines

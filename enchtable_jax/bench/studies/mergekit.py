@@ -18,8 +18,8 @@ repeat. `max_abs_difference[method]` compares the two last outputs, tensor by te
 whose random masks differ). At SmolLM2-135M's shape TIES and breadcrumbs differ by up to about one
 delta entry: among the 28M entries of the embedding many float32 magnitudes are equal, and the two
 implementations keep different ones of those tied at the top-k threshold. Sizes: `--quick` the tiny
-preset; full: SmolLM2-135M's shape (TIES and breadcrumbs sort every tensor's 28M-entry embedding delta:
-about 25 minutes on a 2-core CPU).
+preset; full: SmolLM2-135M's shape (TIES and breadcrumbs rank the magnitudes of every delta, 28M entries
+for the embedding).
 """
 
 from __future__ import annotations
