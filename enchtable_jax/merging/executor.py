@@ -1,8 +1,8 @@
 """The merge, streamed in two passes and spread over every device.
 
 Pass 1 reads the tensors one at a time in name order: checks shapes, decides per tensor whether it
-is merged or copied from the task model (and why), digests the base weights (to check a safety
-vector's base model) and accumulates the global norms that set the adaptive α. Pass 2 stacks the
+is merged or copied from the task model (and why), digests the base weights (when a safety vector's
+manifest names its base model) and accumulates the global norms that set an adaptive α. Pass 2 stacks the
 merged tensors' τ_task = task − base and τ_safe by (shape, dtype) into groups no larger than
 `group_bytes`, maps the method over each group with `jax.shard_map` (the group split over a 1-D mesh
 of all devices, every device running one tensor at a time with `lax.map`, so results do not depend
@@ -60,7 +60,7 @@ class MergePlan:
 
     tensors: dict[str, TensorPlan]
     alpha: float
-    norms: dict[str, float]
+    norms: dict[str, float] | None  # ‖τ_task‖ and ‖τ_safe‖ over the merged tensors, when α is adaptive
 
     def groups(self, group_bytes: int, devices: int) -> list[list[str]]:
         """Merged tensors grouped by (shape, dtype), each group cut to at most `group_bytes` of float32."""
@@ -96,6 +96,9 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         raise ValueError(f"tensor(s) {', '.join(missing[:5])} of the task model are missing from the base model "
                          f"{base.folder}; are they the same architecture?")
     safety_names = safety.names()
+    spec = METHODS[method]
+    adaptive = alpha is None and (beta is not None or spec.adaptive_alpha)
+    check = safety.manifest is not None and base.config is not None  # a safety vector names its base model
     digest = WeightsDigest()
     sums = {"task": 0.0, "safety": 0.0}
     tensors: dict[str, TensorPlan] = {}
@@ -107,7 +110,7 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
             base_arr = base.read(name)
             if hashing is not None:
                 hashing.result()
-            hashing = hasher.submit(digest.update, name, base_arr)
+            hashing = hasher.submit(digest.update, name, base_arr) if check else None
             if name not in task:
                 continue
             shape, dtype = task.specs[name]
@@ -125,17 +128,17 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
                     entry.reason = "safety delta is zero"
                 else:
                     entry.merge = True
-                    sums["task"] += _sum_squares(task.read(name), base_arr)
-                    sums["safety"] += _sum_squares(safe)
+                    if adaptive:  # a fixed α needs no norms: spare the read of the task model
+                        sums["task"] += _sum_squares(task.read(name), base_arr)
+                        sums["safety"] += _sum_squares(safe)
         if hashing is not None:
             hashing.result()
-    if safety.manifest is not None and base.config is not None:
+    if check:
         identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
                     "weights_blake2b": digest.hexdigest()}
         check_base(safety.manifest, identity, f"{safety.what} with base {base.folder}")
-    norms = {k: math.sqrt(v) for k, v in sums.items()}
-    spec = METHODS[method]
-    if alpha is None and (beta is not None or spec.adaptive_alpha):
+    norms = {k: math.sqrt(v) for k, v in sums.items()} if adaptive else None
+    if adaptive:
         beta = 0.1 if beta is None else beta
         alpha = beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0
     return MergePlan(tensors, 1.0 if alpha is None else float(alpha), norms)
@@ -174,7 +177,17 @@ def _group_fn(method: str, options: tuple, mesh: Mesh):
 
 def tensor_key(seed: int, name: str) -> np.ndarray:
     """Raw PRNG key data for one tensor: fixed by (seed, name), so random methods do not depend on devices."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))))
+    return tensor_keys(seed, [name])[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fold_in_all(seed: int, data: jax.Array) -> jax.Array:
+    return jax.vmap(lambda d: jax.random.key_data(jax.random.fold_in(jax.random.key(seed), d)))(data)
+
+
+def tensor_keys(seed: int, names: list[str]) -> np.ndarray:
+    """`tensor_key` of every name, in one call (one dispatch per group instead of one per tensor)."""
+    return np.asarray(_fold_in_all(seed, np.array([zlib.crc32(n.encode()) for n in names], np.uint32)))
 
 
 def merge_mesh(devices: list | None = None) -> Mesh:
@@ -212,7 +225,7 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         del tau
         for i, name in enumerate(padded):
             safe[i] = safety.read(name)
-        return placed, put(safe, sharding), put(np.stack([tensor_key(seed, name) for name in padded]), sharding)
+        return placed, put(safe, sharding), put(tensor_keys(seed, padded), sharding)
 
     merge_group = _group_fn(method, frozen, mesh)  # called asynchronously: returns before the merge is done
 

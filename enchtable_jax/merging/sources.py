@@ -93,8 +93,9 @@ class SafetyDelta:
 
     def read(self, name: str) -> np.ndarray:
         if self.source is not None:
-            return self.source.read(name).astype(np.float32)
-        return self.aligned.read(name).astype(np.float32) - self.harmful.read(name).astype(np.float32)
+            return self.source.read(name).astype(np.float32, copy=False)
+        return self.aligned.read(name).astype(np.float32, copy=False) - self.harmful.read(name).astype(np.float32,
+                                                                                                       copy=False)
 
 
 def _folder_source_from_file(file: Path, what: str) -> TensorSource:
