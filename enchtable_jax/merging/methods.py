@@ -102,15 +102,20 @@ def _ranked_before(bits: jax.Array, count: int) -> jax.Array:
     """Mask of the `count` (0 < count < n) entries of largest `bits` (ties in index order, as a stable sort).
 
     Selection instead of a sort: a bisection on the value of the count-th largest entry (32 counting
-    passes over the array, unrolled: a loop carry would have to be marked as varying under shard_map),
-    then the ties at that value taken first to last. Several times faster than an argsort on CPU for the
-    10⁷–10⁸ entries of an embedding matrix.
+    passes over the array), then the ties at that value taken first to last. Several times faster than
+    an argsort on CPU for the 10⁷–10⁸ entries of an embedding matrix.
     """
-    lo, hi = jnp.int32(0), jnp.int32(2**31 - 1)  # invariant: #(bits ≥ lo) ≥ count > #(bits ≥ hi)
-    for _ in range(32):
+
+    def bisect(_, bounds):  # invariant: #(bits ≥ lo) ≥ count > #(bits ≥ hi)
+        lo, hi = bounds
         mid = lo + (hi - lo) // 2
         enough = jnp.sum(bits >= mid) >= count
-        lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    # The bounds start from the data (0·bits[0]) so that, under shard_map, the loop carry has the same
+    # per-device ("varying") type as the body's result.
+    zero = bits[0] * 0
+    lo, _ = jax.lax.fori_loop(0, 32, bisect, (zero, zero + (2**31 - 1)))
     above, tied = bits > lo, bits == lo
     return above | (tied & (jnp.cumsum(tied) <= count - jnp.sum(above)))
 
