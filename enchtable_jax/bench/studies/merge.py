@@ -59,6 +59,7 @@ from enchtable_jax.bench.synthetic import folder_bytes, layer_matrices, perturbe
 from enchtable_jax.bench.timing import alternate, ratio, summary
 from enchtable_jax.merging.executor import DEFAULT_GROUP_BYTES, MergePlan, TensorPlan
 from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.merging.sources import open_model
 from enchtable_jax.models.init import preset_config
 
 TASK_STD, SAFETY_STD = 0.002, 0.003
@@ -67,6 +68,7 @@ TASK_STD, SAFETY_STD = 0.002, 0.003
 _OURS = """
 import time
 from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.merging.sources import open_model
 rss0 = peak_rss_bytes()
 start = time.perf_counter()
 merge("enchtable", ARGS["base"], ARGS["task"], safety_vector=ARGS["vector"], out=ARGS["out"], return_model=False,
@@ -158,26 +160,17 @@ def agreement(ours: Path, torch_out: Path, task: Path, merged: list[str]) -> dic
     added to the task model (w·α·τ_safe), which is where differing interference weights would show.
     Copied tensors must be byte-identical.
     """
-    from safetensors import safe_open
-
-    def tensors(folder: Path) -> dict:
-        return {name: (f, name) for f in sorted(folder.glob("*.safetensors"))
-                for name in safe_open(str(f), framework="np").keys()}  # noqa: SIM118 - a handle, not a dict
-
-    def read(where: tuple) -> np.ndarray:
-        with safe_open(str(where[0]), framework="np") as handle:
-            return handle.get_tensor(where[1])
-
-    a, b, t = tensors(ours), tensors(torch_out), tensors(task)
-    if set(a) != set(b):
-        return {"same_tensor_names": False, "only_ours": sorted(set(a) - set(b)), "only_torch": sorted(set(b) - set(a))}
+    a, b, t = (open_model(folder, what) for folder, what in ((ours, "ours"), (torch_out, "torch"), (task, "task")))
+    if set(a.specs) != set(b.specs):
+        return {"same_tensor_names": False, "only_ours": sorted(set(a.specs) - set(b.specs)),
+                "only_torch": sorted(set(b.specs) - set(a.specs))}
     worst_abs, worst_safety, copied_identical = (0.0, ""), (0.0, ""), True
-    for name in sorted(a):
-        x, y = read(a[name]), read(b[name])
+    for name in sorted(a.specs):
+        x, y = a.read(name), b.read(name)
         if name not in merged:
             copied_identical &= x.tobytes() == y.tobytes()
             continue
-        x, y, z = x.astype(np.float64), y.astype(np.float64), read(t[name]).astype(np.float64)
+        x, y, z = x.astype(np.float64), y.astype(np.float64), t.read(name).astype(np.float64)
         worst_abs = max(worst_abs, (float(np.max(np.abs(x - y)) / np.max(np.abs(y))), name))
         worst_safety = max(worst_safety, (float(np.linalg.norm(x - y) / np.linalg.norm(y - z)), name))
     return {"same_tensor_names": True, "copied_identical": copied_identical, "max_abs_over_max": worst_abs[0],
