@@ -1,19 +1,32 @@
-"""The repository's promises about itself: CI runs exactly the README's test command."""
+"""The repository's promises about itself: CI runs exactly the README's test command, and proves its first."""
 
+import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_commands() -> list[str]:
-    lines = (ROOT / "README.md").read_text().splitlines()
-    return [lines[i + 1] for i, line in enumerate(lines) if line.strip() == "```bash"]
+    spec = importlib.util.spec_from_file_location("readme_command", ROOT / ".ci" / "readme_command.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.readme_commands()
+
+
+def _ci_lines() -> list[str]:
+    return [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
 
 
 def test_ci_runs_the_readme_test_command():
     commands = _readme_commands()
     assert len(commands) == 2, commands
-    test_command = commands[1]
-    assert "pytest" in test_command
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert test_command.strip() in ci_lines
+    assert "pytest" in commands[1]
+    assert commands[1] in _ci_lines()
+
+
+def test_ci_runs_the_readme_first_command_on_the_plain_install():
+    first = _readme_commands()[0]
+    assert first.startswith("pip install -e . && enchtable demo"), first
+    assert "bash .ci/smoke" in _ci_lines()
+    smoke = (ROOT / ".ci" / "smoke").read_text()
+    assert "readme_command.py first" in smoke and "pip install" not in smoke.replace("pip install --quiet --upgrade pip", "")
