@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -399,6 +400,14 @@ def test_tied_bin_checkpoint_with_shared_head(models, tmp_path):
         warnings.simplefilter("error", UserWarning)
         model = enchtable_jax.load(dst)
     assert params_raw(model.params) == {n: torch_raw(t) for n, t in state.items()}
+
+
+def test_bin_without_torch_names_the_extra(models, tmp_path, monkeypatch):
+    folder, torch_model = models["llama-f32"]
+    dst = bin_folder(folder, tmp_path / "bin", torch_model.state_dict())
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as on the plain install
+    with pytest.raises(ImportError, match=r"pytorch_model\.bin: .*pip install 'enchtable-jax\[torch\]'"):
+        enchtable_jax.load(dst)
 
 
 def test_legacy_format_bin_loads(models, tmp_path):

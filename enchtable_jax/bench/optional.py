@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 BENCHMARKS_ENV = "ENCHTABLE_BENCHMARKS"
+EXTRA = "pip install 'enchtable-jax[bench]'"  # the extra that brings every comparison side that installs
 
 
 def optional_module(name: str) -> tuple[ModuleType | None, str | None]:
@@ -33,8 +34,9 @@ def optional_module(name: str) -> tuple[ModuleType | None, str | None]:
 
 def _reason(error: Exception, name: str) -> str:
     first = str(error).splitlines()[0] if str(error) else ""
-    missing = getattr(error, "name", None) or name
-    return f"{missing.split('.')[0]} unavailable ({type(error).__name__}: {first})"
+    missing = (getattr(error, "name", None) or name).split(".")[0]
+    hint = f"; {EXTRA}" if isinstance(error, ModuleNotFoundError) and missing in ("torch", "mergekit") else ""
+    return f"{missing} unavailable ({type(error).__name__}: {first}{hint})"
 
 
 def benchmarks_dir() -> Path:

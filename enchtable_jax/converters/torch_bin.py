@@ -32,8 +32,8 @@ def load_bin(path: str | Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"{path}: reading .bin checkpoints needs PyTorch (pip install torch), or convert "
-                          "the checkpoint to safetensors first") from e
+        raise ImportError(f"{path}: reading .bin checkpoints needs PyTorch: pip install "
+                          "'enchtable-jax[torch]', or convert the checkpoint to safetensors first") from e
     try:
         # mmap only for the zip format; legacy (pre-1.6) files are read whole, equally without running code
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

@@ -133,6 +133,7 @@ def test_torch_missing_is_reported(monkeypatch):
     monkeypatch.delitem(sys.modules, "enchtable_benchmarks.torch_reference", raising=False)
     module, why = reference_module("torch_reference")
     assert module is None and why.startswith("torch unavailable (")
+    assert why.endswith("pip install 'enchtable-jax[bench]')")  # names the extra that brings it
     assert "enchtable_benchmarks.torch_reference" not in sys.modules
     from enchtable_jax.bench.studies import linearize
 
