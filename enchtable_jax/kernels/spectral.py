@@ -71,13 +71,26 @@ def interference_blocks(u1, s1, v1, u2, s2, v2) -> jax.Array:
     return jnp.sum(jnp.abs((a * s2) @ b.T)) + jnp.sum(jnp.abs((a.T * s1) @ b))
 
 
+def interference_terms(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP,
+                       solver: str = "svd") -> tuple[jax.Array, jax.Array, int]:
+    """(P, Q, r) with P = Σ|A S2 Bᵀ|, Q = Σ|Aᵀ S1 B| and r = k1 + k2, so that ι = scale·(P + Q)/r².
+
+    Scaling the safety delta by c keeps its singular vectors and multiplies S2 by |c|, so ι of
+    (task, c·safety) is scale·(|c|·P + Q)/r²: one pair of decompositions gives ι for every strength
+    (a calibration sweep, the learnable variant).
+    """
+    u1, s1, v1 = top_triplets(task, keep, solver)
+    u2, s2, v2 = top_triplets(safety, keep, solver)
+    a = u1.T @ u2
+    b = v1.T @ v2
+    return jnp.sum(jnp.abs((a * s2) @ b.T)), jnp.sum(jnp.abs((a.T * s1) @ b)), s1.shape[0] + s2.shape[0]
+
+
 def interference(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP, scale: float = DEFAULT_SCALE,
                  solver: str = "svd") -> jax.Array:
     """EnchTable interference ι of two same-shaped 2-D deltas (the safety one already scaled by α)."""
-    u1, s1, v1 = top_triplets(task, keep, solver)
-    u2, s2, v2 = top_triplets(safety, keep, solver)
-    r = s1.shape[0] + s2.shape[0]
-    return scale * interference_blocks(u1, s1, v1, u2, s2, v2) / r**2
+    p, q, r = interference_terms(task, safety, keep, solver)
+    return scale * (p + q) / r**2
 
 
 def interference_direct(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP,
@@ -98,4 +111,4 @@ def polar(x: jax.Array) -> jax.Array:
     return p @ qt
 
 
-__all__ = ["interference", "interference_direct", "kept", "polar", "thin_svd", "top_triplets"]
+__all__ = ["interference", "interference_direct", "interference_terms", "kept", "polar", "thin_svd", "top_triplets"]

@@ -40,16 +40,17 @@ class Method:
     summary: str  # formula and paper, one line
     options: dict[str, Option]
     adaptive_alpha: bool = False  # default α = β·‖τ_task‖/‖τ_safe‖ (else a fixed α, default 1)
+    uses_alpha: bool = True  # False: α does not enter the formula (nothing to scale or calibrate)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, summary: str, adaptive_alpha: bool = False, **options: Option):
+def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: bool = True, **options: Option):
     """Decorator adding a method to `METHODS`."""
 
     def add(fn):
-        METHODS[name] = Method(name, fn, summary, options, adaptive_alpha)
+        METHODS[name] = Method(name, fn, summary, options, adaptive_alpha, uses_alpha)
         return fn
 
     return add
@@ -192,7 +193,7 @@ def tsv(task, safety, alpha, key, keep=0.5):
 
 
 @register("safelora", "per matrix, C = V Vᵀ/‖V‖_F with V = τ_safe; if cos(τ_task, C τ_task) < threshold then "
-                      "τ_task ← C τ_task; θ_base + τ_task (Safe LoRA, Hsu et al. 2024)",
+                      "τ_task ← C τ_task; θ_base + τ_task (Safe LoRA, Hsu et al. 2024)", uses_alpha=False,
           threshold=Option(0.5, "similarity below which the task delta is projected"))
 def safelora(task, safety, alpha, key, threshold=0.5):
     if task.ndim != 2:
