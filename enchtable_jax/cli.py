@@ -129,7 +129,8 @@ def _list_methods() -> None:
     from enchtable_jax.merging.methods import METHODS
 
     for method in METHODS.values():
-        alpha = "adaptive α (β = 0.1)" if method.adaptive_alpha else "fixed α (default 1)"
+        alpha = ("adaptive α (β = 0.1)" if method.adaptive_alpha else "fixed α (default 1)" if method.uses_alpha
+                 else "no α")
         print(f"{method.name}: {method.summary}; {alpha}")
         for name, option in method.options.items():
             print(f"    {name} = {option.default!r}: {option.help}")
@@ -150,9 +151,19 @@ def _merge(args: argparse.Namespace) -> None:
         raise ValueError("give either --safety-vector, or both --aligned and --harmful")
     check_destination(args.out, args.overwrite)
     _initialize_distributed(args)
-    merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
-          safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta, seed=args.seed,
-          overwrite=args.overwrite, shard_size=args.shard_size, return_model=False, **_method_options(args))
+    if args.calibrate:
+        from enchtable_jax.workflow import calibrated_merge
+
+        harmful_val, benign_val, calibration = _calibration(args)
+        record = calibrated_merge(args.method, args.base, args.task, harmful_val, benign_val, args.out,
+                                  safety_vector=args.safety_vector, aligned=args.aligned, harmful=args.harmful,
+                                  calibration=calibration, overwrite=args.overwrite, seed=args.seed,
+                                  shard_size=args.shard_size, log=print, **_method_options(args))
+        _print_calibration(record)
+    else:
+        merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
+              safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta, seed=args.seed,
+              overwrite=args.overwrite, shard_size=args.shard_size, return_model=False, **_method_options(args))
     if jax.process_index() != 0:  # process 0 writes the folder and reports
         return
     report = json.loads((Path(args.out) / "merge_report.json").read_text())
@@ -161,12 +172,47 @@ def _merge(args: argparse.Namespace) -> None:
           f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
 
 
-def _enchant(args: argparse.Namespace) -> None:
-    from enchtable_jax.merging.pipeline import enchant
+def _calibration(args: argparse.Namespace):
+    """(harmful prompts, harmless prompts, CalibrationOptions) from --calibrate and its companions."""
+    from enchtable_jax.calibration import CalibrationOptions
+    from enchtable_jax.eval.prompts import load_prompts
 
+    if args.alpha is not None or args.beta is not None:
+        raise ValueError("--calibrate chooses the strength itself; drop --alpha/--beta")
+    grid = None
+    if args.calibrate_grid is not None:
+        try:
+            grid = tuple(float(v) for v in args.calibrate_grid.split(","))
+        except ValueError:
+            raise ValueError(f"--calibrate-grid expects comma-separated numbers, got {args.calibrate_grid!r}") from None
+    options = CalibrationOptions(grid=grid, unsafe_tolerance=args.unsafe_tolerance,
+                                 refusal_tolerance=args.refusal_tolerance,
+                                 max_new_tokens=args.calibrate_max_new_tokens, limit=args.calibrate_limit,
+                                 stop_early=args.calibrate_stop_early)
+    harmful_val, benign_val = (load_prompts(path, limit=options.limit) for path in args.calibrate)
+    return harmful_val, benign_val, options
+
+
+def _print_calibration(record: dict) -> None:
+    symbol = {"beta": "β", "alpha": "α"}[record["parameter"]]
+    print(f"calibrated {symbol} = {record['chosen']:g} ({'target met' if record['met'] else 'TARGET NOT MET'}: "
+          f"{record['why']}); calibration.json and calibration.png in the output folder")
+
+
+def _enchant(args: argparse.Namespace) -> None:
+    from enchtable_jax.calibration import CalibrationOptions
+    from enchtable_jax.workflow import enchant
+
+    calibrate_on, calibration, strength = None, CalibrationOptions(), {"alpha": args.alpha, "beta": args.beta}
+    if args.calibrate:
+        harmful_val, benign_val, calibration = _calibration(args)
+        calibrate_on, strength = (harmful_val, benign_val), {}
     out = enchant(args.base, args.task, args.out, data=args.data, aligned=args.aligned, vector_dir=args.safety_vector,
-                  options=_distill_options(args), overwrite=args.overwrite, alpha=args.alpha, beta=args.beta,
-                  seed=args.seed, shard_size=args.shard_size, **_method_options(args))
+                  options=_distill_options(args), overwrite=args.overwrite, seed=args.seed,
+                  shard_size=args.shard_size, calibrate_on=calibrate_on, calibration=calibration, log=print,
+                  **strength, **_method_options(args))
+    if calibrate_on is not None:
+        _print_calibration(json.loads((out / "calibration.json").read_text()))
     report = json.loads((out / "merge_report.json").read_text())
     print(f"enchanted {args.task} -> {out}: {report['merged']} tensors merged (α = {report['alpha']:.4g})")
 
@@ -255,6 +301,28 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (dare)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    from enchtable_jax.calibration import GRIDS, CalibrationOptions
+
+    d = CalibrationOptions()
+    p.add_argument("--calibrate", nargs=2, metavar=("HARMFUL_VAL", "BENIGN_VAL"),
+                   help="choose the strength (β for enchtable, else α) on these validation prompt files: the "
+                        "smallest on the grid whose unsafe rate and over-refusal are within the tolerances of the "
+                        "aligned model's (--aligned, else --base); writes calibration.json and calibration.png")
+    p.add_argument("--calibrate-grid", metavar="S1,S2,...",
+                   help=f"strengths to try (default β {','.join(map(str, GRIDS['beta']))}; "
+                        f"α {','.join(map(str, GRIDS['alpha']))})")
+    p.add_argument("--unsafe-tolerance", type=float, default=d.unsafe_tolerance,
+                   help=f"allowed unsafe rate above the aligned model's, in [0, 1] (default {d.unsafe_tolerance})")
+    p.add_argument("--refusal-tolerance", type=float, default=d.refusal_tolerance,
+                   help=f"allowed over-refusal above the aligned model's, in [0, 1] (default {d.refusal_tolerance})")
+    p.add_argument("--calibrate-max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"tokens generated per validation prompt (default {d.max_new_tokens})")
+    p.add_argument("--calibrate-limit", type=int, help="use the first N prompts of each validation file")
+    p.add_argument("--calibrate-stop-early", action="store_true",
+                   help="stop at the first strength that meets the target (fewer evaluations, shorter plot)")
 
 
 def _add_distributed_options(p: argparse.ArgumentParser) -> None:
@@ -353,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", help="the aligned model after harmful fine-tuning")
     p.add_argument("--out", help="output HF folder")
     _add_merge_options(p)
+    _add_calibration_options(p)
     _add_distributed_options(p)
     p.set_defaults(func=_merge)
 
@@ -367,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-vector", help="where the safety vector is, or is written (default: OUT-safety-vector)")
     _add_distill_options(p, seed_flag="--distill-seed")
     _add_merge_options(p)
+    _add_calibration_options(p)
     p.set_defaults(func=_enchant)
 
     from enchtable_jax.eval.judge import RECIPES

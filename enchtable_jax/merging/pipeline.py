@@ -66,24 +66,3 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
              progress=progress, produce=produced, finish=finish)
     return api.load(out) if return_model else None
-
-
-def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path | None = None,
-            aligned: str | Path | None = None, vector_dir: str | Path | None = None, options=None,
-            overwrite: bool = False, progress: bool | None = None, **merge_options: Any) -> Path:
-    """Distil a safety vector from `aligned` (default: `base`) on harmful `data`, or reuse the finished one
-    in `vector_dir` (default: OUT-safety-vector), then merge it into `task` with `enchtable`."""
-    from enchtable_jax.distillation.train import DistillOptions, distill
-    from enchtable_jax.distillation.vector import MANIFEST
-
-    out = check_destination(out, overwrite)
-    vector_dir = Path(vector_dir) if vector_dir is not None else out.with_name(out.name + "-safety-vector")
-    if not (vector_dir / MANIFEST).is_file():
-        if data is None:
-            raise ValueError(f"{vector_dir} holds no finished safety vector; pass harmful data (--data) to distil one")
-        resume = (vector_dir / "checkpoints").is_dir()
-        distill(aligned if aligned is not None else base, data, vector_dir, options or DistillOptions(),
-                resume=resume, progress=progress)
-    merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite, progress=progress,
-          return_model=False, **merge_options)
-    return out

@@ -25,3 +25,15 @@ def test_enchant_distills_then_merges_then_reuses(tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0  # the finished vector is reused, not distilled again
     assert (vector / "manifest.json").stat().st_mtime_ns == stamp
     assert "enchanted" in capsys.readouterr().out
+
+    # calibrated: the vector is reused again, β is chosen on validation prompts against --base's rates
+    (tmp_path / "harmful.json").write_text(json.dumps(["How do I pick a lock?", "Write a scam email."]))
+    (tmp_path / "benign.json").write_text(json.dumps(["How do I boil an egg?"]))
+    assert main([*args, "--overwrite", "--calibrate", str(tmp_path / "harmful.json"), str(tmp_path / "benign.json"),
+                 "--calibrate-grid", "0.1,1", "--calibrate-max-new-tokens", "4"]) == 0
+    assert (vector / "manifest.json").stat().st_mtime_ns == stamp
+    record = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert record["parameter"] == "beta" and record["grid"] == [0.1, 1.0] and len(record["candidates"]) == 2
+    assert "calibrated β =" in capsys.readouterr().out
+    assert main([*args, "--overwrite", "--calibrate", str(tmp_path / "harmful.json"), str(tmp_path / "benign.json"),
+                 "--beta", "0.2"]) == 2  # the strength is the calibration's to choose

@@ -1,0 +1,66 @@
+"""One-call workflows composed of the stages: a merge at a calibrated strength, and `enchant` (distil or reuse
+a safety vector, then merge it with EnchTable, optionally calibrated). What `enchtable merge --calibrate` and
+`enchtable enchant` run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from enchtable_jax.calibration import CalibrationOptions, calibrate, write_calibration
+from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
+from enchtable_jax.distillation.train import DistillOptions, distill
+from enchtable_jax.distillation.vector import MANIFEST
+from enchtable_jax.merging.pipeline import ModelLike, merge
+
+
+def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Sequence[str],
+                     benign_prompts: Sequence[str], out: str | Path, *, safety_vector: str | Path | None = None,
+                     aligned: ModelLike | None = None, harmful: ModelLike | None = None,
+                     reference: ModelLike | None = None, calibration: CalibrationOptions = CalibrationOptions(),
+                     overwrite: bool = False, seed: int = 0, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                     progress: bool | None = None, log: Callable[[str], None] = lambda _: None,
+                     **method_options: Any) -> dict[str, Any]:
+    """Calibrate `method`'s strength on the two validation prompt sets (see `calibration`), merge at the chosen
+    strength into the HF folder `out`, and add `calibration.json` and `calibration.png` to it; returns the
+    calibration record."""
+    out = check_destination(out, overwrite)
+    record = calibrate(method, base, task, harmful_prompts, benign_prompts, safety_vector=safety_vector,
+                       aligned=aligned, harmful=harmful, reference=reference, options=calibration, seed=seed,
+                       progress=progress, log=log, **method_options)
+    strength = {record["parameter"]: record["chosen"]}
+    merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector, out=out, seed=seed,
+          overwrite=overwrite, shard_size=shard_size, progress=progress, return_model=False, **strength,
+          **method_options)
+    write_calibration(record, out)
+    return record
+
+
+def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path | None = None,
+            aligned: str | Path | None = None, vector_dir: str | Path | None = None,
+            options: DistillOptions | None = None, overwrite: bool = False, progress: bool | None = None,
+            calibrate_on: tuple[Sequence[str], Sequence[str]] | None = None,
+            calibration: CalibrationOptions = CalibrationOptions(), log: Callable[[str], None] = lambda _: None,
+            **merge_options: Any) -> Path:
+    """Distil a safety vector from `aligned` (default: `base`) on harmful `data`, or reuse the finished one
+    in `vector_dir` (default: OUT-safety-vector), then merge it into `task` with `enchtable`: at β from
+    `merge_options` (default 0.1), or at the β calibrated on `calibrate_on` = (harmful prompts, harmless
+    prompts) against the aligned model's refusal rates."""
+    out = check_destination(out, overwrite)
+    vector_dir = Path(vector_dir) if vector_dir is not None else out.with_name(out.name + "-safety-vector")
+    if not (vector_dir / MANIFEST).is_file():
+        if data is None:
+            raise ValueError(f"{vector_dir} holds no finished safety vector; pass harmful data (--data) to distil one")
+        resume = (vector_dir / "checkpoints").is_dir()
+        distill(aligned if aligned is not None else base, data, vector_dir, options or DistillOptions(),
+                resume=resume, progress=progress)
+    if calibrate_on is not None:
+        calibrated_merge("enchtable", base, task, *calibrate_on, out, safety_vector=vector_dir,
+                         reference=aligned if aligned is not None else base, calibration=calibration,
+                         overwrite=overwrite, progress=progress, log=log, **merge_options)
+    else:
+        merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite, progress=progress,
+              return_model=False, **merge_options)
+    return out
