@@ -4,7 +4,8 @@ A scope is a set of *units*, sub-networks named like the forward pass names them
 ("model.layers.3.mlp", "model.layers.3.self_attn", "model.layers.3.self_attn.q_proj"); its
 parameters are the HF tensors under those names. Each unit is linearized on its own around θ0 with
 its actual input (the prototype's per-module linearization); the `model` scope linearizes the whole
-backbone at once. Scopes combine with '+', e.g. "attn_block+ffn".
+backbone at once, and `all` the whole network, embeddings and head included (plain fine-tuning's
+default). Scopes combine with '+', e.g. "attn_block+ffn".
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import dataclasses
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import expected_shapes, layer_prefix
 
-# scope name -> unit name suffixes inside each selected layer. `model` is the global scope.
+# scope name -> unit name suffixes inside each selected layer. `model` and `all` are global scopes.
 UNITS: dict[str, tuple[str, ...]] = {
     "ffn": ("mlp",),
     "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     "attn_block": ("self_attn",),
     "attn_ffn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp"),
     "model": (),
+    "all": (),
 }
+WHOLE = ("model", "all")  # scopes taken as one unit: the network itself
 SCOPE_HELP = {
     "ffn": "each layer's MLP block (gate/up/down and activation) as one unit",
     "attn": "q/k/v/o projections one by one (linear in their weights: equals plain fine-tuning)",
     "attn_block": "each layer's whole attention block (projections, RoPE, softmax) as one unit",
     "attn_ffn": "attn and ffn together (the prototype's choice)",
     "model": "the whole backbone (all decoder layers and the final norm) linearized at once",
+    "all": "every tensor: embeddings, decoder layers, final norm and head (with layers: only those decoder layers, "
+           "plus embeddings, final norm and head)",
 }
 
 
@@ -74,12 +79,17 @@ def resolve_scope(config: ModelConfig, scope: str, layers: str | None = None) ->
                          f"them): {valid}")
     selected = parse_layers(layers, config.num_hidden_layers)
     all_names = list(expected_shapes(config))
-    if "model" in names:
+    whole = [s for s in names if s in WHOLE]
+    if whole:
         if len(names) > 1:
-            raise ScopeError("scope 'model' already covers the whole backbone; do not combine it with others")
+            covers = "the whole backbone" if whole[0] == "model" else "every tensor"
+            raise ScopeError(f"scope {whole[0]!r} already covers {covers}; do not combine it with others")
         prefixes = tuple(layer_prefix(i) for i in selected)
-        params = tuple(n for n in all_names if n.startswith(prefixes)
-                       or (n == "model.norm.weight" and len(selected) == config.num_hidden_layers))
+        if whole[0] == "all":
+            params = tuple(n for n in all_names if n.startswith(prefixes) or not n.startswith("model.layers."))
+        else:
+            params = tuple(n for n in all_names if n.startswith(prefixes)
+                           or (n == "model.norm.weight" and len(selected) == config.num_hidden_layers))
         units: tuple[str, ...] = ()
     else:
         suffixes = list(dict.fromkeys(s for name in names for s in UNITS[name]))
@@ -94,7 +104,7 @@ def resolve_scope(config: ModelConfig, scope: str, layers: str | None = None) ->
                          f"{config.num_hidden_layers}-layer model; valid scopes: {', '.join(UNITS)}; "
                          "layers is a Python slice such as '12:-12'")
     return Scope(name=scope if layers is None else f"{scope}@{layers}", units=units, params=params,
-                 whole_model="model" in names)
+                 whole_model=bool(whole))
 
 
 def unit_params(scope: Scope) -> dict[str, tuple[str, ...]]:

@@ -37,6 +37,21 @@ def test_model_scope_is_the_backbone():
     assert "model.embed_tokens.weight" not in s.params and "lm_head.weight" not in s.params
 
 
+def test_all_scope_is_every_tensor_and_layers_limit_only_the_decoder_layers():
+    from enchtable_jax.models.tensors import expected_shapes
+
+    s = resolve_scope(CONFIG, "all")
+    assert s.whole_model and s.units == () and s.params == tuple(expected_shapes(CONFIG))
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(s.params)
+    ranged = resolve_scope(CONFIG, "all", "2:4")
+    assert _layers(ranged.params) == [2, 3]
+    assert {n for n in ranged.params if not n.startswith("model.layers.")} == {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert set(ranged.params) >= set(resolve_scope(CONFIG, "model", "2:4").params)
+    tied = preset_config("tiny", "llama", tie_word_embeddings=True)  # the head is the embedding: not a tensor
+    assert "lm_head.weight" not in resolve_scope(tied, "all").params
+
+
 @pytest.mark.parametrize("layers,expected", [("2:-2", [2, 3]), ("4:", [4, 5]), (":1", [0]), ("-1", [5]), (None, list(range(6)))])
 def test_layer_ranges(layers, expected):
     assert _layers(resolve_scope(CONFIG, "ffn", layers).params) == expected
@@ -50,6 +65,7 @@ def test_layer_ranges(layers, expected):
     ("ffn", "9", "not understood"),
     ("attn+attn_block", None, "nests units"),
     ("model+ffn", None, "do not combine"),
+    ("ffn+all", None, "'all' already covers every tensor; do not combine"),
 ])
 def test_bad_scopes_are_explained(scope, layers, fragment):
     with pytest.raises(ScopeError, match=fragment) as e:
