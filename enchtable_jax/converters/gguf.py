@@ -2,29 +2,58 @@
 
 Real small models reach this project as GGUF files inside pip packages (no hub at run time); this
 turns one into an ordinary HF folder (config, tokenizer with chat template, safetensors) that every
-other stage reads. Needs the optional `transformers`, `gguf` and `torch` packages.
+other stage reads. Needs the extra `gguf`: torch, gguf and accelerate (transformers refuses a GGUF file
+without accelerate).
 """
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from pathlib import Path
 
-from enchtable_jax.converters.hf import write_hf
+from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.converters.torch_bin import tensor_to_numpy
 from enchtable_jax.models.config import ModelConfig
 
+MAGIC = b"GGUF"
+EXTRA = ("torch", "gguf", "accelerate")  # what transformers needs to read GGUF, beyond itself
 
-def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether `path` is a file that starts with GGUF's magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def require_gguf_extra() -> None:
+    """Raise one ImportError naming the extra when any package of it is missing."""
+    missing = []
+    for module in EXTRA:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"converting GGUF needs {', '.join(EXTRA)} (missing: {', '.join(missing)}): "
+                          "pip install 'enchtable-jax[gguf]'")
+
+
+def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,
+               shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Dequantize `gguf_file` into an HF folder at `out` (atomic); returns the folder's path."""
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        raise ImportError("converting GGUF needs: pip install 'enchtable-jax[gguf]'") from e
+    require_gguf_extra()
+    import torch
+    import transformers
+
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"{gguf_file}: GGUF file not found")
+    if not is_gguf_file(gguf_file):
+        raise ValueError(f"{gguf_file}: not a GGUF file (it does not start with {MAGIC!r})")
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
@@ -40,4 +69,4 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", o
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
         model.generation_config.save_pretrained(tok_dir)
-        return write_hf(out, config, params, like=tok_dir, overwrite=overwrite)
+        return write_hf(out, config, params, like=tok_dir, shard_size=shard_size, overwrite=overwrite)
