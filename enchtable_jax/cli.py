@@ -19,6 +19,9 @@ from enchtable_jax.models.init import PRESETS, init_params, preset_config
 
 def _convert(args: argparse.Namespace) -> None:
     src = Path(args.src)
+    if src.is_file():
+        _convert_gguf(args)
+        return
     to_hf = is_orbax_checkpoint(src)
     # refuse bad requests before reading anything
     check_destination(args.dst, args.overwrite)
@@ -34,6 +37,23 @@ def _convert(args: argparse.Namespace) -> None:
         out = api.save_orbax(model, args.dst, overwrite=args.overwrite)
         what = "orbax checkpoint"
     print(f"wrote {what} {out} ({len(model.params)} tensors) in {time.perf_counter() - start:.1f}s")
+
+
+def _convert_gguf(args: argparse.Namespace) -> None:
+    """A GGUF file -> an HF folder, dequantized (to float32 unless --dtype)."""
+    from enchtable_jax.converters.gguf import gguf_to_hf, is_gguf_file, require_gguf_extra
+
+    if not is_gguf_file(args.src):
+        raise ValueError(f"{args.src}: not a GGUF file; a source is an HF folder, an orbax checkpoint or a GGUF file")
+    if args.like is not None:
+        raise ValueError("--like applies to orbax -> HF conversion; a GGUF file brings its own tokenizer")
+    check_destination(args.dst, args.overwrite)
+    parse_size(args.shard_size)
+    require_gguf_extra()
+    start = time.perf_counter()
+    out = gguf_to_hf(args.src, args.dst, dtype=args.dtype or "float32", overwrite=args.overwrite,
+                     shard_size=args.shard_size)
+    print(f"wrote HF folder {out} from GGUF in {time.perf_counter() - start:.1f}s")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -366,14 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Models are Hugging Face folders or enchtable orbax checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="HF folder -> orbax checkpoint, or orbax checkpoint -> HF folder",
+    p = sub.add_parser("convert", help="HF folder <-> orbax checkpoint, or GGUF file -> HF folder",
                        description="Convert between an HF model folder (safetensors or .bin) and an orbax "
-                                   "checkpoint. The direction follows the source.")
-    p.add_argument("src", help="HF model folder or enchtable orbax checkpoint")
+                                   "checkpoint, or a GGUF file into an HF folder (dequantized, with its tokenizer "
+                                   "and chat template; needs pip install 'enchtable-jax[gguf]'). The direction "
+                                   "follows the source.")
+    p.add_argument("src", help="HF model folder, enchtable orbax checkpoint or GGUF file")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--like", help="orbax -> HF: folder whose tokenizer/chat-template files to copy "
                                   "(default: those stored in the checkpoint)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors (default: keep)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast floating tensors (default: keep; GGUF: float32)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert)

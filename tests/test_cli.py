@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -265,6 +266,72 @@ def test_convert_shard_size_bare_i_unit(capsys, tmp_path, hf_src):
     assert run(capsys, "convert", src, ckpt)[0] == 0
     code, _, err = run(capsys, "convert", ckpt, tmp_path / "out", "--shard-size", "5iB")
     assert code == 2 and "5iB" in err
+
+
+@pytest.fixture
+def fake_gguf(tmp_path):
+    """A file that starts with GGUF's magic bytes (nothing else of the format: for dispatch only)."""
+    path = tmp_path / "model.Q4.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    return path
+
+
+@pytest.fixture
+def gguf_calls(monkeypatch):
+    """Replace gguf_to_hf with a recorder that makes the output folder; returns the list of its calls."""
+    import enchtable_jax.converters.gguf as gguf_module
+
+    calls = []
+
+    def record(src, dst, **kwargs):
+        calls.append((str(src), str(dst), kwargs))
+        dst = Path(dst).resolve()
+        dst.mkdir(exist_ok=True)
+        return dst
+
+    monkeypatch.setattr(gguf_module, "gguf_to_hf", record)
+    return calls
+
+
+def test_convert_gguf_goes_through_gguf_to_hf(capsys, tmp_path, fake_gguf, gguf_calls):
+    code, out, err = run(capsys, "convert", fake_gguf, tmp_path / "hf")
+    assert code == 0, err
+    assert "HF folder" in out and str((tmp_path / "hf").resolve()) in out
+    assert gguf_calls == [(str(fake_gguf), str(tmp_path / "hf"),
+                           dict(dtype="float32", overwrite=False, shard_size="5GB"))]
+    code, _, err = run(capsys, "convert", fake_gguf, tmp_path / "hf", "--dtype", "bfloat16", "--shard-size", "1GB",
+                       "--overwrite")
+    assert code == 0, err
+    assert gguf_calls[1][2] == dict(dtype="bfloat16", overwrite=True, shard_size="1GB")
+
+
+def test_convert_gguf_refusals(capsys, tmp_path, fake_gguf, gguf_calls):
+    (tmp_path / "taken").mkdir()
+    code, _, err = run(capsys, "convert", fake_gguf, tmp_path / "taken")
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run(capsys, "convert", fake_gguf, tmp_path / "out", "--like", tmp_path)
+    assert code == 2 and "--like" in err
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"PK\x03\x04" + bytes(60))
+    code, _, err = run(capsys, "convert", other, tmp_path / "out")
+    assert code == 2 and "not a GGUF file" in err and str(other) in err
+    assert gguf_calls == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["gguf", "accelerate", "torch"])
+def test_convert_gguf_without_the_extra_names_it(capsys, monkeypatch, tmp_path, fake_gguf, module):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    code, out, err = run(capsys, "convert", fake_gguf, tmp_path / "hf")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("enchtable convert: error:")
+    assert f"missing: {module}" in err and "pip install 'enchtable-jax[gguf]'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fake_gguf.name]
+
+
+def test_convert_help_mentions_gguf(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "GGUF file" in capsys.readouterr().out
 
 
 def test_import_and_parser_leave_jax_uninitialised():
