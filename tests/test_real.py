@@ -1,5 +1,6 @@
 """Real model (SmolLM2-135M-Instruct, Llama architecture, tied head): logit parity with transformers and an
-exact HF round trip, on chat-templated prompts."""
+exact HF round trip, on chat-templated prompts; `enchtable convert` of its GGUF file against transformers
+reading the GGUF file itself."""
 
 from __future__ import annotations
 
@@ -63,3 +64,31 @@ def test_round_trip_is_exact_and_keeps_tokenizer(smollm2_dir, oracle, tmp_path):
     copied = transformers.AutoTokenizer.from_pretrained(out)
     chat = [{"role": "user", "content": PROMPTS[0]}]
     assert copied.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+
+
+def test_cli_converts_gguf_with_transformers_logits(smollm2_gguf, tmp_path, capsys):
+    """`enchtable convert FILE.gguf OUT`, then our forward on OUT against transformers on the GGUF file."""
+    import torch
+    import transformers
+
+    from enchtable_jax.cli import main
+
+    out = tmp_path / "smollm2"
+    assert main(["convert", str(smollm2_gguf), str(out)]) == 0, capsys.readouterr().err
+    assert "HF folder" in capsys.readouterr().out
+    folder, name = smollm2_gguf.parent, smollm2_gguf.name
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": PROMPTS[1]}]
+    assert tokenizer.apply_chat_template(chat) == gguf_tokenizer.apply_chat_template(chat)
+    ids, mask = _batch(tokenizer, "right")
+    with torch.no_grad():
+        ref = oracle(input_ids=ids, attention_mask=mask).logits.numpy()
+    model = ej.load(out)
+    assert {str(a.dtype) for a in model.params.values()} == {"float32"}
+    ours = np.asarray(ej.apply(model, ids.numpy(), mask.numpy()))
+    real = mask.numpy().astype(bool)
+    rel = np.abs(ours[real] - ref[real]).max() / np.abs(ref[real]).max()
+    assert rel <= 1e-5, rel
+    assert (ours[real].argmax(-1) == ref[real].argmax(-1)).all()
