@@ -1,0 +1,1 @@
+"""Supervised training on chat records: the loop that `distill` runs (loop.py)."""
