@@ -41,7 +41,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _convert_gguf(args: argparse.Namespace) -> None:
     """A GGUF file -> an HF folder, dequantized (to float32 unless --dtype)."""
-    from enchtable_jax.converters.gguf import gguf_to_hf, is_gguf_file, require_gguf_extra
+    from enchtable_jax.converters.gguf import gguf_to_hf, is_gguf_file
 
     if not is_gguf_file(args.src):
         raise ValueError(f"{args.src}: not a GGUF file; a source is an HF folder, an orbax checkpoint or a GGUF file")
@@ -49,7 +49,6 @@ def _convert_gguf(args: argparse.Namespace) -> None:
         raise ValueError("--like applies to orbax -> HF conversion; a GGUF file brings its own tokenizer")
     check_destination(args.dst, args.overwrite)
     parse_size(args.shard_size)
-    require_gguf_extra()
     start = time.perf_counter()
     out = gguf_to_hf(args.src, args.dst, dtype=args.dtype or "float32", overwrite=args.overwrite,
                      shard_size=args.shard_size)
