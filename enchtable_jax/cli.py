@@ -87,15 +87,19 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote a random {args.arch} model of preset {args.preset!r} (byte-level tokenizer, ChatML) to {out}")
 
 
-def _distill_options(args: argparse.Namespace):
+def _distill_options(args: argparse.Namespace, options_type: type | None = None):
+    """The training options of the flags `_add_distill_options` declared: DistillOptions, or `options_type`
+    (FinetuneOptions, which has no `linearized`)."""
     from enchtable_jax.distillation.train import DistillOptions
 
-    return DistillOptions(scope=args.scope, layers=args.layers, epochs=args.epochs, steps=args.steps, lr=args.lr,
-                          batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
-                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                          max_length=args.max_length, seed=args.distill_seed, compute_dtype=args.compute_dtype,
-                          save_every=args.save_every, fsdp=args.fsdp, template=args.template,
-                          group_by_length=not args.no_group_by_length, linearized=not args.plain)
+    options_type = options_type or DistillOptions
+    plain = {"linearized": not args.plain} if hasattr(options_type, "linearized") else {}
+    return options_type(scope=args.scope, layers=args.layers, epochs=args.epochs, steps=args.steps, lr=args.lr,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
+                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                        max_length=args.max_length, seed=args.distill_seed, compute_dtype=args.compute_dtype,
+                        save_every=args.save_every, fsdp=args.fsdp, template=args.template,
+                        group_by_length=not args.no_group_by_length, **plain)
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -118,11 +122,31 @@ def _distill(args: argparse.Namespace) -> None:
                        export_harmful=args.export_harmful)
     if jax.process_index() != 0:
         return
-    data, training = manifest["data"], manifest["training"]
     print(f"safety vector: {args.out}  (scope {manifest['scope']['name']}, {len(manifest['scope']['tensors'])} "
-          f"tensors)\n  data: {data['n_examples']} examples from {data['n_records']} records, {data['n_truncated']} "
-          f"truncated to {training['max_length']} tokens, {data['n_dropped']} dropped\n  training: "
-          f"{training['total_steps']} steps on {training['devices']} device(s), final loss {training['final_loss']:.4f}")
+          f"tensors)\n{_training_summary(manifest)}")
+
+
+def _training_summary(record: dict) -> str:
+    """The data and training lines of a distill or finetune record."""
+    data, training = record["data"], record["training"]
+    return (f"  data: {data['n_examples']} examples from {data['n_records']} records, {data['n_truncated']} "
+            f"truncated to {training['max_length']} tokens, {data['n_dropped']} dropped\n  training: "
+            f"{training['total_steps']} steps on {training['devices']} device(s), final loss "
+            f"{training['final_loss']:.4f}")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    import jax
+
+    from enchtable_jax.training.finetune import FinetuneOptions, finetune
+
+    _initialize_distributed(args)
+    record = finetune(args.model, args.data, args.out, _distill_options(args, FinetuneOptions), resume=args.resume,
+                      overwrite=args.overwrite, shard_size=args.shard_size)
+    if jax.process_index() != 0:
+        return
+    print(f"fine-tuned model: {args.out}  (scope {record['scope']['name']}, {len(record['scope']['tensors'])} "
+          f"tensors trained)\n{_training_summary(record)}")
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -351,11 +375,12 @@ def _add_distributed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-timeout", type=int, default=300, help="multi-host: seconds to wait for all processes")
 
 
-def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
+def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed", defaults=None) -> None:
+    """One flag per training option, defaults from `defaults` (DistillOptions(), or FinetuneOptions())."""
     from enchtable_jax.distillation.train import DistillOptions
     from enchtable_jax.kernels.scopes import SCOPE_HELP
 
-    d = DistillOptions()
+    d = defaults if defaults is not None else DistillOptions()
     p.add_argument("--scope", default=d.scope, help="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items())
                    + "; combine with '+'")
     p.add_argument("--layers", help="layer range as a Python slice, e.g. 12:-12 (default: all)")
@@ -375,7 +400,8 @@ def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed") 
     p.add_argument("--fsdp", type=int, default=d.fsdp, help="devices per parameter shard group (1: replicate)")
     p.add_argument("--template", help="chat template if the model has none: chatml, llama3, plain, or a .jinja file")
     p.add_argument("--no-group-by-length", action="store_true", help="do not group similar lengths into batches")
-    p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
+    if hasattr(d, "linearized"):
+        p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +456,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-harmful", metavar="DIR", help="also write theta_harm as an HF folder")
     _add_distributed_options(p)
     p.set_defaults(func=_distill)
+
+    from enchtable_jax.training.finetune import FinetuneOptions
+
+    p = sub.add_parser("finetune", help="plain supervised fine-tuning into a new model folder (task models, harmful "
+                                        "surrogates)",
+                       description="Fine-tune a model on instruction->response data (the chat template, loss on the "
+                                   "responses; every tensor unless --scope/--layers) and write the result as an HF "
+                                   "folder with finetune.json and loss.png. Checkpoints go to OUT-checkpoints until "
+                                   "the folder is written; --resume continues a killed run.")
+    p.add_argument("--model", required=True, help="HF folder or orbax checkpoint (with tokenizer)")
+    p.add_argument("--data", required=True, help="training data: JSON/JSONL, alpaca (instruction/input/output) or "
+                                                 "chat (messages)")
+    p.add_argument("--out", required=True, help="output HF folder")
+    _add_distill_options(p, defaults=FinetuneOptions())
+    p.add_argument("--resume", action="store_true", help="continue the run from OUT-checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output and discard unfinished "
+                                                             "checkpoints")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
+    _add_distributed_options(p)
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (EnchTable or a baseline)",
                        description="Merge tau_safe (a safety vector, or aligned - harmful) into the task model. "

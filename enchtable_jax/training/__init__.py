@@ -1,1 +1,2 @@
-"""Supervised training on chat records: the loop that `distill` runs (loop.py)."""
+"""Supervised training on chat records: the loop that `distill` and `finetune` share (loop.py), and plain
+fine-tuning of a model folder into a new one (finetune.py)."""

@@ -1,0 +1,103 @@
+"""Plain supervised fine-tuning of a model folder on alpaca/chat records, into a new HF folder: the task
+models and harmful surrogates that EnchTable's pipeline takes as inputs.
+
+The loop is `distill`'s (training/loop.py: same rendering, batches, optimizer, mesh and resume) with the
+plain forward, by default on every tensor (scope `all`: embeddings, decoder layers, final norm, head).
+The output is θ0 + Δ in the model's stored dtype, written atomically with the source's tokenizer files,
+`finetune.json` (options, data digest, losses, versions, base identity) and `loss.png`; tensors outside
+the scope are the source's bytes. Training state lives in OUT-checkpoints/ beside the output until the
+folder is written, so a killed run continues with `resume=True` to the bit-identical result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from enchtable_jax.converters.atomic import OutputExistsError, check_destination
+from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
+from enchtable_jax.distillation.vector import versions
+from enchtable_jax.models.tensors import OPTIONAL_TIED_HEAD
+from enchtable_jax.training import loop
+
+RECORD = "finetune.json"
+FORMAT = "enchtable-finetune"
+VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions(loop.TrainingOptions):
+    """Training settings of `finetune`: those of `distill` (less `linearized`), on every tensor by default."""
+
+    scope: str = "all"
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where a fine-tuning run into `out` keeps its resumable state: OUT-checkpoints beside it."""
+    out = Path(out).expanduser().resolve()
+    return out.with_name(out.name + "-checkpoints")
+
+
+def finetune(model: str | Path, data_path: str | Path, out: str | Path, options: FinetuneOptions = FinetuneOptions(),
+             resume: bool = False, overwrite: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+             on_step: Callable[[int, dict[str, float]], None] | None = None,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Fine-tune the model at `model` (HF folder or orbax checkpoint, with tokenizer) on `data_path` and write
+    the result to the HF folder `out`; returns its record (what `out/finetune.json` holds).
+
+    `resume` continues a killed run from OUT-checkpoints/ (deleted once `out` is written); an existing `out`
+    or unfinished checkpoints are refused unless `overwrite`. `on_step(step, metrics)` is called after every
+    optimizer step.
+    """
+    out = check_destination(out, overwrite)
+    ckpt_dir = checkpoint_dir(out)
+    _check_checkpoints(ckpt_dir, resume, overwrite)
+    run = loop.train(model, data_path, ckpt_dir, options, linearized=False, resume=resume, label="finetune",
+                     purpose="fine-tuning", on_step=on_step, progress=progress)
+    model0 = run.model0
+    params = {**model0.params, **{n: (np.asarray(model0.params[n], np.float32) + d).astype(model0.params[n].dtype)
+                                  for n, d in run.delta.items()}}
+    embed = "model.embed_tokens.weight"
+    if model0.config.tie_word_embeddings and OPTIONAL_TIED_HEAD in params and embed in run.delta:
+        params[OPTIONAL_TIED_HEAD] = params[embed]  # a stored copy of a tied head follows the trained embedding
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {**run.base, "path": str(model0.source)},
+        "scope": {"name": options.scope, "layers": options.layers, "tensors": list(run.scope.params)},
+        "data": loop.data_record(data_path, run),
+        "training": loop.training_record(options, run),
+        "versions": versions(),
+    }
+    if jax.process_index() == 0:
+        def finish(folder: Path) -> None:  # inside the temporary folder: the output appears complete or not at all
+            (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            loop.plot_losses(run.losses, folder / "loss.png", f"fine-tuning, scope {run.scope.name}")
+
+        write_hf(out, model0.config, params, like=model0.source, shard_size=shard_size, overwrite=overwrite,
+                 progress=progress, finish=finish)
+        shutil.rmtree(ckpt_dir)
+    return record
+
+
+def _check_checkpoints(ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to resume without checkpoints, or to start afresh over an unfinished run's checkpoints."""
+    if resume:
+        if not ckpt_dir.is_dir():
+            raise FileNotFoundError(f"nothing to resume: no checkpoints in {ckpt_dir}; run without --resume")
+        return
+    if ckpt_dir.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{ckpt_dir} holds the checkpoints of an unfinished run; pass --resume to "
+                                    "continue it, --overwrite to start again")
+        if jax.process_index() == 0:
+            shutil.rmtree(ckpt_dir)
