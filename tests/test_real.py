@@ -4,6 +4,8 @@ reading the GGUF file itself."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,7 @@ def test_cli_converts_gguf_with_transformers_logits(smollm2_gguf, tmp_path, caps
     out = tmp_path / "smollm2"
     assert main(["convert", str(smollm2_gguf), str(out)]) == 0, capsys.readouterr().err
     assert "HF folder" in capsys.readouterr().out
+    assert "_name_or_path" not in json.loads((out / "config.json").read_text())  # no trace of the source's location
     folder, name = smollm2_gguf.parent, smollm2_gguf.name
     oracle = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)

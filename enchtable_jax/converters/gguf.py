@@ -59,6 +59,7 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", o
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
     raw = model.config.to_dict()
     raw.pop("quantization_config", None)  # the weights written are plain floats
+    raw.pop("_name_or_path", None)  # where the GGUF file lay: the folder would differ by the source's location
     raw["architectures"] = [type(model).__name__]
     raw["dtype"] = dtype
     config = ModelConfig.from_hf(raw, source=f"{gguf_file} (GGUF metadata)")
