@@ -118,6 +118,17 @@ def test_scope_and_layers_move_only_their_tensors_in_the_stored_dtype(world, tmp
         assert (raw != source[name][2]) == (name in moved), name
 
 
+def test_a_stored_copy_of_a_tied_head_follows_the_trained_embedding(world, tmp_path):
+    config = preset_config("tiny", tie_word_embeddings=True)
+    params = init_params(config, seed=0)
+    params["lm_head.weight"] = params["model.embed_tokens.weight"]  # some tied checkpoints store the head too
+    model = ej.save(ej.Model(config, params), tmp_path / "tied", like=world["model"])
+    out = tmp_path / "out"
+    ej.finetune(model, world["data"], out, ej.FinetuneOptions(**{**OPTIONS, "steps": 2, "warmup_ratio": 0.0}))
+    written = raw_tensors(out)
+    assert written["lm_head.weight"] == written["model.embed_tokens.weight"] != raw_tensors(model)["lm_head.weight"]
+
+
 def _oracle_steps(model: Path, data: Path, lr: float, weight_decay: float, max_grad_norm: float,
                   steps: int) -> dict[str, np.ndarray]:
     """Δ after `steps` full-batch steps, in float64: torch gradients of the mean response-token NLL, then
