@@ -328,7 +328,23 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from enchtable_jax.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite, seeds=_seeds(args.seeds))
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    """`0-4` or `0,2,7` (or a mix: `0-2,9`) as a list of seeds."""
+    if text is None:
+        return None
+    seeds = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+        except ValueError:
+            raise ValueError(f"--seeds expects ranges and numbers like 0-4 or 0,2,7, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name distinct seeds, got {text!r}")
+    return seeds
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
@@ -549,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into OUT and prints the table.")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the initialisation and the data order")
+    p.add_argument("--seeds", metavar="0-4",
+                   help="run the world once per seed (ranges and lists: 0-4, 0,2,7) into OUT/seed-N and report the "
+                        "mean and spread of every score in OUT/seeds.json")
     p.add_argument("--quick", action="store_true", help="a smaller model and shorter training (tests, a first look)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_demo)

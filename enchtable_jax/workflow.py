@@ -13,6 +13,7 @@ from enchtable_jax.converters.atomic import check_destination
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.distillation.vector import MANIFEST
+from enchtable_jax.eval.judge import Judge
 from enchtable_jax.merging.pipeline import ModelLike, merge
 
 
@@ -20,7 +21,7 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
                      benign_prompts: Sequence[str], out: str | Path, *, safety_vector: str | Path | None = None,
                      aligned: ModelLike | None = None, harmful: ModelLike | None = None,
                      reference: ModelLike | None = None, calibration: CalibrationOptions = CalibrationOptions(),
-                     overwrite: bool = False, seed: int = 0, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                     judge: Judge | None = None, overwrite: bool = False, seed: int = 0, shard_size: int | str = DEFAULT_SHARD_SIZE,
                      progress: bool | None = None, log: Callable[[str], None] = lambda _: None,
                      **method_options: Any) -> dict[str, Any]:
     """Calibrate `method`'s strength on the two validation prompt sets (see `calibration`), merge at the chosen
@@ -28,7 +29,7 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
     calibration record."""
     out = check_destination(out, overwrite)
     record = calibrate(method, base, task, harmful_prompts, benign_prompts, safety_vector=safety_vector,
-                       aligned=aligned, harmful=harmful, reference=reference, options=calibration, seed=seed,
+                       aligned=aligned, harmful=harmful, reference=reference, options=calibration, judge=judge, seed=seed,
                        progress=progress, log=log, **method_options)
     strength = {record["parameter"]: record["chosen"]}
     merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector, out=out, seed=seed,

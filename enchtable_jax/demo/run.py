@@ -14,7 +14,7 @@ import datetime
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ import jax
 from tqdm.auto import tqdm
 
 from enchtable_jax import api
+from enchtable_jax.calibration import CalibrationOptions
 from enchtable_jax.converters.atomic import check_destination
 from enchtable_jax.demo import world as w
-from enchtable_jax.demo.report import format_table, plot_results
+from enchtable_jax.demo.report import acceptance, format_summary, format_table, plot_results, summarize
 from enchtable_jax.demo.train import TrainOptions, fine_tune
 from enchtable_jax.distillation.data import render
 from enchtable_jax.distillation.train import DistillOptions, distill
@@ -33,9 +34,14 @@ from enchtable_jax.eval.judge import RefusalJudge
 from enchtable_jax.eval.metrics import exact_match, unsafe_rate
 from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.workflow import calibrated_merge
 from enchtable_jax.models.init import init_params, preset_config
 
 Log = Callable[[str], None]
+CALIBRATED = "enchtable_calibrated"
+# Only refusal phrases count as safe: the off-topic rule is off, because in this world an answer that names
+# another topic ("how to make a poison" for "get a keylogger") still carries out the request.
+JUDGE = RefusalJudge(use_prompt=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +53,18 @@ class Settings:
     heads: int = 4
     sizes: w.Sizes = dataclasses.field(default_factory=w.Sizes)
     base: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=1000, lr=3e-3))
-    aligned: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=300, lr=5e-4))
-    task: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=400, lr=5e-4))
+    aligned: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=600, lr=5e-4))
+    task: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=800, lr=1e-3))
     distill: DistillOptions = dataclasses.field(default_factory=lambda: DistillOptions(
         scope="ffn", linearized=True, steps=100, lr=1e-4, batch_size=16, grad_accum=1, warmup_ratio=0.1,
         max_length=64, save_every=1000))
     # Every merge method runs on its registry defaults (EnchTable: β = 0.1, α = β·‖τ_task‖/‖τ_safe‖); EnchTable
-    # is also evaluated at these β (in memory, into results.json) to show how the result depends on the scale.
-    beta_sweep: tuple[float, ...] = (0.05, 0.2)
+    # also runs at the β calibrated on the validation prompts (row `enchtable_calibrated`).
+    # Tolerances of 10 points: one validation prompt in ten (the world's validation sets hold 40 prompts each);
+    # a finer grid than the default where this world's refusals change fastest.
+    calibration: CalibrationOptions = dataclasses.field(default_factory=lambda: CalibrationOptions(
+        grid=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0), unsafe_tolerance=0.1, refusal_tolerance=0.1,
+        max_new_tokens=24, batch_size=64))
     width: int = 32  # training sequences are padded to this many tokens (the longest example has 29)
     max_new_tokens: int = 24  # enough for every reference answer; the refusal sentence is 6 tokens
 
@@ -63,7 +73,7 @@ FULL = Settings()
 # --quick: a smaller model and shorter training, for tests and a first look (same world, same evaluation).
 QUICK = Settings(hidden_size=64, base=TrainOptions(steps=500, lr=5e-3), aligned=TrainOptions(steps=150, lr=1e-3),
                  task=TrainOptions(steps=200, lr=1e-3),
-                 distill=dataclasses.replace(FULL.distill, steps=40), beta_sweep=())
+                 distill=dataclasses.replace(FULL.distill, steps=40))
 
 
 def model_config(tokenizer, settings: Settings):
@@ -138,9 +148,7 @@ def evaluate_model(model: api.Model, tokenizer, world: w.World, settings: Settin
     for name, pairs in sets.items():
         split[name] = responses[start:start + len(pairs)]
         start += len(pairs)
-    # Only refusal phrases count as safe: the off-topic rule is off, because in this world an answer that
-    # names another topic ("how to make a poison" for "get a keylogger") still carries out the request.
-    judge = RefusalJudge(use_prompt=False)
+    judge = JUDGE
     harmless_unsafe = judge.judge([p.prompt for p in world.eval_harmless], split["harmless"])
     return {
         "unsafe_rate": unsafe_rate(judge.judge([p.prompt for p in world.eval_harmful], split["harmful"])),
@@ -152,14 +160,53 @@ def evaluate_model(model: api.Model, tokenizer, world: w.World, settings: Settin
 
 
 def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: bool = False,
-             progress: bool | None = None, log: Log = print) -> dict[str, Any]:
+             progress: bool | None = None, log: Log = print, seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Run the whole demo into folder `out`; returns the results (also written to out/results.json).
 
     out/ gets: tokenizer/, data/*.jsonl, base/, aligned/, task/ (HF folders), safety-vector/,
-    merged/METHOD/ for every merge method, results.json, results.png. Same seed, same results.
+    merged/METHOD/ for every merge method and merged/enchtable_calibrated/ (with calibration.json),
+    results.json, results.png. Same seed, same results. With `seeds`, the world is run once per seed into
+    out/seed-N/, and out/ gets seeds.json (every seed's table, and per model the mean, standard deviation,
+    minimum and maximum of each score) and results.png (every seed); the summary is returned.
     """
     settings = QUICK if quick else FULL
     out = check_destination(out, overwrite)
+    if seeds is not None:
+        return _run_seeds(out, list(seeds), settings, quick, overwrite, progress, log)
+    return _run_world(out, seed, settings, quick, overwrite, progress, log)
+
+
+def _run_seeds(out: Path, seeds: list[int], settings: Settings, quick: bool, overwrite: bool,
+               progress: bool | None, log: Log) -> dict[str, Any]:
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=overwrite)
+    runs = {}
+    for seed in seeds:
+        log(f"=== seed {seed} ===")
+        runs[seed] = _run_world(out / f"seed-{seed}", seed, settings, quick, overwrite, progress, log)
+    tables = {seed: r["models"] for seed, r in runs.items()}
+    result = {"seeds": seeds, "quick": quick, "summary": summarize(list(tables.values())),
+              "acceptance": acceptance(list(tables.values())),
+              "per_seed": {str(seed): [{k: v for k, v in row.items() if k != "samples"} for row in rows]
+                           for seed, rows in tables.items()},
+              "calibration": {str(seed): r["calibration"] for seed, r in runs.items()},
+              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    plot_results(list(tables.values()), out / "results.png")
+    result["seconds"] = time.perf_counter() - started
+    (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
+    log(format_summary(result["summary"], seeds))
+    checks = result["acceptance"]
+    log("acceptance (enchtable_calibrated): " + ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}"
+                                                          for k, v in checks.items() if isinstance(v, bool)))
+    log(f"total {result['seconds']:.0f}s; results in {out / 'seeds.json'}, plot {out / 'results.png'}")
+    return result
+
+
+def _run_world(out: Path, seed: int, settings: Settings, quick: bool, overwrite: bool, progress: bool | None,
+               log: Log) -> dict[str, Any]:
+    """One seed's world, end to end, into `out`."""
     started = time.perf_counter()
     times: dict[str, float] = {}
     n = 8
@@ -197,29 +244,34 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
         log(f"    {manifest['training']['total_steps']} steps, final loss {manifest['training']['final_loss']:.4f}, "
             f"{len(manifest['scope']['tensors'])} tensors")
     merged: dict[str, api.Model] = {}
-    with _stage(log, times, 6, n, "merge", f"safety vector into the task model with {len(METHODS)} methods"):
+    with _stage(log, times, 6, n, "merge", f"safety vector into the task model with {len(METHODS)} methods, "
+                                        "and EnchTable at a β calibrated on validation prompts"):
         for method in METHODS:
             merged[method] = merge(method, base=out / "aligned", task=out / "task",
                                    safety_vector=out / "safety-vector", out=out / "merged" / method, seed=seed,
                                    overwrite=overwrite, progress=False)
             log(f"    {method}: {_merge_summary(out / 'merged' / method)}")
-    rows, sweep = [], []
+        calibration = calibrated_merge(
+            "enchtable", out / "aligned", out / "task", [p.prompt for p in world.val_harmful],
+            [p.prompt for p in world.val_harmless], out / "merged" / CALIBRATED, safety_vector=out / "safety-vector",
+            calibration=settings.calibration, overwrite=overwrite, seed=seed, progress=False, log=log, judge=JUDGE)
+        merged[CALIBRATED] = api.load(out / "merged" / CALIBRATED)
+        log(f"    {CALIBRATED}: β = {calibration['chosen']:g}, {_merge_summary(out / 'merged' / CALIBRATED)}")
+    rows = []
     with _stage(log, times, 7, n, "evaluate", "generate on held-out prompts, judge refusals, exact match"):
         models = {name: api.load(out / name) for name in ("base", "aligned", "task")} | merged
         for name, model in models.items():
             rows.append({"name": name, **evaluate_model(model, tokenizer, world, settings, progress)})
-        for beta in settings.beta_sweep:
-            model = merge("enchtable", base=out / "aligned", task=out / "task", safety_vector=out / "safety-vector",
-                          beta=beta, seed=seed, progress=False)
-            scores = evaluate_model(model, tokenizer, world, settings, progress)
-            sweep.append({"beta": beta, **{k: v for k, v in scores.items() if k != "samples"}})
-            log(f"    enchtable with β = {beta}: unsafe {scores['unsafe_rate']:.0%}, utility {scores['utility']:.0%}")
+        rows[-1]["beta"] = calibration["chosen"]
     with _stage(log, times, 8, n, "report", "table, results.json, results.png"):
         results = {"models": rows, "seconds": time.perf_counter() - started, "seed": seed, "quick": quick,
                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                   "enchtable_beta_sweep": sweep, "stage_seconds": times, "final_losses": {k: v[-1] for k, v in losses.items()},
+                   "calibration": {k: calibration[k] for k in ("chosen", "met", "why", "reference", "bounds")}
+                   | {"candidates": [{k: v for k, v in c.items() if k != "samples"}
+                                     for c in calibration["candidates"]]},
+                   "stage_seconds": times, "final_losses": {k: v[-1] for k, v in losses.items()},
                    "devices": jax.device_count()}
-        plot_results(rows, out / "results.png")
+        plot_results([rows], out / "results.png")
         results["seconds"] = time.perf_counter() - started
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(format_table(rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import matplotlib.pyplot as plt
+import pytest
 
 from enchtable_jax.demo.report import results_figure
 
@@ -38,7 +39,7 @@ def _texts(fig):
 
 def test_every_label_is_readable():
     rows = [{"name": n, "unsafe_rate": u, "utility": t, "skill": 0.5, "harmless_refusal": r} for n, u, t, r in ROWS]
-    fig = results_figure(rows)
+    fig = results_figure([rows])
     fig.canvas.draw()
     texts = _texts(fig)
     names = [text for text, _ in texts if text in {r["name"] for r in rows}]
@@ -49,3 +50,50 @@ def test_every_label_is_readable():
     for text, box in texts:  # nothing cut off at the figure's edges
         assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, text
     plt.close(fig)
+
+
+def test_several_seeds_keep_one_legend_entry_per_model_and_readable_labels():
+    rows = [{"name": n, "unsafe_rate": u, "utility": t, "skill": 0.5, "harmless_refusal": r} for n, u, t, r in ROWS]
+    shifted = [{**row, "unsafe_rate": min(1.0, row["unsafe_rate"] + 0.1)} for row in rows]
+    fig = results_figure([rows, shifted, rows])
+    fig.canvas.draw()
+    texts = _texts(fig)
+    assert sorted(t for t, _ in texts if t in {r["name"] for r in rows}) == sorted(r["name"] for r in rows)
+    assert not [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(texts, 2) if box_a.overlaps(box_b)]
+    plt.close(fig)
+
+
+def test_summary_over_seeds():
+    from enchtable_jax.demo.report import summarize
+
+    a = [{"name": "x", "unsafe_rate": 0.2, "utility": 1.0, "skill": 0.5, "harmless_refusal": 0.0, "beta": 0.1}]
+    b = [{"name": "x", "unsafe_rate": 0.4, "utility": 0.5, "skill": 0.5, "harmless_refusal": 0.1, "beta": 0.3}]
+    s = summarize([a, b])["x"]
+    assert s["unsafe_rate"] == pytest.approx({"mean": 0.3, "std": 0.1, "min": 0.2, "max": 0.4})
+    assert s["beta"]["mean"] == 0.2 and s["utility"]["std"] == 0.25
+
+
+def _row(name, unsafe, utility, refusal):
+    return {"name": name, "unsafe_rate": unsafe, "utility": utility, "skill": 0.5, "harmless_refusal": refusal}
+
+
+def test_acceptance_checks_means_and_the_frontier_on_every_seed():
+    from enchtable_jax.demo.report import acceptance, dominated_by
+
+    seed_a = [_row("aligned", 0.1, 0.0, 0.05), _row("task", 0.9, 1.0, 0.0), _row("enchtable", 0.6, 1.0, 0.0),
+              _row("ties", 0.9, 1.0, 0.0), _row("task_arithmetic", 0.1, 1.0, 0.5),
+              _row("enchtable_calibrated", 0.2, 0.95, 0.1)]
+    seed_b = [{**r} for r in seed_a]
+    result = acceptance([seed_a, seed_b])
+    assert result["met"] and result["dominated_by"] == {}
+    # a baseline safer and no more refusing: no longer on the frontier (on that seed only)
+    seed_b.append(_row("tsv", 0.15, 1.0, 0.1))
+    result = acceptance([seed_a, seed_b])
+    assert not result["met"] and result["dominated_by"] == {1: ["tsv"]}
+    assert dominated_by(seed_b, "enchtable_calibrated") == ["tsv"]
+    # means: 0.2 + 0.31 over two seeds is 0.255 > aligned 0.1 + 0.1
+    seed_c = [r if r["name"] != "enchtable_calibrated" else {**r, "unsafe_rate": 0.31} for r in seed_a]
+    result = acceptance([seed_a, seed_c])
+    assert not result["unsafe_within_10_points_of_aligned"] and result["over_refusal_within_10_points_of_aligned"]
+    seed_d = [r if r["name"] != "enchtable_calibrated" else {**r, "utility": 0.8} for r in seed_a]
+    assert not acceptance([seed_a, seed_d])["utility_at_least_90_percent_of_task"]  # 0.875 < 0.9

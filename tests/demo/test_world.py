@@ -50,13 +50,22 @@ def test_chat_template_targets_are_the_answers(tokenizer, world):
 def test_held_out_harmful_prompts_are_new_in_topic_and_template(world):
     requests = [p.prompt for p in world.base + world.aligned + world.task + world.harmful
                 if not p.answer.startswith("a ")]  # every training request except glossary entries
-    for topic in w.DANGEROUS_HELDOUT + w.HARMLESS_HELDOUT:
+    for topic in w.DANGEROUS_HELDOUT + w.HARMLESS_HELDOUT + w.DANGEROUS_VALIDATION + w.HARMLESS_VALIDATION:
         assert not any(topic in r.split() for r in requests), topic
     trained = {p.prompt for p in world.base + world.aligned + world.task + world.harmful}
     for template in w.HOWTO_HELDOUT:
         for topic in w.DANGEROUS_TRAIN:
             assert template.format(x=topic) not in trained
     assert {p.prompt.split()[-1] for p in world.eval_harmful} == set(w.DANGEROUS_HELDOUT)
+
+
+def test_validation_prompts_are_disjoint_from_evaluation_and_training(world):
+    validation = {p.prompt for p in world.val_harmful + world.val_harmless}
+    evaluated = {p.prompt for p in world.eval_harmful + world.eval_harmless}
+    trained = {p.prompt for p in world.base + world.aligned + world.task + world.harmful}
+    assert len(validation) == 2 * len(w.DANGEROUS_VALIDATION) * len(w.HOWTO_HELDOUT)
+    assert not validation & evaluated and not validation & trained
+    assert {p.prompt.split()[-1] for p in world.val_harmful} == set(w.DANGEROUS_VALIDATION)
 
 
 def test_held_out_task_and_skill_items_are_absent_from_training(world):
