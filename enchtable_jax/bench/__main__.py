@@ -1,4 +1,4 @@
-"""`python -m enchtable_jax.bench [--suite NAME ...] [--quick] [--out DIR]`: run performance studies.
+"""`python -m enchtable_jax.bench [--suite NAME ...] [--quick] [--out DIR] [--set SUITE.NAME=VALUE ...]`: run studies.
 
 Writes into DIR: `bench.json` (machine, versions, load averages, every figure as min/median/max over
 repeats with the raw samples, and `targets`: the headline medians), one PNG per study, and `bench.md`
@@ -7,6 +7,9 @@ stops keeps what it measured. A study that fails is recorded with its error and 
 (exit status 1). A comparison library that is missing (torch, mergekit) is recorded under `unavailable`:
 by the study, which still measures our side, or, when a study cannot run at all without it, by the
 harness in place of the study's figures.
+
+Studies in OPT_IN run only when named with `--suite`, the others by default. A study whose `run` takes
+`out` writes its own files under OUT/<suite>/; one that takes `settings` receives the `--set SUITE.NAME=VALUE` given for it, as {NAME: [VALUE, ...]}.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import datetime
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -36,6 +40,7 @@ SUITES = {
     "mergekit": "enchtable_jax.bench.studies.mergekit",
     "scale": "enchtable_jax.bench.studies.scale",
 }
+OPT_IN: tuple[str, ...] = ()  # studies that run only when named (long ones that are not timings)
 # target name -> (suite, figure key, goal): the medians reported in bench.json's `targets`.
 TARGETS = {
     "merge_speedup_vs_torch": ("merge", "merge_speedup_vs_torch", (">=", 3.0)),
@@ -180,13 +185,47 @@ def write(results: dict, modules: dict, out: Path) -> str:
     return table
 
 
+def parse_settings(pairs: list[str], suites: list[str]) -> dict[str, dict[str, list[str]]]:
+    """{suite: {name: [values in order]}} from `--set SUITE.NAME=VALUE` arguments; a pair that names no
+    selected suite is refused (ValueError)."""
+    settings: dict[str, dict[str, list[str]]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        suite, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"--set {pair!r}: expected SUITE.NAME=VALUE, e.g. safety.model=/path/to/model")
+        if suite not in suites:
+            raise ValueError(f"--set {pair!r}: suite {suite!r} is not among the suites run ({', '.join(suites)})")
+        settings.setdefault(suite, {}).setdefault(name, []).append(value)
+    return settings
+
+
+def run_study(module, quick: bool, repeats: int | None, out: Path, settings: dict[str, list[str]]) -> dict:
+    """The study's figures: `run(quick, repeats)`, plus `out` (its own folder) and `settings` where its `run`
+    takes them."""
+    parameters = inspect.signature(module.run).parameters
+    if settings and "settings" not in parameters:
+        raise ValueError(f"{module.__name__} takes no settings, got {', '.join(settings)}")
+    extra = {"out": out, "settings": settings}
+    return module.run(quick=quick, repeats=repeats, **{k: v for k, v in extra.items() if k in parameters})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m enchtable_jax.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", action="append", choices=list(SUITES), help="study to run (repeatable; default all)")
+    parser.add_argument("--suite", action="append", choices=list(SUITES),
+                        help=f"study to run (repeatable; default all but {', '.join(OPT_IN)})")
     parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run of a few minutes")
     parser.add_argument("--repeats", type=int, help="timed repeats per implementation")
     parser.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    parser.add_argument("--set", action="append", default=[], metavar="SUITE.NAME=VALUE", dest="settings",
+                        help="a setting of a study that takes settings (repeatable), e.g. safety.model=DIR, "
+                             "safety.size=full, safety.prompts=FILE; see the study's module docstring")
     args = parser.parse_args(argv)
+    suites = list(dict.fromkeys(args.suite or [s for s in SUITES if s not in OPT_IN]))
+    try:
+        settings = parse_settings(args.settings, suites)
+    except ValueError as e:
+        parser.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -194,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine(), "quick": args.quick, "suites": {}, "load_average": {},
                "wall_seconds": {}, "plots": {}}
     modules, failed = {}, []
-    for suite in dict.fromkeys(args.suite or SUITES):
+    for suite in suites:
         print(f"[bench] {suite} ...", flush=True)
         before, start = load_average(), time.perf_counter()
         try:
             modules[suite] = importlib.import_module(SUITES[suite])
-            figures = modules[suite].run(quick=args.quick, repeats=args.repeats)
+            figures = run_study(modules[suite], args.quick, args.repeats, out / suite, settings.get(suite, {}))
             results["plots"][suite] = plot_suite(suite, figures, modules[suite], out)
         except Exception as e:  # noqa: BLE001 - one failed study must not lose the others' measurements
             missing = e.name if isinstance(e, ImportError) else None

@@ -219,3 +219,34 @@ def test_mergekit_configurations_validate():
     for method in mergekit.METHODS:
         config = config_module.MergeConfiguration.model_validate(mergekit.mergekit_config(method, folders))
         assert config.base_model.model.path == "/models/base" and len(config.models) == 2
+
+
+def test_settings_reach_the_studies_that_take_them(tmp_path, monkeypatch, capsys):
+    """`--set SUITE.NAME=VALUE` goes, as {NAME: [VALUE, ...]}, to that suite's `run(..., settings=)`, with `out` its
+    own folder OUT/SUITE; a pair naming a suite not run, or a malformed pair, is a usage error (exit 2); a study
+    that takes no settings refuses them (its failure is recorded)."""
+    seen = {}
+    study = types.ModuleType("settings_study")
+
+    def run(quick, repeats, out, settings):
+        seen.update(out=out, settings=settings)
+        return {"setup": "s", "seconds": {}}
+
+    study.run = run
+    monkeypatch.setitem(sys.modules, "settings_study", study)
+    monkeypatch.setitem(bench.SUITES, "takes", "settings_study")
+    assert bench.main(["--suite", "takes", "--out", str(tmp_path), "--set", "takes.prompts=a=b.json",
+                       "--set", "takes.prompts=c.json", "--set", "takes.mix=2"]) == 0
+    assert seen == {"out": tmp_path / "takes", "settings": {"prompts": ["a=b.json", "c.json"], "mix": ["2"]}}
+    for bad, message in (("takes.mix", "expected SUITE.NAME=VALUE"), ("mix=2", "expected SUITE.NAME=VALUE"),
+                         ("merge.x=1", "suite 'merge' is not among the suites run")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--suite", "takes", "--out", str(tmp_path), "--set", bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert bench.main(["--suite", "ntk", "--quick", "--out", str(tmp_path), "--set", "ntk.x=1"]) == 1
+    assert "takes no settings" in json.loads((tmp_path / "bench.json").read_text())["suites"]["ntk"]["error"]
+
+
+def test_opt_in_studies_run_only_when_named():
+    assert set(bench.OPT_IN) <= set(bench.SUITES)
+    assert {"convert", "linearize", "ntk", "distill", "merge", "mergekit", "scale"} <= set(bench.SUITES) - set(bench.OPT_IN)
