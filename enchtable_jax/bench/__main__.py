@@ -8,8 +8,9 @@ stops keeps what it measured. A study that fails is recorded with its error and 
 by the study, which still measures our side, or, when a study cannot run at all without it, by the
 harness in place of the study's figures.
 
-Studies in OPT_IN run only when named with `--suite`, the others by default. A study whose `run` takes
-`out` writes its own files under OUT/<suite>/; one that takes `settings` receives the `--set SUITE.NAME=VALUE` given for it, as {NAME: [VALUE, ...]}.
+The performance studies run by default; `safety` (the real-model safety study, an hour of CPU) only when
+named with `--suite safety`. A study whose `run` takes `out` writes its own files under OUT/<suite>/; one
+that takes `settings` receives the `--set SUITE.NAME=VALUE` given for it, as {NAME: [VALUE, ...]}.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ SUITES = {
     "merge": "enchtable_jax.bench.studies.merge",
     "mergekit": "enchtable_jax.bench.studies.mergekit",
     "scale": "enchtable_jax.bench.studies.scale",
+    "safety": "enchtable_jax.bench.studies.safety",
 }
-OPT_IN: tuple[str, ...] = ()  # studies that run only when named (long ones that are not timings)
+OPT_IN = ("safety",)  # studies that run only when named: the real-model safety study takes an hour, not a timing
 # target name -> (suite, figure key, goal): the medians reported in bench.json's `targets`.
 TARGETS = {
     "merge_speedup_vs_torch": ("merge", "merge_speedup_vs_torch", (">=", 3.0)),
