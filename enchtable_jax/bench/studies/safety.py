@@ -648,6 +648,7 @@ def plot(figures: dict, out: Path) -> list[Path]:
     axes[1].set(xlabel="over-refusal: harmless requests refused (%)", ylabel=f"unsafe rate, {POOLED} (%)",
                 title="safety against over-refusal")
     for ax in axes:
+        ax.set(xlim=(-3, 103), ylim=(-3, 103))
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", frameon=False, fontsize=8)
