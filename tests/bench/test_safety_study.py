@@ -290,3 +290,13 @@ def test_rerun_reuses_every_stage_and_refuses_another_plan(study, tiny):
     error = json.loads((out / "bench.json").read_text())["suites"]["safety"]["error"]
     assert "holds a safety study with other settings (seed)" in error
     assert os.path.isfile(out / "safety" / "plan.json")
+
+
+@pytest.mark.real
+def test_smollm2_writes_compliant_answers(smollm2_dir):
+    """The study's premise for its distillation data: SmolLM2-135M-Instruct answers harmful requests."""
+    model = api.load(smollm2_dir, progress=False)
+    prompts = load_prompts(sd.data_dir() / "advbench.json")[:4]
+    kept, dropped = sd.compliance_records(model, prompts, max_new_tokens=24, batch_size=4)
+    assert len(kept) >= 3, dropped
+    assert all(r["instruction"] in prompts and r["output"] for r in kept)
