@@ -164,7 +164,9 @@ def test_like_folder_copies_companion_files_only(f32, tmp_path):
     for name, text in companions.items():
         (like / name).write_text(text)
     junk = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-            "pytorch_model.bin", "pytorch_model.bin.index.json", "config.json", "enchtable.json", ".hidden"]
+            "pytorch_model.bin", "pytorch_model.bin.index.json", "config.json", "enchtable.json", ".hidden",
+            # records of how the source was made: a new model must not inherit them
+            "finetune.json", "loss.png", "merge_report.json", "merge_report.png", "calibration.json", "calibration.png"]
     for name in junk:
         (like / name).write_bytes(b"not for copying")
     (like / "subfolder").mkdir()

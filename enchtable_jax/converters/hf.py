@@ -33,8 +33,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_SHARD_SIZE = "5GB"
 # Files of a model folder that are not copied from a reference folder: weights, indices, the config
 # (written from the model's own), and this package's checkpoint marker.
+# Not companions: weights, configs, and the records this project writes about how a folder was made (a merge or a
+# fine-tune of a folder is another model, whose records would otherwise be the source's, silently wrong).
 _NOT_COPIED = re.compile(r"(config\.json|enchtable\.json|.*\.(safetensors|bin|pt|pth|ckpt|gguf|msgpack|h5)"
-                         r"|.*\.index\.json)$")
+                         r"|.*\.index\.json|(finetune|loss|merge_report|calibration)\.(json|png))$")
 
 Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
 
