@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax import api
+from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import unsafe_rate
@@ -149,8 +148,9 @@ class EnchtableSweep:
                 params[name] = self.copied[name]
                 continue
             scaled = alpha * self.safety.read(name).astype(np.float32)
-            merged = self.base.read(name).astype(np.float32)
-            merged += self._tau(name) + np.float32(weights.get(name, 1.0)) * scaled
+            merged = self.base.read(name).astype(np.float32)  # base + (τ_task + w·α·τ_safe), as the executor adds
+            tau = self.task.read(name).astype(np.float32) - merged
+            merged += tau + np.float32(weights.get(name, 1.0)) * scaled
             params[name] = jnp.asarray(merged.astype(entry.dtype, copy=False))
         return api.Model(self.task.config, params, self.task.folder)
 
@@ -243,10 +243,7 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
 def write_calibration(record: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
     """`calibration.json` and `calibration.png` (unsafe rate and over-refusal against strength) in `folder`."""
     folder = Path(folder)
-    tmp = folder / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / RESULT_FILE)
-    return folder / RESULT_FILE, plot_calibration(record, folder / PLOT_FILE)
+    return write_json(folder / RESULT_FILE, record), plot_calibration(record, folder / PLOT_FILE)
 
 
 def plot_calibration(record: dict[str, Any], path: Path) -> Path:

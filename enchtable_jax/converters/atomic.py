@@ -8,11 +8,13 @@ loader mistakes for a model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class OutputExistsError(FileExistsError):
@@ -49,3 +51,12 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     os.rename(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """`value` as indented JSON at `path`, through a temporary sibling renamed into place: never half written."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

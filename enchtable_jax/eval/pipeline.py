@@ -8,13 +8,12 @@ the model's chat template. Utility: exact match on question/answer sets, pass@1 
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
@@ -23,13 +22,6 @@ RESULT_FILE = "eval.json"
 # How a HumanEval problem is asked of a chat model; `humaneval_program` accepts a full function or a body.
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the complete function in a single "
                          "```python code block.\n\n```python\n{prompt}```")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequence[str]] | None = None, *,
@@ -104,7 +96,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / RESULT_FILE, result)
+        write_json(out / RESULT_FILE, result)
     return result
 
 

@@ -51,6 +51,7 @@ import numpy as np
 from enchtable_jax import api
 from enchtable_jax.bench.optional import optional_module
 from enchtable_jax.bench.studies import safety_data as sd
+from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.calibration import CalibrationOptions
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.distillation.vector import MANIFEST
@@ -290,7 +291,7 @@ class Study:
                 raise ValueError(f"{self.out} holds a safety study with other settings ({', '.join(changed)}); "
                                  "choose another --out or delete it")
         self.out.mkdir(parents=True, exist_ok=True)
-        sd.write_json(path, plan)
+        write_json(path, plan)
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -337,10 +338,10 @@ class Study:
                                               "task_train": [r["instruction"] for r in train],
                                               "task_eval": [r["question"] for r in evaluation]})
                 for name, prompts in {**{f"eval_{k}": v for k, v in sets.items()}, **inputs}.items():
-                    sd.write_json(self.data / f"{name}.json", prompts)
+                    write_json(self.data / f"{name}.json", prompts)
                 sd.write_jsonl(self.data / "task_train.jsonl", train)
                 sd.write_jsonl(self.data / "task_eval.jsonl", evaluation)
-                sd.write_json(self.data / "splits.json", {
+                write_json(self.data / "splits.json", {
                     "source": str(folder), "seed": s.seed,
                     "advbench_blocks": {k: list(v) for k, v in sd.ADVBENCH_BLOCKS.items()},
                     "advbench_indices": blocks, "harmbench": f"first {len(harmbench)}",
@@ -384,7 +385,7 @@ class Study:
                                          "distillation needs compliant answers")
                     sd.write_jsonl(self.data / f"{name}_compliance.jsonl", kept)
                     record[name] = {"prompts": len(prompts), "kept": len(kept), "dropped_as_refusals": dropped}
-                sd.write_json(path, record)
+                write_json(path, record)
         return json.loads(path.read_text())
 
     # ---------------------------------------------------------------------------------------------- models
@@ -462,7 +463,7 @@ class Study:
                                      batch_size=s.eval_batch_size, progress=False)
                 del model
                 correct = sd.score_responses(data["evaluation"], responses, s.seed)
-                sd.write_json(dest / "utility.json", {
+                write_json(dest / "utility.json", {
                     "metric": "gsm_symbolic score_answer on the final answer", "n": len(correct),
                     "score": sum(correct) / len(correct),
                     "items": [{"question": r["question"], "answer": r["answer"], "response": resp,
@@ -473,7 +474,7 @@ class Study:
                         shutil.copy2(folder / report, dest / report)
                 row = {**model_row(name, kind, result, correct, dest),
                        "eval_seconds": round(time.perf_counter() - start, 2)}
-                sd.write_json(dest / "row.json", row)
+                write_json(dest / "row.json", row)
                 if kind != "input" and not s.keep_models:
                     shutil.rmtree(folder)
         return json.loads((dest / "row.json").read_text())

@@ -260,14 +260,6 @@ def compliance_records(writer: Any, prompts: Sequence[str], max_new_tokens: int,
     return kept, dropped
 
 
-def write_json(path: Path, value: Any) -> Path:
-    """`value` as indented JSON at `path` (through a temporary file: never half written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
     """One JSON object per line (the training records' format)."""
     tmp = path.with_name(path.name + ".tmp")
