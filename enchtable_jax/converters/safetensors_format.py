@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
+from enchtable_jax.errors import EnchtableError
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -30,7 +31,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(EnchtableError):
     """A safetensors file that is truncated, corrupt or not safetensors at all."""
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from enchtable_jax.errors import EnchtableError
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(EnchtableError):
     """A `.bin` file that holds something other than tensors."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from enchtable_jax.models.tokenizer import TEMPLATES
+from enchtable_jax.errors import EnchtableError
 
 ROLES = ("system", "user", "assistant")
 GROUP_WINDOW_BATCHES = 50  # length grouping sorts within windows of this many batches
@@ -27,7 +28,7 @@ TEMPLATE_HINT = f"pass --template {'|'.join(TEMPLATES)}|FILE.jinja"
 Message = dict[str, str]
 
 
-class DataError(ValueError):
+class DataError(EnchtableError):
     """Unusable training data or chat template; the message names the file, record and field, and the fix."""
 
 

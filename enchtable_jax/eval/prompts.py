@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.distillation.data import read_json_or_jsonl
+from enchtable_jax.errors import EnchtableError
 
 PROMPT_FIELDS = ("prompt", "question", "goal", "instruction", "behavior")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(EnchtableError):
     """An unusable evaluation file; the message names the file, the item and the fix."""
 
 

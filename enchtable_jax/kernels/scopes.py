@@ -14,6 +14,7 @@ import dataclasses
 
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import expected_shapes, layer_prefix
+from enchtable_jax.errors import EnchtableError
 
 # scope name -> unit name suffixes inside each selected layer. `model` and `all` are global scopes.
 UNITS: dict[str, tuple[str, ...]] = {
@@ -36,7 +37,7 @@ SCOPE_HELP = {
 }
 
 
-class ScopeError(ValueError):
+class ScopeError(EnchtableError):
     """An unknown scope, a bad layer range, or a selection with no parameters."""
 
 

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from enchtable_jax.errors import EnchtableError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -30,7 +31,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-class ConfigError(ValueError):
+class ConfigError(EnchtableError):
     """A config.json that this package cannot use; the message names the field and the fix."""
 
 
