@@ -54,9 +54,15 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", o
         raise FileNotFoundError(f"{gguf_file}: GGUF file not found")
     if not is_gguf_file(gguf_file):
         raise ValueError(f"{gguf_file}: not a GGUF file (it does not start with {MAGIC!r})")
-    folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+    # transformers reads the GGUF file from a folder of its own holding only a link to it: files that happen to lie
+    # beside the GGUF (a config.json or tokenizer_config.json, perhaps asking for remote code) are never read, no
+    # code of the folder runs, and nothing is downloaded.
+    with tempfile.TemporaryDirectory() as alone:
+        name = "model.gguf"
+        (Path(alone) / name).symlink_to(gguf_file.resolve())
+        offline = {"gguf_file": name, "trust_remote_code": False, "local_files_only": True}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(alone, **offline)
+        model = transformers.AutoModelForCausalLM.from_pretrained(alone, dtype=getattr(torch, dtype), **offline)
     raw = model.config.to_dict()
     raw.pop("quantization_config", None)  # the weights written are plain floats
     raw.pop("_name_or_path", None)  # where the GGUF file lay: the folder would differ by the source's location

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import warnings
@@ -25,8 +26,10 @@ from tqdm.auto import tqdm
 from enchtable_jax.converters import safetensors_format as stf
 from enchtable_jax.converters.atomic import atomic_folder, check_destination
 from enchtable_jax.converters.torch_bin import load_bin
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import check_shapes
+from enchtable_jax.safe_io import MissingFileError, check_inside, contained, read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -62,7 +65,10 @@ class WeightIndex:
 
 
 def index_weights(folder: str | Path) -> WeightIndex:
-    """Locate the weight files of an HF folder and list their tensors (no tensor data read for safetensors)."""
+    """Locate the weight files of an HF folder and list their tensors (no tensor data read for safetensors).
+
+    Every weight file read resolves inside the folder (an index's shard names included, after symlinks).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
@@ -72,6 +78,7 @@ def index_weights(folder: str | Path) -> WeightIndex:
             files, expected = _files_from_index(folder, index_name)
             break
         if (folder / single).is_file():
+            check_inside(folder, folder / single)
             files, expected = [folder / single], None
             break
     else:
@@ -91,22 +98,30 @@ def index_weights(folder: str | Path) -> WeightIndex:
     if expected is not None:
         for name, file in expected.items():
             if name not in tensors or tensors[name].file != file:
-                raise ValueError(f"{folder / index_name}: tensor {name} is listed in {file.name} but that shard does "
-                                 "not hold it; the index and the shards do not belong together")
+                raise EnchtableError(f"{folder / index_name}: tensor {name} is listed in {file.name} but that shard "
+                                     "does not hold it; the index and the shards do not belong together")
     return WeightIndex(folder, fmt, tuple(files), tensors, infos)
 
 
 def _files_from_index(folder: Path, index_name: str) -> tuple[list[Path], dict[str, Path]]:
     path = folder / index_name
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid index (needs a 'weight_map' object): {e}") from e
-    expected = {name: folder / file for name, file in weight_map.items()}
+    check_inside(folder, path)
+    index = read_json(path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise EnchtableError(f"{path}: field weight_map must be a non-empty object of tensor name -> shard file, "
+                             f"got {weight_map!r:.200}")
+    suffix = ".safetensors" if index_name == SAFETENSORS_INDEX else ".bin"
+    expected = {}
+    for name, file in weight_map.items():
+        contained(folder, file, path, f"weight_map[{name!r}]")
+        if not file.endswith(suffix):
+            raise EnchtableError(f"{path}: field weight_map[{name!r}] names {file!r}, not a {suffix} file")
+        expected[name] = folder / os.path.normpath(file)
     files = list(dict.fromkeys(expected.values()))
     for file in files:
         if not file.is_file():
-            raise FileNotFoundError(f"{path}: shard {file.name} is listed but missing from {folder}")
+            raise MissingFileError(f"{path}: shard {file.name} is listed but missing from {folder}")
     return files, expected
 
 
@@ -209,7 +224,7 @@ def copy_companion_files(src: Path | None, dst: Path) -> list[str]:
     copied = []
     for file in sorted(Path(src).iterdir()):
         if file.is_file() and not file.name.startswith(".") and not _NOT_COPIED.fullmatch(file.name):
-            shutil.copy2(file, dst / file.name)
+            shutil.copy2(check_inside(src, file), dst / file.name)
             copied.append(file.name)
     return copied
 

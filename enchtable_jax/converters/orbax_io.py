@@ -20,6 +20,8 @@ from enchtable_jax.converters.atomic import atomic_folder
 from enchtable_jax.converters.hf import Sharding, copy_companion_files, is_float
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import check_shapes
+from enchtable_jax.errors import EnchtableError
+from enchtable_jax.safe_io import check_tree, parse_json, read_json
 
 MARKER = "enchtable.json"
 FORMAT = "enchtable-orbax"
@@ -32,9 +34,10 @@ def is_orbax_checkpoint(path: str | Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("format") == FORMAT
-    except json.JSONDecodeError:
+        value = parse_json(marker.read_bytes(), marker)
+    except EnchtableError:
         return False
+    return isinstance(value, dict) and value.get("format") == FORMAT
 
 
 def write_orbax(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array],
@@ -65,6 +68,7 @@ def read_orbax(path: str | Path, dtype=None, sharding: Sharding = None) -> tuple
     if not is_orbax_checkpoint(path):
         raise FileNotFoundError(f"{path}: not an enchtable orbax checkpoint (no {MARKER}); write one with "
                                 "`enchtable convert HF_DIR OUT`")
+    check_tree(path)  # orbax and tensorstore follow whatever the folder holds: no symlink may leave it
     config = ModelConfig.from_file(path / "config.json")
     specs = orbax_specs(path)
     check_shapes(config, {n: s for n, (s, _) in specs.items()}, str(path))
@@ -76,5 +80,8 @@ def read_orbax(path: str | Path, dtype=None, sharding: Sharding = None) -> tuple
         target[name] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=place or default)
     checkpointer = ocp.StandardCheckpointer()
     restored = checkpointer.restore(path / "params", target)
-    order = json.loads((path / MARKER).read_text()).get("tensors") or list(specs)
+    order = read_json(path / MARKER).get("tensors") or list(specs)
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(restored) or len(set(order)) != len(order):
+        raise EnchtableError(f"{path / MARKER}: field tensors must list each of the checkpoint's {len(restored)} "
+                             "tensors once; the marker and params/ do not belong together")
     return config, {name: restored[name] for name in order}

@@ -10,6 +10,7 @@ is truncated or corrupt. Files written here load with `safetensors` and transfor
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -49,7 +50,12 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a file's header without reading tensor data: ({name: info}, metadata)."""
+    """Parse and validate a file's header without reading tensor data: ({name: info}, metadata).
+
+    At least as strict as the `safetensors` package: header length within bounds, a JSON object with no
+    duplicate names, known dtypes, shapes of non-negative ints whose size matches the byte span, and spans
+    that are in order, do not overlap and cover the data region exactly, up to the end of the file.
+    """
     path = Path(path)
     size = path.stat().st_size
     bad = f"{path}: not a valid safetensors file"
@@ -60,32 +66,81 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raise SafetensorsError(f"{bad} ({size} bytes, shorter than the 8-byte header length); {fix}")
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
-            raise SafetensorsError(f"{bad}: header length {n} exceeds the file size {size}; {fix}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{bad}: header is not JSON ({e}); {fix}") from e
+            raise SafetensorsError(f"{bad}: header length {n} exceeds the file size {size}"
+                                   f"{'' if n <= _MAX_HEADER else f' or the {_MAX_HEADER}-byte limit'}; {fix}")
+        raw = f.read(n)
+    if not raw.lstrip(b" ").startswith(b"{"):
+        raise SafetensorsError(f"{bad}: header does not start with a JSON object; {fix}")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{bad}: header is not JSON ({e}); {fix}") from e
     if not isinstance(header, dict):
         raise SafetensorsError(f"{bad}: header is not a JSON object; {fix}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{bad}: field __metadata__ must map strings to strings, got {metadata!r:.200}; {fix}")
     infos: dict[str, TensorInfo] = {}
     data_start = 8 + n
+    spans = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SafetensorsError(f"{bad}: entry for tensor {name} is malformed ({entry!r}); {fix}") from e
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != expected or begin < 0:
-            raise SafetensorsError(f"{bad}: tensor {name} declares {end - begin} bytes but shape {shape} of "
-                                   f"{entry['dtype']} needs {expected}; {fix}")
+        where = f"{bad}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise SafetensorsError(f"{where}: entry must be an object, got {entry!r:.200}; {fix}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise SafetensorsError(f"{where}: entry lacks the field(s) {', '.join(missing)}; {fix}")
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise SafetensorsError(f"{where}: field dtype {dtype_name!r:.100} is not a known dtype "
+                                   f"({', '.join(DTYPES)}); {fix}")
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise SafetensorsError(f"{where}: field shape must be a list of non-negative integers, got "
+                                   f"{shape!r:.200}; {fix}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            raise SafetensorsError(f"{where}: field data_offsets must be two non-negative integers, got "
+                                   f"{offsets!r:.200}; {fix}")
+        dtype = DTYPES[dtype_name]
+        begin, end = offsets
+        expected = math.prod(shape) * dtype.itemsize
+        if end < begin or end - begin != expected:
+            raise SafetensorsError(f"{where}: declares {end - begin} bytes but shape {tuple(shape)} of {dtype_name} "
+                                   f"needs {expected}; {fix}")
         if data_start + end > size:
-            raise SafetensorsError(f"{path}: tensor {name} ends at byte {data_start + end} but the file has "
+            raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has "
                                    f"{size} bytes; {fix}")
-        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+        spans.append((begin, end, name))
+        infos[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            what = "overlaps the previous tensor" if begin < covered else f"leaves a gap of {begin - covered} bytes"
+            raise SafetensorsError(f"{bad}: tensor {name!r} starts at data offset {begin}, which {what}; tensors "
+                                   f"must cover the data region contiguously; {fix}")
+        covered = end
+    if data_start + covered != size:
+        raise SafetensorsError(f"{bad}: the tensors cover {covered} bytes of data but the file holds "
+                               f"{size - data_start}; {fix}")
     return infos, metadata
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"name {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 ALIGNMENT = 64  # bytes: JAX's CPU client adopts host buffers aligned like this instead of copying them

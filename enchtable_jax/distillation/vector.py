@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from enchtable_jax.converters import safetensors_format as stf
+from enchtable_jax.safe_io import check_inside
 
 FORMAT = "enchtable-safety-vector"
 VERSION = 1
@@ -76,6 +77,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST}; not a finished safety vector (was distillation "
                                 "interrupted? resume it with `enchtable distill ... --resume`)")
+    check_inside(folder, path)
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not an enchtable safety-vector manifest (format {manifest.get('format')!r})")
@@ -85,6 +87,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 def load_safety_vector(folder: str | Path) -> SafetyVector:
     """Read τ and its manifest from a safety-vector folder."""
     manifest = read_manifest(folder)
+    check_inside(folder, Path(folder) / TENSORS)
     infos, _ = stf.read_header(Path(folder) / TENSORS)
     with open(Path(folder) / TENSORS, "rb") as f:
         tensors = {name: stf.read_tensor(f, info) for name, info in infos.items()}

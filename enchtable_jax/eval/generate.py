@@ -13,7 +13,6 @@ prompt's sample does not depend on which prompts share its batch (up to float ro
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.transformer import Params, forward_cached, init_cache
+from enchtable_jax.safe_io import check_inside, read_json
 
 MIN_WIDTH = 16  # smallest prompt-width bucket
 
@@ -63,10 +63,8 @@ def eos_ids(model: Any, tokenizer: Any = None) -> tuple[int, ...]:
     add(model.config.hf.get("eos_token_id"))
     if model.source is not None and (Path(model.source) / "generation_config.json").is_file():
         path = Path(model.source) / "generation_config.json"
-        try:
-            add(json.loads(path.read_text()).get("eos_token_id"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
+        check_inside(model.source, path)
+        add(read_json(path).get("eos_token_id"))  # errors name the file: not UTF-8, not JSON, not an object
     if tokenizer is not None:
         add(getattr(tokenizer, "eos_token_id", None))
     return tuple(sorted(found))

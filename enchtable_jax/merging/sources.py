@@ -14,6 +14,7 @@ from enchtable_jax.converters.hf import index_weights, iter_tensors
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.distillation.vector import TENSORS, read_manifest
 from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.safe_io import check_inside
 
 
 class TensorSource:
@@ -99,6 +100,7 @@ class SafetyDelta:
 
 
 def _folder_source_from_file(file: Path, what: str) -> TensorSource:
+    check_inside(file.parent, file)
     infos, _ = stf.read_header(file)
     handle = open(file, "rb")  # noqa: SIM115 - kept open for the whole merge
     specs = {n: (i.shape, i.dtype) for n, i in infos.items()}

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.safe_io import check_inside, read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -71,25 +73,38 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-        """Resolve a raw Hugging Face config dict; `source` names it in errors."""
+        """Resolve a raw Hugging Face config dict; `source` names it in errors.
+
+        Every field used is type-checked (a bool is not an integer; floats are finite and positive).
+        """
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: a config must be a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: field 'model_type' {model_type!r:.100} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         d = {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or k == "sliding_window"}}
         for name in _REQUIRED:
-            if not isinstance(d.get(name), int) or d[name] <= 0:
-                raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {d.get(name)!r}")
+            _positive_int(d.get(name), name, source)
         heads = d["num_attention_heads"]
-        kv_heads = d.get("num_key_value_heads", heads)
-        if not isinstance(kv_heads, int) or kv_heads <= 0:
-            raise ConfigError(f"{source}: field 'num_key_value_heads' must be a positive integer, got {kv_heads!r}")
+        kv_heads = _positive_int(d.get("num_key_value_heads", heads), "num_key_value_heads", source)
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
                               f"num_key_value_heads ({kv_heads})")
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        if d["hidden_act"] not in ACTIVATIONS:
-            raise ConfigError(f"{source}: hidden_act {d['hidden_act']!r} is not supported; supported: "
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            head_dim = d["hidden_size"] // heads
+            if head_dim <= 0:
+                raise ConfigError(f"{source}: field 'hidden_size' ({d['hidden_size']}) is smaller than "
+                                  f"num_attention_heads ({heads}); give head_dim or fix the sizes")
+        else:
+            _positive_int(head_dim, "head_dim", source)
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+            if name in d and not isinstance(d[name], bool):
+                raise ConfigError(f"{source}: field {name!r} must be true or false, got {d[name]!r:.100}")
+        _positive_float(d["rms_norm_eps"], "rms_norm_eps", source)
+        if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACTIVATIONS:
+            raise ConfigError(f"{source}: field 'hidden_act' {d['hidden_act']!r:.100} is not supported; supported: "
                               f"{', '.join(ACTIVATIONS)}")
         rope_theta, rope = _read_rope(d, source)
         bias = {
@@ -127,19 +142,37 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; an HF model folder needs one "
                                     "(copy it from the model this checkpoint came from)")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        check_inside(path.parent, path)
+        raw = read_json(path, expect=None)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the file must hold a JSON object, got {type(raw).__name__}")
         return cls.from_hf(raw, source=str(path))
+
+
+def _positive_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r:.100}")
+    return value
+
+
+def _positive_float(value: Any, name: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source}: field {name!r} must be a finite positive number, got {value!r:.100}")
+    return float(value)
 
 
 def _read_rope(d: Mapping[str, Any], source: str) -> tuple[float, RopeScaling]:
     """RoPE settings from transformers-5 `rope_parameters` or transformers-4 `rope_theta`/`rope_scaling`."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10_000.0)))
+    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    params = d.get(field) or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{source}: field {field!r} must be an object, got {params!r:.100}")
+    if "rope_theta" in params:
+        theta = _positive_float(params["rope_theta"], f"{field}.rope_theta", source)
+    else:
+        theta = _positive_float(d.get("rope_theta", 10_000.0), "rope_theta", source)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: "
                           f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
@@ -148,13 +181,15 @@ def _read_rope(d: Mapping[str, Any], source: str) -> tuple[float, RopeScaling]:
                if k not in params]
     if missing:
         raise ConfigError(f"{source}: rope type {rope_type!r} needs field(s) {missing} in rope_parameters")
+    original = params.get("original_max_position_embeddings")
+    original = _positive_int(original, f"{field}.original_max_position_embeddings", source) if original is not None \
+        else _positive_int(d.get("max_position_embeddings", 8192), "max_position_embeddings", source)
     return theta, RopeScaling(
         rope_type=rope_type,
-        factor=float(params["factor"]),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings",
-                                                        d.get("max_position_embeddings", 8192))),
+        factor=_positive_float(params["factor"], f"{field}.factor", source),
+        low_freq_factor=_positive_float(params.get("low_freq_factor", 1.0), f"{field}.low_freq_factor", source),
+        high_freq_factor=_positive_float(params.get("high_freq_factor", 4.0), f"{field}.high_freq_factor", source),
+        original_max_position_embeddings=original,
     )
 
 
@@ -163,14 +198,20 @@ def _sliding_windows(model_type: str, d: Mapping[str, Any], source: str) -> tupl
     n = d["num_hidden_layers"]
     if model_type == "llama":
         return (None,) * n
+    if d["sliding_window"] is not None:  # llama returned above: the other families always have the key
+        _positive_int(d["sliding_window"], "sliding_window", source)
     if model_type == "mistral":  # one window for every layer; a missing key means 4096, null means none
         return (d["sliding_window"],) * n
     window = d["sliding_window"] if d.get("use_sliding_window") else None
     layer_types = d.get("layer_types")
+    if isinstance(d["max_window_layers"], bool) or not isinstance(d["max_window_layers"], int):
+        raise ConfigError(f"{source}: field 'max_window_layers' must be an integer, got "
+                          f"{d['max_window_layers']!r:.100}")
     if layer_types is None:
         layer_types = ["sliding_attention" if window is not None and i >= d["max_window_layers"] else "full_attention"
                        for i in range(n)]
-    if len(layer_types) != n or set(layer_types) - {"sliding_attention", "full_attention"}:
+    if (not isinstance(layer_types, list) or len(layer_types) != n
+            or not all(t in ("sliding_attention", "full_attention") for t in layer_types)):
         raise ConfigError(f"{source}: layer_types must list 'full_attention'/'sliding_attention' for each of "
                           f"the {n} layers, got {layer_types!r}")
     return tuple(window if t == "sliding_attention" else None for t in layer_types)

@@ -13,6 +13,9 @@ from pathlib import Path
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from enchtable_jax.errors import EnchtableError
+from enchtable_jax.safe_io import check_inside, check_tree, contained, read_json
+
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -84,12 +87,64 @@ def byte_level_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> transfo
         clean_up_tokenization_spaces=False)
 
 
+class TokenizerError(EnchtableError):
+    """A tokenizer folder that cannot be read safely: not local, asking for its own code, or naming outside files."""
+
+
+# JSON files of a tokenizer folder that transformers reads and that can ask for the folder's own Python code.
+_CODE_CONFIGS = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def check_tokenizer_folder(folder: str | Path) -> Path:
+    """Refuse a tokenizer folder that is not a local folder, or whose files ask for code or point outside it.
+
+    Checked before transformers reads anything, so no prompt about remote code can appear: `auto_map` in a
+    config refused; every `*_file` entry of tokenizer_config.json and every file of the folder must resolve
+    inside it (after symlinks). Returns the folder's resolved path.
+    """
+    given = folder
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise TokenizerError(f"{given}: not a local folder; tokenizers are only read from a folder on disk (nothing "
+                             "is downloaded): pass the folder that holds tokenizer.json / tokenizer_config.json")
+    folder = folder.resolve()
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() or entry.is_symlink():
+            check_inside(folder, entry)
+    templates = folder / "additional_chat_templates"
+    if templates.is_dir():
+        check_inside(folder, templates)
+        check_tree(templates)
+    for name in _CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = read_json(path, expect=None)
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+        if "auto_map" in config:
+            raise TokenizerError(f"{path}: field auto_map asks to run Python code shipped with the folder; refused "
+                                 "(enchtable never runs a model's own code). Use a folder whose tokenizer transformers "
+                                 "supports natively")
+        if name == "tokenizer_config.json":
+            for key, value in config.items():
+                if key.endswith("_file") and isinstance(value, str):
+                    contained(folder, value, path, key)
+    return folder
+
+
 def load_tokenizer(folder: str | Path | None, purpose: str) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer saved in a model folder (read offline by `AutoTokenizer`); errors say what needed it."""
+    """The tokenizer saved in a local model folder, read offline by `AutoTokenizer` without running any code.
+
+    Errors say what needed it. No hub access (`local_files_only`), no remote code (`trust_remote_code=False`,
+    and a folder that asks for it is refused before transformers is called, so nothing ever prompts).
+    """
     if folder is None:
         raise FileNotFoundError(f"the model was not loaded from a folder, so it has no tokenizer; {purpose}: pass a "
                                 "tokenizer or a folder holding one")
+    resolved = check_tokenizer_folder(folder)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
+        return transformers.AutoTokenizer.from_pretrained(str(resolved), trust_remote_code=False,
+                                                          local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{folder}: no usable tokenizer files ({e}); {purpose}") from e
