@@ -17,6 +17,7 @@ import numpy as np
 
 from enchtable_jax.converters.hf import (DEFAULT_SHARD_SIZE, Sharding, index_weights, read_hf, write_hf)
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint, orbax_specs, read_orbax, write_orbax
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.init import count_parameters
 from enchtable_jax.models.tensors import check_shapes
@@ -68,16 +69,21 @@ def save(model: Model, path: str | Path, like: str | Path | None = None, shard_s
 
     like: folder whose tokenizer / chat-template / generation-config files are copied (default: the
     folder the model was loaded from). shard_size: bytes or a string such as '5GB'. Atomic: an
-    interrupted save never leaves a complete-looking folder. Returns the folder's absolute path.
+    interrupted save never leaves a complete-looking folder, and `path` may not be, contain or lie inside
+    the `like` folder (by default the model's source). Returns the folder's absolute path.
     """
-    return write_hf(path, model.config, model.params, like=like if like is not None else model.source,
+    like = like if like is not None else model.source
+    path = check_output(path, {"like": like}, overwrite, "path")
+    return write_hf(path, model.config, model.params, like=like,
                     shard_size=shard_size, overwrite=overwrite, progress=progress)
 
 
 def save_orbax(model: Model, path: str | Path, like: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write `model` as an orbax checkpoint folder (with config and tokenizer files); returns its path."""
-    return write_orbax(path, model.config, model.params, like=like if like is not None else model.source,
-                       overwrite=overwrite)
+    """Write `model` as an orbax checkpoint folder (with config and tokenizer files); returns its path.
+    Atomic, and `path` may not be, contain or lie inside the `like` folder (by default the model's source)."""
+    like = like if like is not None else model.source
+    path = check_output(path, {"like": like}, overwrite, "path")
+    return write_orbax(path, model.config, model.params, like=like, overwrite=overwrite)
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from enchtable_jax import api
-from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
@@ -24,7 +24,7 @@ def _convert(args: argparse.Namespace) -> None:
         return
     to_hf = is_orbax_checkpoint(src)
     # refuse bad requests before reading anything
-    check_destination(args.dst, args.overwrite)
+    check_output(args.dst, {"src": src, "--like": args.like}, args.overwrite, "dst")
     parse_size(args.shard_size)
     if args.like is not None and not to_hf:
         raise ValueError("--like applies to orbax -> HF conversion; an HF source brings its own files")
@@ -47,7 +47,7 @@ def _convert_gguf(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.src}: not a GGUF file; a source is an HF folder, an orbax checkpoint or a GGUF file")
     if args.like is not None:
         raise ValueError("--like applies to orbax -> HF conversion; a GGUF file brings its own tokenizer")
-    check_destination(args.dst, args.overwrite)
+    check_output(args.dst, {"src": args.src}, args.overwrite, "dst")
     parse_size(args.shard_size)
     start = time.perf_counter()
     out = gguf_to_hf(args.src, args.dst, dtype=args.dtype or "float32", overwrite=args.overwrite,
@@ -78,7 +78,7 @@ def _init(args: argparse.Namespace) -> None:
 
     from enchtable_jax.models.tokenizer import byte_level_tokenizer
 
-    check_destination(args.dst, args.overwrite)
+    check_output(args.dst, None, args.overwrite, "dst")
     config = preset_config(args.preset, args.arch)
     model = api.Model(config, init_params(config, seed=args.seed, dtype=args.dtype))
     with tempfile.TemporaryDirectory() as tokenizer_dir:  # a byte-level tokenizer with a ChatML template
@@ -192,7 +192,8 @@ def _merge(args: argparse.Namespace) -> None:
         raise ValueError(f"merge needs --{', --'.join(missing)} (or --list)")
     if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
         raise ValueError("give either --safety-vector, or both --aligned and --harmful")
-    check_destination(args.out, args.overwrite)
+    check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
+                            ("base", "task", "safety_vector", "aligned", "harmful", "calibrate")}, args.overwrite)
     _initialize_distributed(args)
     if args.calibrate:
         from enchtable_jax.workflow import calibrated_merge
@@ -246,6 +247,8 @@ def _enchant(args: argparse.Namespace) -> None:
     from enchtable_jax.calibration import CalibrationOptions
     from enchtable_jax.workflow import enchant
 
+    check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
+                            ("base", "task", "safety_vector", "aligned", "data", "calibrate")}, args.overwrite)
     calibrate_on, calibration, strength = None, CalibrationOptions(), {"alpha": args.alpha, "beta": args.beta}
     if args.calibrate:
         harmful_val, benign_val, calibration = _calibration(args)
@@ -312,6 +315,8 @@ def _eval(args: argparse.Namespace) -> None:
     prompts, qa, humaneval = args.prompts or [], args.qa or [], args.humaneval or []
     if not (prompts or qa or humaneval):
         raise ValueError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
+    check_output(Path(args.out) / RESULT_FILE, {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": prompts,
+                 "--qa": qa, "--humaneval": humaneval, "--judge-model": args.judge_model}, args.overwrite, file=True)
     names = iter(_set_names([*prompts, *qa, *humaneval]))
     result = evaluate(
         args.model, args.tokenizer,

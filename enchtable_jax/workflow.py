@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.calibration import CalibrationOptions, calibrate, write_calibration
-from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.distillation.vector import MANIFEST
@@ -26,16 +26,17 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
                      **method_options: Any) -> dict[str, Any]:
     """Calibrate `method`'s strength on the two validation prompt sets (see `calibration`), merge at the chosen
     strength into the HF folder `out`, and add `calibration.json` and `calibration.png` to it; returns the
-    calibration record."""
-    out = check_destination(out, overwrite)
+    calibration record. `out` is checked against the inputs before any work, and the calibration files are
+    written into it before it is published."""
+    out = check_output(out, {"--base": base, "--task": task, "--safety-vector": safety_vector, "--aligned": aligned,
+                             "--harmful": harmful, "reference": reference}, overwrite)
     record = calibrate(method, base, task, harmful_prompts, benign_prompts, safety_vector=safety_vector,
                        aligned=aligned, harmful=harmful, reference=reference, options=calibration, judge=judge, seed=seed,
                        progress=progress, log=log, **method_options)
     strength = {record["parameter"]: record["chosen"]}
     merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector, out=out, seed=seed,
-          overwrite=overwrite, shard_size=shard_size, progress=progress, return_model=False, **strength,
-          **method_options)
-    write_calibration(record, out)
+          overwrite=overwrite, shard_size=shard_size, progress=progress, return_model=False,
+          finish=lambda folder: write_calibration(record, folder), **strength, **method_options)
     return record
 
 
@@ -48,9 +49,14 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
     """Distil a safety vector from `aligned` (default: `base`) on harmful `data`, or reuse the finished one
     in `vector_dir` (default: OUT-safety-vector), then merge it into `task` with `enchtable`: at β from
     `merge_options` (default 0.1), or at the β calibrated on `calibrate_on` = (harmful prompts, harmless
-    prompts) against the aligned model's refusal rates."""
-    out = check_destination(out, overwrite)
-    vector_dir = Path(vector_dir) if vector_dir is not None else out.with_name(out.name + "-safety-vector")
+    prompts) against the aligned model's refusal rates. Both outputs (`out`, and `vector_dir` when it is
+    distilled) are checked against the inputs and each other before any work."""
+    resolved = Path(out).expanduser().resolve()
+    vector_dir = Path(vector_dir) if vector_dir is not None else resolved.with_name(resolved.name + "-safety-vector")
+    inputs = {"--base": base, "--task": task, "--aligned": aligned, "--data": data}
+    out = check_output(out, {**inputs, "--safety-vector": vector_dir}, overwrite)
+    if not (vector_dir / MANIFEST).is_file():
+        check_output(vector_dir, inputs, False, "--safety-vector", exists_ok=True)
     if not (vector_dir / MANIFEST).is_file():
         if data is None:
             raise ValueError(f"{vector_dir} holds no finished safety vector; pass harmful data (--data) to distil one")

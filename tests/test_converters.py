@@ -651,7 +651,7 @@ def test_output_exists(f32, tmp_path):
         assert snapshot(tmp_path) == before
     file = tmp_path / "a-file"
     file.write_text("x")
-    with pytest.raises(OutputExistsError, match="not a folder"):
+    with pytest.raises(enchtable_jax.errors.EnchtableError, match="is a file"):
         enchtable_jax.save(model, file, overwrite=True)
     assert file.read_text() == "x"
 

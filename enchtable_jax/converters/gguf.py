@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.torch_bin import tensor_to_numpy
 from enchtable_jax.models.config import ModelConfig
 
@@ -52,6 +53,7 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", o
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"{gguf_file}: GGUF file not found")
+    out = check_output(out, {"gguf_file": gguf_file}, overwrite, "out")  # before any work
     if not is_gguf_file(gguf_file):
         raise ValueError(f"{gguf_file}: not a GGUF file (it does not start with {MAGIC!r})")
     # transformers reads the GGUF file from a folder of its own holding only a link to it: files that happen to lie

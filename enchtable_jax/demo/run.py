@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from enchtable_jax import api
 from enchtable_jax.calibration import CalibrationOptions
-from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.demo import world as w
 from enchtable_jax.demo.report import acceptance, format_summary, format_table, plot_results, summarize
 from enchtable_jax.demo.train import TrainOptions, fine_tune
@@ -170,7 +170,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
     minimum and maximum of each score) and results.png (every seed); the summary is returned.
     """
     settings = QUICK if quick else FULL
-    out = check_destination(out, overwrite)
+    out = check_output(out, None, overwrite)
     if seeds is not None:
         return _run_seeds(out, list(seeds), settings, quick, overwrite, progress, log)
     return _run_world(out, seed, settings, quick, overwrite, progress, log)

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 
 from enchtable_jax import api
-from enchtable_jax.converters.atomic import OutputExistsError
-from enchtable_jax.distillation.vector import MANIFEST, versions, write_vector
+from enchtable_jax.converters.atomic import OutputExistsError, publish
+from enchtable_jax.converters.outputs import check_outputs, shared_staging_folder
+from enchtable_jax.distillation.vector import versions, write_vector
 from enchtable_jax.training import loop
 
 
@@ -38,12 +39,30 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
             progress: bool | None = None) -> dict[str, Any]:
     """Distil τ_safe from the aligned model at `model` on harmful `data_path`; write it to `out`.
 
-    Returns the manifest. `on_step(step, metrics)` is called after every optimizer step.
+    Returns the manifest. `on_step(step, metrics)` is called after every optimizer step. `out` and
+    `export_harmful` are checked against the inputs before any work (`outputs.check_outputs`); with `overwrite`
+    an existing `out` is replaced only at the very end (the new run is staged in a hidden sibling).
     """
-    out = Path(out).expanduser().resolve()
-    ckpt_dir = out / "checkpoints"
-    _check_output(out, ckpt_dir, resume, overwrite)
-    run = loop.train(model, data_path, ckpt_dir, options, linearized=options.linearized, resume=resume,
+    paths = check_outputs({"--out": out, "--export-harmful": export_harmful}, {"--model": model, "--data": data_path},
+                          overwrite, exists_ok={"--out"})
+    out, export_harmful = paths["--out"], paths.get("--export-harmful")
+    work = _work_folder(out, resume, overwrite)
+    try:
+        manifest = _distill(model, data_path, work, options, resume, overwrite, export_harmful, on_step, progress)
+    except BaseException:
+        if work != out and jax.process_index() == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if work != out and jax.process_index() == 0:
+        publish(work, out, overwrite=True)
+    return manifest
+
+
+def _distill(model: str | Path, data_path: str | Path, work: Path, options: DistillOptions, resume: bool,
+             overwrite: bool, export_harmful: Path | None, on_step: Callable[[int, dict[str, float]], None] | None,
+             progress: bool | None) -> dict[str, Any]:
+    """Train in `work` (`out`, or its staging sibling) and write the vector there; returns the manifest."""
+    run = loop.train(model, data_path, work / "checkpoints", options, linearized=options.linearized, resume=resume,
                      label="distill", purpose="distillation", on_step=on_step, progress=progress)
     model0, scope, delta = run.model0, run.scope, run.delta
     tau = {n: (-delta[n]).astype(model0.params[n].dtype) for n in scope.params}  # τ_safe = θ0 − θ_harm = −Δ
@@ -57,9 +76,9 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
         "versions": versions(),
     }
     primary = jax.process_index() == 0
-    write_vector(out, tau, manifest, primary=primary)
+    write_vector(work, tau, manifest, primary=primary)
     if primary:
-        loop.plot_losses(run.losses, out / "loss.png", f"distillation, scope {scope.name}")
+        loop.plot_losses(run.losses, work / "loss.png", f"distillation, scope {scope.name}")
     if export_harmful is not None and primary:
         harm = {**model0.params, **{n: (np.asarray(model0.params[n], np.float32) + delta[n])
                                     .astype(model0.params[n].dtype) for n in scope.params}}
@@ -67,17 +86,17 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
     return manifest
 
 
-def _check_output(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
+def _work_folder(out: Path, resume: bool, overwrite: bool) -> Path:
+    """Where the run trains and writes: `out` itself (a new output, or `resume`), or, to replace an existing
+    `out` with `overwrite`, a hidden staging sibling that is published over it at the end (nothing of the old
+    run is deleted before then; an interrupted replacement cannot be resumed and starts again)."""
     if resume:
-        if not ckpt_dir.is_dir():
+        if not (out / "checkpoints").is_dir():
             raise FileNotFoundError(f"{out}: nothing to resume (no checkpoints/ folder); run without --resume")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out} already exists; pass --resume to continue its run, --overwrite to start "
-                                    "again, or choose another output")
-        if jax.process_index() == 0:
-            for child in (ckpt_dir, out / "safety_vector"):
-                shutil.rmtree(child, ignore_errors=True)
-            for name in (MANIFEST, "safety_vector.safetensors", "loss.png"):
-                (out / name).unlink(missing_ok=True)
+        return out
+    if not (out.exists() and any(out.iterdir())):
+        return out
+    if not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --resume to continue its run, --overwrite to start "
+                                "again, or choose another output")
+    return shared_staging_folder(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.converters.atomic import write_json
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
@@ -37,7 +38,8 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     qa_sets: {name: [{question, answer}]}, scored by exact match (`metrics.answer_matches`).
     humaneval_sets: {name: [{task_id, prompt, test, entry_point}]}, scored by pass@1 in a subprocess.
     tokenizer: a transformers tokenizer, a folder, or None for the model's folder. out: a folder for
-    `eval.json` (refused if it exists there, unless `overwrite`). Returns the result dict written there.
+    `eval.json` (refused before any work if it exists there, unless `overwrite`, if the folder cannot be written,
+    or if `eval.json` would be inside the model's or tokenizer's folder). Returns the result dict written there.
     """
     from enchtable_jax import api
 
@@ -48,9 +50,8 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     if len(set(names)) != len(names):
         raise ValueError(f"set names must be unique across kinds, got {names}")
     if out is not None:
-        out = Path(out).expanduser().resolve()
-        if (out / RESULT_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{out / RESULT_FILE} exists; choose another --out or pass --overwrite")
+        out = check_output(Path(out) / RESULT_FILE, {"--model": model, "--tokenizer": tokenizer}, overwrite,
+                           file=True).parent
     if isinstance(model, (str, Path)):
         model = api.load(model, progress=progress)
     tokenizer = resolve_tokenizer(model, tokenizer)
@@ -96,7 +97,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / RESULT_FILE, result)
+        write_json(out / RESULT_FILE, result, overwrite=overwrite)
     return result
 
 

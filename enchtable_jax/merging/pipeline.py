@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 
 from enchtable_jax import api
-from enchtable_jax.converters.atomic import check_destination
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import method_options
@@ -25,21 +26,23 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
           alpha: float | None = None, beta: float | None = None, seed: int = 0, overwrite: bool = False,
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
           mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, return_model: bool = True,
-          **options: Any) -> api.Model | None:
+          finish: Callable[[Path], None] | None = None, **options: Any) -> api.Model | None:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
     The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
     HF folders, orbax checkpoints or loaded `Model`s. α: fixed with `alpha`, else β·‖τ_task‖/‖τ_safe‖
     with `beta` (default 0.1) for adaptive methods, else 1. With `out`, the result is streamed into an
     HF folder (tokenizer files from the task model) with `merge_report.json` and `merge_report.png`,
-    and returned loaded unless `return_model=False`; without it, the merged Model is returned.
+    and returned loaded unless `return_model=False`; without it, the merged Model is returned. `out` may
+    not be, contain or lie inside an input; `finish(folder)` adds files to the output before it is published.
     On CPU devices LAPACK runs single-threaded for the merge, one decomposition per device at once: the
     bytes written then do not depend on the device count, and a busy machine does not stall it (see
     `kernels.cpu_threads`; give the process one CPU device per core to use them all).
     """
     options = method_options(method, options)
     if out is not None:
-        out = check_destination(out, overwrite)
+        out = check_output(out, {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
+                                 "--safety-vector": safety_vector}, overwrite)
     start = time.perf_counter()
     base_src, task_src = open_model(base, "base"), open_model(task, "task")
     safety = SafetyDelta(safety_vector, aligned, harmful)
@@ -61,6 +64,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
                    "seconds": time.perf_counter() - start,
                    "peak_rss_bytes": peak_rss_bytes()}
         write_report(folder, report_dict(plan, method, options, summary))
+        if finish is not None:
+            finish(folder)
 
     specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
     write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,

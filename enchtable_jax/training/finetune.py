@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from enchtable_jax.converters.atomic import OutputExistsError, check_destination
+from enchtable_jax.converters.atomic import OutputExistsError
+from enchtable_jax.converters.outputs import check_outputs, shared_staging_folder
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.distillation.vector import versions
 from enchtable_jax.models.tensors import OPTIONAL_TIED_HEAD
@@ -54,14 +55,21 @@ def finetune(model: str | Path, data_path: str | Path, out: str | Path, options:
     the result to the HF folder `out`; returns its record (what `out/finetune.json` holds).
 
     `resume` continues a killed run from OUT-checkpoints/ (deleted once `out` is written); an existing `out`
-    or unfinished checkpoints are refused unless `overwrite`. `on_step(step, metrics)` is called after every
-    optimizer step.
+    or unfinished checkpoints are refused unless `overwrite`, and both are checked against the inputs before any
+    work; nothing is deleted before the end (the checkpoints of a run started afresh over an unfinished one go to
+    a hidden sibling). `on_step(step, metrics)` is called after every optimizer step.
     """
-    out = check_destination(out, overwrite)
-    ckpt_dir = checkpoint_dir(out)
-    _check_checkpoints(ckpt_dir, resume, overwrite)
-    run = loop.train(model, data_path, ckpt_dir, options, linearized=False, resume=resume, label="finetune",
-                     purpose="fine-tuning", on_step=on_step, progress=progress)
+    paths = check_outputs({"--out": out, "OUT-checkpoints": checkpoint_dir(out)},
+                          {"--model": model, "--data": data_path}, overwrite, exists_ok={"OUT-checkpoints"})
+    out, ckpt_dir = paths["--out"], paths["OUT-checkpoints"]
+    work = _checkpoint_folder(ckpt_dir, resume, overwrite)
+    try:
+        run = loop.train(model, data_path, work, options, linearized=False, resume=resume, label="finetune",
+                         purpose="fine-tuning", on_step=on_step, progress=progress)
+    except BaseException:
+        if work != ckpt_dir and jax.process_index() == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     model0 = run.model0
     params = {**model0.params, **{n: (np.asarray(model0.params[n], np.float32) + d).astype(model0.params[n].dtype)
                                   for n, d in run.delta.items()}}
@@ -85,19 +93,22 @@ def finetune(model: str | Path, data_path: str | Path, out: str | Path, options:
 
         write_hf(out, model0.config, params, like=model0.source, shard_size=shard_size, overwrite=overwrite,
                  progress=progress, finish=finish)
-        shutil.rmtree(ckpt_dir)
+        for folder in {work, ckpt_dir}:
+            shutil.rmtree(folder, ignore_errors=True)
     return record
 
 
-def _check_checkpoints(ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to resume without checkpoints, or to start afresh over an unfinished run's checkpoints."""
+def _checkpoint_folder(ckpt_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Where the run checkpoints: `ckpt_dir`, or, when it holds an unfinished run's checkpoints and `overwrite`
+    starts afresh, a hidden sibling (the old checkpoints are deleted only once the output is written). Refuses
+    to resume without checkpoints, or to start afresh over them without `overwrite`."""
     if resume:
         if not ckpt_dir.is_dir():
             raise FileNotFoundError(f"nothing to resume: no checkpoints in {ckpt_dir}; run without --resume")
-        return
-    if ckpt_dir.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{ckpt_dir} holds the checkpoints of an unfinished run; pass --resume to "
-                                    "continue it, --overwrite to start again")
-        if jax.process_index() == 0:
-            shutil.rmtree(ckpt_dir)
+        return ckpt_dir
+    if not ckpt_dir.exists():
+        return ckpt_dir
+    if not overwrite:
+        raise OutputExistsError(f"{ckpt_dir} holds the checkpoints of an unfinished run; pass --resume to "
+                                "continue it, --overwrite to start again")
+    return shared_staging_folder(ckpt_dir)
