@@ -582,3 +582,13 @@ def test_valid_safetensors_files_are_read_like_the_package_reads_them(tmp_path, 
         for name in ours:
             assert ours[name].shape == expected[name].shape and ours[name].tobytes() == expected[name].tobytes()
     assert all(math.prod(i.shape) * i.dtype.itemsize == i.nbytes for i in infos.values())
+
+
+@pytest.mark.parametrize("shape", [[0, 2 ** 32, 2 ** 32], [0, 2 ** 63], [1] * 40])
+def test_shapes_numpy_cannot_hold_are_refused_not_crashed(tmp_path, shape):
+    """Found by the fuzz: a zero-size tensor with huge other dimensions passed the byte check, then numpy raised."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_file({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0 if 0 in shape else 4]}},
+                           bytes(0 if 0 in shape else 4)))
+    with pytest.raises(stf.SafetensorsError, match="tensor 'a'"):
+        stf.read_header(path)

@@ -10,7 +10,6 @@ is truncated or corrupt. Files written here load with `safetensors` and transfor
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -102,9 +101,16 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
             raise SafetensorsError(f"{where}: field data_offsets must be two non-negative integers, got "
                                    f"{offsets!r:.200}; {fix}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SafetensorsError(f"{bad}: tensor name {name!r:.100} is not valid UTF-8; {fix}") from e
         dtype = DTYPES[dtype_name]
         begin, end = offsets
-        expected = math.prod(shape) * dtype.itemsize
+        expected = _checked_size(shape, dtype.itemsize)
+        if expected is None or not _representable(shape):
+            raise SafetensorsError(f"{where}: shape {shape!r:.200} of {dtype_name} overflows 64 bits or has more "
+                                   f"than {_MAX_DIMS} dimensions; {fix}")
         if end < begin or end - begin != expected:
             raise SafetensorsError(f"{where}: declares {end - begin} bytes but shape {tuple(shape)} of {dtype_name} "
                                    f"needs {expected}; {fix}")
@@ -126,8 +132,34 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return infos, metadata
 
 
+_U64 = 2 ** 64
+
+
 def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON integer that is an unsigned 64-bit value (what the format's `usize` fields hold)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _U64
+
+
+_MAX_DIMS = 32  # numpy's limit is 64; no model tensor comes near either
+
+
+def _representable(shape: list[int]) -> bool:
+    """A shape numpy can allocate: few enough dimensions, and the product of its non-zero ones within int64."""
+    total = 1
+    for dim in shape:
+        total *= dim or 1
+    return len(shape) <= _MAX_DIMS and total < 2 ** 63
+
+
+def _checked_size(shape: list[int], itemsize: int) -> int | None:
+    """Bytes of a tensor, or None when any partial product overflows 64 bits (as the Rust reader checks)."""
+    total = 1
+    for dim in shape:
+        total *= dim
+        if total >= _U64:
+            return None
+    total *= itemsize
+    return total if total < _U64 else None
 
 
 def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
