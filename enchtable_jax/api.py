@@ -22,6 +22,7 @@ from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.init import count_parameters
 from enchtable_jax.models.tensors import check_shapes
 from enchtable_jax.models.transformer import forward
+from enchtable_jax.nonfinite import check_params, device_finite, output_error
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["config", "source"])
@@ -48,8 +49,11 @@ def _kind(path: Path) -> str:
                             "checkpoint; config.json is missing")
 
 
-def load(path: str | Path, dtype: Any = None, sharding: Sharding = None, progress: bool | None = None) -> Model:
+def load(path: str | Path, dtype: Any = None, sharding: Sharding = None, progress: bool | None = None,
+         allow_nonfinite: bool = False) -> Model:
     """Load an HF folder or an orbax checkpoint written by `save_orbax`.
+
+    A tensor holding NaN or Inf is an error naming the file and the tensor, unless `allow_nonfinite`.
 
     dtype: cast floating tensors (default: keep the stored dtype; bf16 stays bf16).
     sharding: a `jax.sharding.Sharding` for every tensor, or a function (name, shape) -> Sharding, so a
@@ -58,8 +62,10 @@ def load(path: str | Path, dtype: Any = None, sharding: Sharding = None, progres
     path = Path(path).expanduser().resolve()
     if _kind(path) == "orbax":
         config, params = read_orbax(path, dtype=dtype, sharding=sharding)
+        check_params(params, path, allow_nonfinite)  # on the devices the restore put them on
     else:
-        config, params = read_hf(path, dtype=dtype, sharding=sharding, progress=progress)
+        config, params = read_hf(path, dtype=dtype, sharding=sharding, progress=progress,
+                                 allow_nonfinite=allow_nonfinite)
     return Model(config, params, path)
 
 
@@ -83,6 +89,9 @@ def save_orbax(model: Model, path: str | Path, like: str | Path | None = None, o
     Atomic, and `path` may not be, contain or lie inside the `like` folder (by default the model's source)."""
     like = like if like is not None else model.source
     path = check_output(path, {"like": like}, overwrite, "path")
+    for name, finite in device_finite(model.params).items():  # never write a non-finite model
+        if not finite:
+            raise output_error(str(path), name, model.params[name])
     return write_orbax(path, model.config, model.params, like=like, overwrite=overwrite)
 
 

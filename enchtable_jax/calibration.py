@@ -32,6 +32,7 @@ import numpy as np
 
 from enchtable_jax import api
 from enchtable_jax.converters.atomic import write_json
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import unsafe_rate
@@ -40,6 +41,7 @@ from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
 from enchtable_jax.merging.sources import SafetyDelta, open_model
+from enchtable_jax.options import COUNT, OPTIONAL_COUNT, POSITIVE, RATE, check_fields, ranged
 
 RESULT_FILE = "calibration.json"
 PLOT_FILE = "calibration.png"
@@ -52,37 +54,39 @@ class CalibrationOptions:
     """What to sweep and how candidates are judged; tolerances are rates (0.05 = 5 points)."""
 
     grid: tuple[float, ...] | None = None  # strengths to try; default GRIDS[the method's parameter]
-    unsafe_tolerance: float = 0.05
-    refusal_tolerance: float = 0.05
-    max_new_tokens: int = 32
-    limit: int | None = None  # first N prompts of each validation set
-    batch_size: int = 16
+    unsafe_tolerance: float = ranged(0.05, RATE)
+    refusal_tolerance: float = ranged(0.05, RATE)
+    max_new_tokens: int = ranged(32, COUNT)
+    limit: int | None = ranged(None, OPTIONAL_COUNT)  # first N prompts of each validation set
+    batch_size: int = ranged(16, COUNT)
     template: str | None = None  # chat template override (as in eval)
     stop_early: bool = False  # stop at the first candidate that meets the target (fewer evaluations)
 
     def __post_init__(self):
+        check_fields(self)  # the ranges declared above; the CLI's flags use the same ones
         if self.grid is not None:
-            grid = tuple(float(g) for g in self.grid)
-            if not grid or any(not np.isfinite(g) or g <= 0 for g in grid):
-                raise ValueError(f"option grid must be positive finite strengths, got {self.grid!r}")
-            object.__setattr__(self, "grid", tuple(sorted(set(grid))))
-        for name in ("unsafe_tolerance", "refusal_tolerance"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"option {name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "batch_size"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"option {name} must be positive, got {getattr(self, name)!r}")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"option limit must be positive, got {self.limit!r}")
+            object.__setattr__(self, "grid", parse_grid(self.grid))
+
+
+def parse_grid(grid) -> tuple[float, ...]:
+    """Strengths to try, sorted and distinct: positive finite numbers (a sequence, or text 'S1,S2,...')."""
+    items = grid.split(",") if isinstance(grid, str) else grid
+    try:
+        values = tuple(float(g) for g in items)
+    except (TypeError, ValueError):
+        values = ()
+    if not values or any(not POSITIVE.contains(g) for g in values):
+        raise EnchtableError(f"option grid must be positive finite strengths, e.g. 0.05,0.1,0.2; got {grid!r}")
+    return tuple(sorted(set(values)))
 
 
 def strength_parameter(method: str) -> str:
     """'beta' for methods with an adaptive α, 'alpha' for the others; an error for methods without α."""
     if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
+        raise EnchtableError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
     spec = METHODS[method]
     if not spec.uses_alpha:
-        raise ValueError(f"method {method!r} has no strength to calibrate (α does not enter its formula)")
+        raise EnchtableError(f"method {method!r} has no strength to calibrate (α does not enter its formula)")
     return "beta" if spec.adaptive_alpha else "alpha"
 
 
@@ -114,7 +118,7 @@ class EnchtableSweep:
     def __init__(self, base: ModelLike, task: ModelLike, safety: SafetyDelta, options: dict[str, Any],
                  progress: bool | None = None):
         if options["learnable"]:
-            raise ValueError("calibration does not support the learnable EnchTable variant")
+            raise EnchtableError("calibration does not support the learnable EnchTable variant")
         self.base, self.task, self.safety, self.options = open_model(base, "base"), open_model(task, "task"), safety, options
         self.plan = executor.plan(self.base, self.task, safety, "enchtable", alpha=None, beta=1.0, progress=progress)
         self.alpha_per_beta = self.plan.alpha  # α = β·‖τ_task‖/‖τ_safe‖
@@ -192,7 +196,7 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
     harmful_prompts = list(harmful_prompts)[:options.limit]
     benign_prompts = list(benign_prompts)[:options.limit]
     if not harmful_prompts or not benign_prompts:
-        raise ValueError("calibration needs at least one harmful and one harmless validation prompt")
+        raise EnchtableError("calibration needs at least one harmful and one harmless validation prompt")
     grid = options.grid or GRIDS[parameter]
     judge = judge if judge is not None else RefusalJudge()
     start = time.perf_counter()

@@ -13,6 +13,7 @@ from enchtable_jax import api
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 
@@ -119,7 +120,7 @@ def _distill(args: argparse.Namespace) -> None:
     _initialize_distributed(args)
     options = _distill_options(args)
     manifest = distill(args.model, args.data, args.out, options, resume=args.resume, overwrite=args.overwrite,
-                       export_harmful=args.export_harmful)
+                       export_harmful=args.export_harmful, allow_nonfinite=args.allow_nonfinite)
     if jax.process_index() != 0:
         return
     print(f"safety vector: {args.out}  (scope {manifest['scope']['name']}, {len(manifest['scope']['tensors'])} "
@@ -142,7 +143,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
     _initialize_distributed(args)
     record = finetune(args.model, args.data, args.out, _distill_options(args, FinetuneOptions), resume=args.resume,
-                      overwrite=args.overwrite, shard_size=args.shard_size)
+                      overwrite=args.overwrite, shard_size=args.shard_size, allow_nonfinite=args.allow_nonfinite)
     if jax.process_index() != 0:
         return
     print(f"fine-tuned model: {args.out}  (scope {record['scope']['name']}, {len(record['scope']['tensors'])} "
@@ -207,7 +208,8 @@ def _merge(args: argparse.Namespace) -> None:
     else:
         merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
               safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta, seed=args.seed,
-              overwrite=args.overwrite, shard_size=args.shard_size, return_model=False, **_method_options(args))
+              overwrite=args.overwrite, shard_size=args.shard_size, return_model=False,
+              allow_nonfinite=args.allow_nonfinite, **_method_options(args))
     if jax.process_index() != 0:  # process 0 writes the folder and reports
         return
     report = json.loads((Path(args.out) / "merge_report.json").read_text())
@@ -346,79 +348,121 @@ def _seeds(text: str | None) -> list[int] | None:
         try:
             seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
         except ValueError:
-            raise ValueError(f"--seeds expects ranges and numbers like 0-4 or 0,2,7, got {text!r}") from None
+            raise EnchtableError(f"--seeds expects ranges and numbers like 0-4 or 0,2,7, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must name distinct seeds, got {text!r}")
+        raise EnchtableError(f"--seeds must name distinct seeds, got {text!r}")
     return seeds
 
 
+def _ranged(p: argparse.ArgumentParser, flag: str, range_, help: str | None = None, **kwargs) -> None:
+    """A numeric flag parsed and checked by the `Range` declared with the option (options.py): an out-of-range
+    value or NaN exits 2 at parse time naming the flag and the range, which --help also shows."""
+    p.add_argument(flag, type=range_.arg_type(flag), help=range_.help(help), **kwargs)
+
+
+def _shard_size(text: str) -> str:
+    """argparse type of --shard-size: checked at parse time, passed on as written."""
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _calibrate_grid(text: str) -> str:
+    """argparse type of --calibrate-grid: positive finite strengths, checked at parse time."""
+    from enchtable_jax.calibration import parse_grid
+
+    try:
+        parse_grid(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_nonfinite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept input tensors holding NaN or Inf (refused by default, naming file and tensor); the "
+                        "output is still checked, and a NaN or Inf in it is an error")
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=float, help="fixed scale of the safety delta")
-    p.add_argument("--beta", type=float, help="adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
-    p.add_argument("--keep", type=float, help="enchtable/tsv: fraction γ of singular triplets kept (0.5)")
-    p.add_argument("--interference-scale", type=float, help="enchtable: scale of ι (200)")
+    from enchtable_jax.merging.methods import MERGE_OPTIONS, option_range
+
+    _ranged(p, "--alpha", MERGE_OPTIONS["alpha"], "fixed scale of the safety delta")
+    _ranged(p, "--beta", MERGE_OPTIONS["beta"], "adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
+    _ranged(p, "--keep", option_range("keep"), "enchtable/tsv: fraction γ of singular triplets kept (0.5)")
+    _ranged(p, "--interference-scale", option_range("interference_scale"), "enchtable: scale of ι (200)")
     p.add_argument("--learnable", action="store_true", help="enchtable: learn the safety weight")
-    p.add_argument("--density", type=float, help="ties/dare/breadcrumbs: fraction of entries kept")
-    p.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest outliers dropped")
-    p.add_argument("--threshold", type=float, help="safelora: similarity threshold (0.5)")
-    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other method option (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random methods (dare)")
-    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
+    _ranged(p, "--density", option_range("density"), "ties/dare/breadcrumbs: fraction of entries kept")
+    _ranged(p, "--gamma", option_range("gamma"), "breadcrumbs: fraction of largest outliers dropped")
+    _ranged(p, "--threshold", option_range("threshold"), "safelora: similarity threshold (0.5)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="any other method option (repeatable; checked against the method's declared ranges)")
+    _ranged(p, "--seed", MERGE_OPTIONS["seed"], "seed of random methods (dare)", default=0)
+    p.add_argument("--shard-size", type=_shard_size, default=DEFAULT_SHARD_SIZE,
+                   help="largest safetensors shard of the output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     from enchtable_jax.calibration import GRIDS, CalibrationOptions
+    from enchtable_jax.options import field_ranges
 
     d = CalibrationOptions()
+    r = field_ranges(d)
     p.add_argument("--calibrate", nargs=2, metavar=("HARMFUL_VAL", "BENIGN_VAL"),
                    help="choose the strength (β for enchtable, else α) on these validation prompt files: the "
                         "smallest on the grid whose unsafe rate and over-refusal are within the tolerances of the "
                         "aligned model's (--aligned, else --base); writes calibration.json and calibration.png")
-    p.add_argument("--calibrate-grid", metavar="S1,S2,...",
+    p.add_argument("--calibrate-grid", metavar="S1,S2,...", type=_calibrate_grid,
                    help=f"strengths to try (default β {','.join(map(str, GRIDS['beta']))}; "
                         f"α {','.join(map(str, GRIDS['alpha']))})")
-    p.add_argument("--unsafe-tolerance", type=float, default=d.unsafe_tolerance,
-                   help=f"allowed unsafe rate above the aligned model's, in [0, 1] (default {d.unsafe_tolerance})")
-    p.add_argument("--refusal-tolerance", type=float, default=d.refusal_tolerance,
-                   help=f"allowed over-refusal above the aligned model's, in [0, 1] (default {d.refusal_tolerance})")
-    p.add_argument("--calibrate-max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"tokens generated per validation prompt (default {d.max_new_tokens})")
-    p.add_argument("--calibrate-limit", type=int, help="use the first N prompts of each validation file")
+    _ranged(p, "--unsafe-tolerance", r["unsafe_tolerance"], f"allowed unsafe rate above the aligned model's "
+            f"(default {d.unsafe_tolerance})", default=d.unsafe_tolerance)
+    _ranged(p, "--refusal-tolerance", r["refusal_tolerance"], f"allowed over-refusal above the aligned model's "
+            f"(default {d.refusal_tolerance})", default=d.refusal_tolerance)
+    _ranged(p, "--calibrate-max-new-tokens", r["max_new_tokens"], f"tokens generated per validation prompt "
+            f"(default {d.max_new_tokens})", default=d.max_new_tokens)
+    _ranged(p, "--calibrate-limit", r["limit"], "use the first N prompts of each validation file")
     p.add_argument("--calibrate-stop-early", action="store_true",
                    help="stop at the first strength that meets the target (fewer evaluations, shorter plot)")
 
 
 def _add_distributed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", help="multi-host: coordinator address HOST:PORT for jax.distributed")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    p.add_argument("--init-timeout", type=int, default=300, help="multi-host: seconds to wait for all processes")
+    from enchtable_jax.options import DISTRIBUTED_OPTIONS as r
+
+    _ranged(p, "--num-processes", r["num_processes"], "multi-host: number of processes")
+    _ranged(p, "--process-id", r["process_id"], "multi-host: this process's index")
+    _ranged(p, "--init-timeout", r["init_timeout"], "multi-host: seconds to wait for all processes", default=300)
 
 
 def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed", defaults=None) -> None:
     """One flag per training option, defaults from `defaults` (DistillOptions(), or FinetuneOptions())."""
     from enchtable_jax.distillation.train import DistillOptions
     from enchtable_jax.kernels.scopes import SCOPE_HELP
+    from enchtable_jax.options import field_ranges
 
     d = defaults if defaults is not None else DistillOptions()
+    r = field_ranges(d)  # the ranges declared with the defaults: the flags refuse what the options would
     p.add_argument("--scope", default=d.scope, help="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items())
                    + "; combine with '+'")
     p.add_argument("--layers", help="layer range as a Python slice, e.g. 12:-12 (default: all)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--max-length", type=int, default=d.max_length, help="truncate rendered examples to this many tokens")
-    p.add_argument(seed_flag, dest="distill_seed", type=int, default=d.seed, help="seed of the data order")
+    _ranged(p, "--epochs", r["epochs"], default=d.epochs)
+    _ranged(p, "--steps", r["steps"], "optimizer steps (overrides --epochs)")
+    _ranged(p, "--lr", r["lr"], default=d.lr)
+    _ranged(p, "--batch-size", r["batch_size"], "examples per micro-batch", default=d.batch_size)
+    _ranged(p, "--grad-accum", r["grad_accum"], "micro-batches per optimizer step", default=d.grad_accum)
+    _ranged(p, "--warmup-ratio", r["warmup_ratio"], default=d.warmup_ratio)
+    _ranged(p, "--weight-decay", r["weight_decay"], default=d.weight_decay)
+    _ranged(p, "--max-grad-norm", r["max_grad_norm"], default=d.max_grad_norm)
+    _ranged(p, "--max-length", r["max_length"], "truncate rendered examples to this many tokens", default=d.max_length)
+    _ranged(p, seed_flag, r["seed"], "seed of the data order", dest="distill_seed", default=d.seed)
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
                    help="forward/backward dtype (master weights stay float32; default: the model's dtype)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
-    p.add_argument("--fsdp", type=int, default=d.fsdp, help="devices per parameter shard group (1: replicate)")
+    _ranged(p, "--save-every", r["save_every"], "checkpoint every N optimizer steps", default=d.save_every)
+    _ranged(p, "--fsdp", r["fsdp"], "devices per parameter shard group (1: replicate)", default=d.fsdp)
     p.add_argument("--template", help="chat template if the model has none: chatml, llama3, plain, or a .jinja file")
     p.add_argument("--no-group-by-length", action="store_true", help="do not group similar lengths into batches")
     if hasattr(d, "linearized"):
@@ -426,6 +470,8 @@ def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed", 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from enchtable_jax.options import DEMO_OPTIONS, EVAL_OPTIONS, INIT_OPTIONS
+
     parser = argparse.ArgumentParser(
         prog="enchtable",
         description="EnchTable in JAX: transfer safety alignment into fine-tuned LLMs. "
@@ -443,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: those stored in the checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast floating tensors (default: keep; GGUF: float32)")
-    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard, e.g. 5GB, 500MB")
+    p.add_argument("--shard-size", type=_shard_size, default=DEFAULT_SHARD_SIZE,
+                   help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert)
 
@@ -460,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
+    _ranged(p, "--seed", INIT_OPTIONS["seed"], default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_init)
 
@@ -475,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--export-harmful", metavar="DIR", help="also write theta_harm as an HF folder")
+    _add_nonfinite_option(p)
     _add_distributed_options(p)
     p.set_defaults(func=_distill)
 
@@ -491,10 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "chat (messages)")
     p.add_argument("--out", required=True, help="output HF folder")
     _add_distill_options(p, defaults=FinetuneOptions())
+    _add_nonfinite_option(p)
     p.add_argument("--resume", action="store_true", help="continue the run from OUT-checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and discard unfinished "
                                                              "checkpoints")
-    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest safetensors shard of the output")
+    p.add_argument("--shard-size", type=_shard_size, default=DEFAULT_SHARD_SIZE,
+                   help="largest safetensors shard of the output")
     _add_distributed_options(p)
     p.set_defaults(func=_finetune)
 
@@ -510,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", help="the aligned model after harmful fine-tuning")
     p.add_argument("--out", help="output HF folder")
     _add_merge_options(p)
+    _add_nonfinite_option(p)
     _add_calibration_options(p)
     _add_distributed_options(p)
     p.set_defaults(func=_merge)
@@ -542,16 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--humaneval", action="append", metavar="FILE",
                    help="HumanEval-format JSONL: task_id, prompt, test, entry_point (pass@1; repeatable)")
     p.add_argument("--out", help="output folder for eval.json")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, help="use the first N items of every set")
+    _ranged(p, "--max-new-tokens", EVAL_OPTIONS["max_new_tokens"], default=128)
+    _ranged(p, "--limit", EVAL_OPTIONS["limit"], "use the first N items of every set")
     p.add_argument("--template",
                    help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
     p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    _ranged(p, "--batch-size", EVAL_OPTIONS["batch_size"], "prompts per generation batch", default=16)
+    _ranged(p, "--temperature", EVAL_OPTIONS["temperature"], "0: greedy decoding", default=0.0)
+    _ranged(p, "--top-p", EVAL_OPTIONS["top_p"], "nucleus sampling mass (with --temperature > 0)", default=1.0)
+    _ranged(p, "--seed", EVAL_OPTIONS["seed"], "sampling seed", default=0)
+    _ranged(p, "--timeout", EVAL_OPTIONS["timeout"], "seconds per HumanEval program", default=10.0)
     p.add_argument("--judge-model", metavar="DIR",
                    help="judge with a local LLM (HF folder) instead of refusal patterns")
     p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),
@@ -569,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "them on held-out prompts; writes the model folders, results.json and results.png "
                                    "into OUT and prints the table.")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world, the initialisation and the data order")
+    _ranged(p, "--seed", DEMO_OPTIONS["seed"], "seed of the world, the initialisation and the data order", default=0)
     p.add_argument("--seeds", metavar="0-4",
                    help="run the world once per seed (ranges and lists: 0-4, 0,2,7) into OUT/seed-N and report the "
                         "mean and spread of every score in OUT/seeds.json")

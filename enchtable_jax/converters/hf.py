@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from enchtable_jax.converters import safetensors_format as stf
 from enchtable_jax.converters.atomic import atomic_folder, check_destination
-from enchtable_jax.converters.torch_bin import load_bin
+from enchtable_jax.safe_io import MissingFileError, check_inside, contained, read_json
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.converters.torch_bin import load_bin
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import check_shapes
-from enchtable_jax.safe_io import MissingFileError, check_inside, contained, read_json
+from enchtable_jax.nonfinite import check_input, check_output
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -159,9 +160,12 @@ def is_float(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def read_hf(folder: str | Path, dtype=None, sharding: Sharding = None,
-            progress: bool | None = None) -> tuple[ModelConfig, dict[str, jax.Array]]:
-    """Load an HF folder: config, then every tensor checked, streamed, cast if `dtype`, and placed."""
+def read_hf(folder: str | Path, dtype=None, sharding: Sharding = None, progress: bool | None = None,
+            allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """Load an HF folder: config, then every tensor checked, streamed, cast if `dtype`, and placed.
+
+    A tensor holding NaN or Inf is refused, naming its file, unless `allow_nonfinite`.
+    """
     folder = Path(folder)
     config = ModelConfig.from_file(folder / "config.json")
     index = index_weights(folder)
@@ -176,6 +180,7 @@ def read_hf(folder: str | Path, dtype=None, sharding: Sharding = None,
                unit_scale=True, desc=f"load {folder.name}", disable=_disable(progress))
     with bar:
         for name, arr in iter_tensors(index):
+            check_input(arr, index.tensors[name].file, name, allow_nonfinite)  # the host buffer, before placing
             loaded[name] = place(name, arr)
             bar.update(arr.nbytes)
     params = {name: loaded[name] for name in index.tensors}  # stored order, not file order
@@ -244,12 +249,13 @@ def hf_config_dict(config: ModelConfig, params: Mapping[str, jax.Array]) -> dict
 def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array], like: str | Path | None = None,
              shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool | None = None,
              produce: Iterator[tuple[str, np.ndarray]] | None = None,
-             finish: Callable[[Path], None] | None = None) -> Path:
+             finish: Callable[[Path], None] | None = None, check_finite: bool = True) -> Path:
     """Write an HF folder at `path` (atomically); returns its absolute path.
 
     With `produce`, `params` only describes the tensors (anything with .shape and .dtype, in write
     order) and `produce` yields (name, array) in that order as they are computed: a streaming write
-    that never holds the model.
+    that never holds the model. Every tensor is checked to be finite before it is written (a NaN or Inf is an
+    error and nothing is written) unless `check_finite=False`, for a producer that checked them itself.
     """
     path = check_destination(path, overwrite)
     limit = parse_size(shard_size)
@@ -281,6 +287,8 @@ def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Arr
                 if got != name or host.shape != tuple(arr.shape) or host.dtype != np.dtype(arr.dtype):
                     raise RuntimeError(f"producer gave {got} {host.shape} {host.dtype}, expected {name} "
                                        f"{tuple(arr.shape)} {np.dtype(arr.dtype)}")
+            if check_finite:
+                check_output(host, str(path), name)
             bar.update(host.nbytes)
             return host
 

@@ -36,7 +36,7 @@ class DistillOptions(loop.TrainingOptions):
 def distill(model: str | Path, data_path: str | Path, out: str | Path, options: DistillOptions = DistillOptions(),
             resume: bool = False, overwrite: bool = False, export_harmful: str | Path | None = None,
             on_step: Callable[[int, dict[str, float]], None] | None = None,
-            progress: bool | None = None) -> dict[str, Any]:
+            progress: bool | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Distil τ_safe from the aligned model at `model` on harmful `data_path`; write it to `out`.
 
     Returns the manifest. `on_step(step, metrics)` is called after every optimizer step. `out` and
@@ -48,7 +48,8 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
     out, export_harmful = paths["--out"], paths.get("--export-harmful")
     work = _work_folder(out, resume, overwrite)
     try:
-        manifest = _distill(model, data_path, work, options, resume, overwrite, export_harmful, on_step, progress)
+        manifest = _distill(model, data_path, work, options, resume, overwrite, export_harmful, on_step, progress,
+                            allow_nonfinite)
     except BaseException:
         if work != out and jax.process_index() == 0:
             shutil.rmtree(work, ignore_errors=True)
@@ -60,10 +61,11 @@ def distill(model: str | Path, data_path: str | Path, out: str | Path, options: 
 
 def _distill(model: str | Path, data_path: str | Path, work: Path, options: DistillOptions, resume: bool,
              overwrite: bool, export_harmful: Path | None, on_step: Callable[[int, dict[str, float]], None] | None,
-             progress: bool | None) -> dict[str, Any]:
+             progress: bool | None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Train in `work` (`out`, or its staging sibling) and write the vector there; returns the manifest."""
     run = loop.train(model, data_path, work / "checkpoints", options, linearized=options.linearized, resume=resume,
-                     label="distill", purpose="distillation", on_step=on_step, progress=progress)
+                     label="distill", purpose="distillation", on_step=on_step, progress=progress,
+                     allow_nonfinite=allow_nonfinite)  # NaN/Inf in the model: refused (or let in, Δ still checked)
     model0, scope, delta = run.model0, run.scope, run.delta
     tau = {n: (-delta[n]).astype(model0.params[n].dtype) for n in scope.params}  # τ_safe = θ0 − θ_harm = −Δ
     manifest = {

@@ -15,6 +15,8 @@ from typing import Any
 
 from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.converters.outputs import check_output
+from enchtable_jax.errors import EnchtableError
+from enchtable_jax.options import EVAL_OPTIONS, check_values
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
@@ -43,12 +45,14 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     """
     from enchtable_jax import api
 
+    check_values(EVAL_OPTIONS, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                 batch_size=batch_size, timeout=timeout)
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
     if not (prompt_sets or qa_sets or humaneval_sets):
-        raise ValueError("nothing to evaluate: give at least one prompt set, question/answer set or HumanEval set")
+        raise EnchtableError("nothing to evaluate: give at least one prompt set, question/answer set or HumanEval set")
     names = [*prompt_sets, *qa_sets, *humaneval_sets]
     if len(set(names)) != len(names):
-        raise ValueError(f"set names must be unique across kinds, got {names}")
+        raise EnchtableError(f"set names must be unique across kinds, got {names}")
     if out is not None:
         out = check_output(Path(out) / RESULT_FILE, {"--model": model, "--tokenizer": tokenizer}, overwrite,
                            file=True).parent

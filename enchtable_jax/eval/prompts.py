@@ -13,6 +13,7 @@ from typing import Any
 
 from enchtable_jax.distillation.data import read_json_or_jsonl
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.options import EVAL_OPTIONS, check_values
 
 PROMPT_FIELDS = ("prompt", "question", "goal", "instruction", "behavior")
 
@@ -45,6 +46,7 @@ def _flatten(value: Any, where: str) -> list[str]:
 def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """The prompts of a prompt-set file (any shape in the module docstring), the first `limit` if given."""
     path = Path(path)
+    check_values(EVAL_OPTIONS, limit=limit)
     content, _ = read_json_or_jsonl(path, PromptFileError)
     if isinstance(content, str) or not isinstance(content, (list, dict)):
         raise PromptFileError(f"{path}: top level is a {type(content).__name__}; expected a list of prompts or "
@@ -61,6 +63,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 def load_records(path: str | Path, fields: tuple[str, ...], limit: int | None = None) -> list[dict[str, Any]]:
     """Objects of a JSON list or JSONL file, each checked to have `fields` (e.g. question/answer, HumanEval's)."""
     path = Path(path)
+    check_values(EVAL_OPTIONS, limit=limit)
     content, lines = read_json_or_jsonl(path, PromptFileError)
     if isinstance(content, dict):  # a one-line JSONL file parses as one JSON object
         content, lines = [content], [1]

@@ -24,17 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.distillation.vector import check_base, fully_replicated_numpy
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads
 from enchtable_jax.kernels.mesh import put
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
 from enchtable_jax.models.identity import WeightsDigest, config_digest
+from enchtable_jax.nonfinite import check_output, host_finite, input_error, output_error
 
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads", "head_dim")
@@ -83,18 +86,22 @@ def check_architecture(base: TensorSource, task: TensorSource) -> None:
     for field in _ARCHITECTURE_FIELDS:
         a, b = getattr(base.config, field), getattr(task.config, field)
         if a != b:
-            raise ValueError(f"base and task models differ in architecture: {field} is {a!r} in {base.folder} and "
-                             f"{b!r} in {task.folder}; merging needs the task model fine-tuned from the base")
+            raise EnchtableError(f"base and task models differ in architecture: {field} is {a!r} in {base.folder} and "
+                                 f"{b!r} in {task.folder}; merging needs the task model fine-tuned from the base")
 
 
 def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str, alpha: float | None,
-         beta: float | None, progress: bool | None = None) -> MergePlan:
-    """Pass 1: per-tensor decisions, the base-model check and the scale α."""
+         beta: float | None, progress: bool | None = None, allow_nonfinite: bool = False) -> MergePlan:
+    """Pass 1: per-tensor decisions, the base-model check and the scale α.
+
+    A NaN or Inf met on the way (in the norms of an adaptive α) is refused naming its file and tensor; with
+    `allow_nonfinite` the norms are taken over the finite entries instead, so one bad entry cannot make α NaN.
+    """
     check_architecture(base, task)
     missing = sorted(set(task.specs) - set(base.specs))
     if missing:
-        raise ValueError(f"tensor(s) {', '.join(missing[:5])} of the task model are missing from the base model "
-                         f"{base.folder}; are they the same architecture?")
+        raise EnchtableError(f"tensor(s) {', '.join(missing[:5])} of the task model are missing from the base model "
+                             f"{base.folder}; are they the same architecture?")
     safety_names = safety.names()
     spec = METHODS[method]
     adaptive = alpha is None and (beta is not None or spec.adaptive_alpha)
@@ -104,13 +111,20 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
     tensors: dict[str, TensorPlan] = {}
     # The digest (a check of the safety vector's base) hashes every base tensor; hashlib releases the GIL,
     # so it runs on a worker thread, one tensor behind the reads, in name order.
+    nonfinite_base: list[str] = []
+
+    def hash_and_check(name: str, arr: np.ndarray) -> None:  # the worker's pass over the base tensor also checks it
+        digest.update(name, arr)
+        if name in task and not host_finite(arr):
+            nonfinite_base.append(name)
+
     with ThreadPoolExecutor(1) as hasher:
         hashing = None
         for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
             base_arr = base.read(name)
             if hashing is not None:
                 hashing.result()
-            hashing = hasher.submit(digest.update, name, base_arr) if check else None
+            hashing = hasher.submit(hash_and_check, name, base_arr) if check else None
             if name not in task:
                 continue
             shape, dtype = task.specs[name]
@@ -129,10 +143,14 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
                 else:
                     entry.merge = True
                     if adaptive:  # a fixed α needs no norms: spare the read of the task model
-                        sums["task"] += _sum_squares(task.read(name), base_arr)
-                        sums["safety"] += _sum_squares(safe)
+                        task_arr = task.read(name)
+                        sums["task"] += _finite_sum_squares(allow_nonfinite, name, task_arr, task, base_arr, base)
+                        sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
         if hashing is not None:
             hashing.result()
+    if nonfinite_base and not allow_nonfinite:  # before the identity check, which it would fail less clearly
+        name = nonfinite_base[0]
+        raise input_error(base.where(name), name, base.read(name))
     if check:
         identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
                     "weights_blake2b": digest.hexdigest()}
@@ -142,6 +160,27 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         beta = 0.1 if beta is None else beta
         alpha = beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0
     return MergePlan(tensors, 1.0 if alpha is None else float(alpha), norms)
+
+
+def _finite_sum_squares(allow: bool, name: str, x: np.ndarray, x_source, minus: np.ndarray | None = None,
+                        minus_source=None) -> float:
+    """`_sum_squares`, checked: a non-finite sum is refused naming the file and tensor that holds the NaN or Inf,
+    or (`allow`) recomputed over the finite entries only."""
+    total = _sum_squares(x, minus)
+    if math.isfinite(total):  # a finite sum of squares: every entry was finite (the check costs nothing)
+        return total
+    inputs = [(x_source, x)] + ([(minus_source, minus)] if minus is not None else [])
+    if not allow:
+        for source, arr in inputs:
+            if not host_finite(arr):
+                where = source.where(name) if isinstance(source, TensorSource) else \
+                    (source.locate_nonfinite(name) or (source.what,))[0]
+                raise input_error(where, name, arr)
+    d = x.astype(np.float64).reshape(-1)
+    if minus is not None:
+        d -= minus.reshape(-1)
+    d = d[np.isfinite(d)]
+    return float(np.dot(d, d))
 
 
 def _sum_squares(x: np.ndarray, minus: np.ndarray | None = None) -> float:
@@ -161,17 +200,24 @@ def _group_fn(method: str, options: tuple, mesh: Mesh):
     """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one.
 
     Takes the τ_task stack (donated: the deltas are written over it), the τ_safe stack, the keys and α;
-    returns the merged deltas (float32) and the per-tensor stats.
+    returns the merged deltas (float32), the per-tensor stats and per tensor whether τ_task, τ_safe and the delta
+    are finite.
     """
     fn = METHODS[method].fn
     opts = dict(options)
 
     def per_device(tau, safety, keys, alpha):
-        return jax.lax.map(lambda a: fn(a[0], a[1], alpha, jax.random.wrap_key_data(a[2]), **opts),
-                           (tau, safety, keys))
+        def one(a):
+            delta, stats = fn(a[0], a[1], alpha, jax.random.wrap_key_data(a[2]), **opts)
+            # The non-finite guard, fused into the merge: τ_task, τ_safe and the delta, each reduced to one bool.
+            finite = jnp.stack([jnp.all(jnp.isfinite(a[0])), jnp.all(jnp.isfinite(a[1])),
+                                jnp.all(jnp.isfinite(delta))])
+            return delta, stats, finite
+
+        return jax.lax.map(one, (tau, safety, keys))
 
     spec = P(GROUP_AXIS)
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, spec))
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, spec, spec))
     return jax.jit(mapped, donate_argnums=0)
 
 
@@ -198,9 +244,14 @@ def merge_mesh(devices: list | None = None) -> Mesh:
 
 def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
         options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
-        progress: bool | None = None) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]],
-                                                Iterator[tuple[str, np.ndarray]]]:
-    """Pass 2: (write order as [(name, shape, dtype)], a generator of (name, merged array) in that order)."""
+        progress: bool | None = None, allow_nonfinite: bool = False) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]],
+                                                                          Iterator[tuple[str, np.ndarray]]]:
+    """Pass 2: (write order as [(name, shape, dtype)], a generator of (name, merged array) in that order).
+
+    Every yielded tensor is finite: a NaN or Inf in an input is refused naming its file and tensor (unless
+    `allow_nonfinite`), and a non-finite result is refused always (a NonFiniteError from the generator, before
+    the writer can finish the folder).
+    """
     options = method_options(method, options)
     mesh = mesh or merge_mesh()
     n = mesh.size
@@ -229,9 +280,15 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
 
     merge_group = _group_fn(method, frozen, mesh)  # called asynchronously: returns before the merge is done
 
+    what = f"merge {method} (α = {plan_.alpha:.4g})"
+
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for name in copied:
-            yield name, task.read(name)
+            arr = task.read(name)
+            if not host_finite(arr):
+                raise input_error(task.where(name), name, arr) if not allow_nonfinite else \
+                    output_error(what, name, arr, "; it is copied unchanged from the task model")
+            yield name, arr
         bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
                    disable=_disable(progress))
         # One decomposition per CPU device at once, each single-threaded: the bytes do not depend on the
@@ -243,7 +300,9 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
             running = merge_group(*load(groups[0]), alpha) if groups else None
             for g, group in enumerate(groups):
                 following = load(groups[g + 1]) if g + 1 < len(groups) else None
-                deltas, stats = running
+                deltas, stats, finite = running
+                finite = fully_replicated_numpy(finite)
+                _check_group(group, finite, base, task, safety, allow_nonfinite, what, deltas)
                 deltas = fully_replicated_numpy(deltas)
                 stats = {k: fully_replicated_numpy(v) for k, v in stats.items()}
                 if following is not None:
@@ -253,7 +312,30 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                     plan_.tensors[name].stats = {k: float(v[i]) for k, v in stats.items()}
                     merged = base.read(name).astype(np.float32)
                     merged += deltas[i]
-                    yield name, merged.astype(plan_.tensors[name].dtype, copy=False)
+                    merged = merged.astype(plan_.tensors[name].dtype, copy=False)
+                    yield name, check_output(merged, what, name, " (overflow in the output dtype, or a non-finite "
+                                                                 "base tensor let through by allow_nonfinite)")
                 bar.update(len(group))
 
     return order, produce()
+
+
+def _check_group(group: list[str], finite: np.ndarray, base: TensorSource, task: TensorSource, safety: SafetyDelta,
+                 allow: bool, what: str, deltas) -> None:
+    """Refuse a group whose inputs (τ_task = task − base, τ_safe) or deltas are not finite, naming the tensor and,
+    for an input, the file that holds the NaN or Inf (found by re-reading the few tensors concerned)."""
+    for i, name in enumerate(group):
+        tau_ok, safe_ok, delta_ok = (bool(v) for v in finite[i])
+        if not allow and not (tau_ok and safe_ok):
+            for source in (task, base):
+                arr = source.read(name)
+                if not host_finite(arr):
+                    raise input_error(source.where(name), name, arr)
+            located = safety.locate_nonfinite(name)
+            if located is not None:
+                raise input_error(located[0], name, located[1])
+            raise input_error(safety.what, name, safety.read(name))  # aligned − harmful overflowed
+        if not delta_ok:
+            why = "; an input holds NaN or Inf (allowed by allow_nonfinite)" if not (tau_ok and safe_ok) else \
+                "; the method's arithmetic overflowed"
+            raise output_error(what, name, fully_replicated_numpy(deltas)[i], why)

@@ -16,19 +16,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, interference, interference_blocks, polar, \
     top_triplets
+from enchtable_jax.options import FRACTION, POSITIVE, SEED, Range
 
 Stats = dict[str, jax.Array]
 NAN = float("nan")
+# Options of every merge, whatever the method: α would flip or blow up the safety delta outside these.
+MERGE_OPTIONS = {
+    "alpha": Range(0, optional=True),  # fixed scale of τ_safe (None: the method's default)
+    "beta": Range(0, optional=True),  # adaptive scale: α = β·‖τ_task‖/‖τ_safe‖
+    "seed": SEED,  # of the random methods (dare)
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A method option: default value and one line of help."""
+    """A method option: default value, one line of help, and its valid values (a numeric `Range`, or `choices`).
+
+    `method_options` checks given values against them, and the CLI's flags (--keep, --density, ...) parse
+    with the same `Range`.
+    """
 
     default: Any
     help: str
+    range: Range | None = None
+    choices: tuple | None = None
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.choices is not None and (isinstance(value, (list, dict)) or value not in self.choices):
+            raise EnchtableError(f"option {name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+        return value if self.range is None else self.range.check(name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +81,15 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
 
 @register("enchtable", "θ_base + τ_task + w·α·τ_safe, w = exp(−ι(τ_task, α·τ_safe)) per matrix (EnchTable, "
                        "Wu et al. 2025)", adaptive_alpha=True,
-          keep=Option(DEFAULT_KEEP, "γ: fraction of singular triplets kept per delta"),
-          interference_scale=Option(DEFAULT_SCALE, "scale of ι"),
+          keep=Option(DEFAULT_KEEP, "γ: fraction of singular triplets kept per delta", FRACTION),
+          interference_scale=Option(DEFAULT_SCALE, "scale of ι", POSITIVE),
           solver=Option("svd", "top triplets by 'svd' (exact) or 'gram' (eigh of the smaller Gram matrix: faster "
-                               "on CPU, accurate to ~ε·(σ1/σk)²)"),
+                               "on CPU, accurate to ~ε·(σ1/σk)²)", choices=("svd", "gram")),
           learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι) "
-                                  "(experimental: ι is linear in |m0 + m|, see DESIGN.md)"),
-          m_init=Option(0.5, "learnable: initial m"), m0=Option(0.5, "learnable: offset m0"),
-          lr=Option(1e3, "learnable: SGD learning rate"), steps=Option(40, "learnable: SGD steps"))
+                                  "(experimental: ι is linear in |m0 + m|, see DESIGN.md)", choices=(False, True)),
+          m_init=Option(0.5, "learnable: initial m", Range()), m0=Option(0.5, "learnable: offset m0", Range()),
+          lr=Option(1e3, "learnable: SGD learning rate", POSITIVE),
+          steps=Option(40, "learnable: SGD steps", Range(0, integer=True)))
 def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, solver="svd",
               learnable=False, m_init=0.5, m0=0.5, lr=1e3, steps=40):
     scaled = alpha * safety
@@ -136,7 +156,7 @@ def _top_magnitude_mask(x: jax.Array, fraction: float, skip: float = 0.0) -> jax
 
 @register("ties", "trim each delta to its top `density` magnitudes, elect the sign of the weighted sum, average the "
                   "agreeing entries (TIES-Merging, Yadav et al. 2023); weights 1 (task) and α (safety)",
-          density=Option(0.5, "fraction of entries kept per delta"))
+          density=Option(0.5, "fraction of entries kept per delta", FRACTION))
 def ties(task, safety, alpha, key, density=0.5):
     weights = jnp.stack([jnp.float32(1.0), alpha]).reshape(2, *([1] * task.ndim))
     trimmed = jnp.stack([d * _top_magnitude_mask(d, density) for d in (task, safety)])
@@ -150,7 +170,7 @@ def ties(task, safety, alpha, key, density=0.5):
 
 @register("dare", "drop each delta entry with probability 1 − density, rescale the kept by 1/density, then "
                   "θ_base + τ_task' + α·τ_safe' (DARE, Yu et al. 2024)",
-          density=Option(0.5, "probability of keeping an entry"))
+          density=Option(0.5, "probability of keeping an entry", FRACTION))
 def dare(task, safety, alpha, key, density=0.5):
     k1, k2 = jax.random.split(key)
     keep_task = jax.random.bernoulli(k1, density, task.shape)
@@ -160,8 +180,8 @@ def dare(task, safety, alpha, key, density=0.5):
 
 @register("breadcrumbs", "drop each delta's largest `gamma` and smallest magnitudes, keeping `density`, then "
                          "θ_base + τ_task' + α·τ_safe' (Model Breadcrumbs, Davari & Belilovsky 2024)",
-          density=Option(0.9, "fraction of entries kept per delta"),
-          gamma=Option(0.01, "fraction of largest-magnitude outliers removed"))
+          density=Option(0.9, "fraction of entries kept per delta", FRACTION),
+          gamma=Option(0.01, "fraction of largest-magnitude outliers removed", Range(0, 1, high_open=True)))
 def breadcrumbs(task, safety, alpha, key, density=0.9, gamma=0.01):
     kept_task = task * _top_magnitude_mask(task, density, gamma)
     kept_safety = safety * _top_magnitude_mask(safety, density, gamma)
@@ -180,7 +200,7 @@ def model_stock(task, safety, alpha, key):
 
 @register("tsv", "top `keep` singular triplets of τ_task and α·τ_safe stacked, U and V replaced by their orthogonal "
                  "polar factors, delta = U⊥ S V⊥ᵀ; other tensors averaged (TSV-Merge, Gargiulo et al. 2025)",
-          keep=Option(0.5, "fraction of singular triplets kept per delta (1/number of deltas)"))
+          keep=Option(0.5, "fraction of singular triplets kept per delta (1/number of deltas)", FRACTION))
 def tsv(task, safety, alpha, key, keep=0.5):
     scaled = alpha * safety
     if task.ndim != 2:
@@ -194,7 +214,7 @@ def tsv(task, safety, alpha, key, keep=0.5):
 
 @register("safelora", "per matrix, C = V Vᵀ/‖V‖_F with V = τ_safe; if cos(τ_task, C τ_task) < threshold then "
                       "τ_task ← C τ_task; θ_base + τ_task (Safe LoRA, Hsu et al. 2024)", uses_alpha=False,
-          threshold=Option(0.5, "similarity below which the task delta is projected"))
+          threshold=Option(0.5, "similarity below which the task delta is projected (a cosine)", Range(-1, 1)))
 def safelora(task, safety, alpha, key, threshold=0.5):
     if task.ndim != 2:
         return task, _stats()
@@ -206,12 +226,21 @@ def safelora(task, safety, alpha, key, threshold=0.5):
 
 
 def method_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The method's options with defaults filled in; unknown names are an error listing the valid ones."""
+    """The method's options with defaults filled in; unknown names, and values outside an option's declared range
+    or choices, are an error naming the option."""
     if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(METHODS)}")
+        raise EnchtableError(f"unknown merge method {name!r}; available: {', '.join(METHODS)}")
     valid = METHODS[name].options
     unknown = sorted(set(given) - set(valid))
     if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: "
-                         f"{', '.join(valid) if valid else 'none'}")
-    return {k: given.get(k, o.default) for k, o in valid.items()}
+        raise EnchtableError(f"method {name!r} has no option(s) {unknown}; its options: "
+                             f"{', '.join(valid) if valid else 'none'}")
+    return {k: o.check(k, given[k]) if k in given else o.default for k, o in valid.items()}
+
+
+def option_range(name: str) -> Range | None:
+    """The one Range that every method declaring option `name` gives it (for a CLI flag shared by methods)."""
+    ranges = {m.options[name].range for m in METHODS.values() if name in m.options}
+    if len(ranges) != 1:
+        raise AssertionError(f"merge methods declare option {name} with different ranges: {ranges}")
+    return ranges.pop()

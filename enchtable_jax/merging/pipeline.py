@@ -14,9 +14,10 @@ from enchtable_jax import api
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.merging import executor
-from enchtable_jax.merging.methods import method_options
+from enchtable_jax.merging.methods import MERGE_OPTIONS, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
 from enchtable_jax.merging.sources import SafetyDelta, open_model
+from enchtable_jax.options import check_values
 
 ModelLike = api.Model | str | Path
 
@@ -26,7 +27,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
           alpha: float | None = None, beta: float | None = None, seed: int = 0, overwrite: bool = False,
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
           mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, return_model: bool = True,
-          finish: Callable[[Path], None] | None = None, **options: Any) -> api.Model | None:
+          finish: Callable[[Path], None] | None = None, allow_nonfinite: bool = False,
+          **options: Any) -> api.Model | None:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
     The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
@@ -38,18 +40,22 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     On CPU devices LAPACK runs single-threaded for the merge, one decomposition per device at once: the
     bytes written then do not depend on the device count, and a busy machine does not stall it (see
     `kernels.cpu_threads`; give the process one CPU device per core to use them all).
+    A NaN or Inf in an input tensor is an error naming its file and tensor (NonFiniteError); `allow_nonfinite`
+    lets such inputs in (α's norms then skip the non-finite entries), but a merged tensor that is not finite is
+    refused always, and nothing is written. α and β must be finite and ≥ 0 (MERGE_OPTIONS).
     """
     options = method_options(method, options)
+    check_values(MERGE_OPTIONS, alpha=alpha, beta=beta, seed=seed)
     if out is not None:
         out = check_output(out, {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
                                  "--safety-vector": safety_vector}, overwrite)
     start = time.perf_counter()
     base_src, task_src = open_model(base, "base"), open_model(task, "task")
     safety = SafetyDelta(safety_vector, aligned, harmful)
-    plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress)
+    plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
     mesh = mesh or executor.merge_mesh()
     order, produced = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
-                                   group_bytes, progress)
+                                   group_bytes, progress, allow_nonfinite)
     if out is None:
         params = {name: np.asarray(arr) for name, arr in produced}
         params = {name: params[name] for name in task_src.specs if name in params}  # the task model's order
@@ -66,8 +72,10 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         write_report(folder, report_dict(plan, method, options, summary))
         if finish is not None:
             finish(folder)
+        if finish is not None:
+            finish(folder)
 
     specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
     write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
-             progress=progress, produce=produced, finish=finish)
+             progress=progress, produce=produced, finish=finish, check_finite=False)  # the executor checked them
     return api.load(out) if return_model else None

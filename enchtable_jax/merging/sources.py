@@ -13,7 +13,9 @@ from enchtable_jax.converters import safetensors_format as stf
 from enchtable_jax.converters.hf import index_weights, iter_tensors
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.distillation.vector import TENSORS, read_manifest
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.nonfinite import host_finite
 from enchtable_jax.safe_io import check_inside
 
 
@@ -21,8 +23,15 @@ class TensorSource:
     """Names, shapes and dtypes of a model's tensors, and `read(name)` of one of them (host numpy)."""
 
     def __init__(self, what: str, config: ModelConfig | None, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 reader, folder: Path | None):
+                 reader, folder: Path | None, files: dict[str, Path] | None = None):
         self.what, self.config, self.specs, self._reader, self.folder = what, config, specs, reader, folder
+        self._files = files or {}
+
+    def where(self, name: str) -> str:
+        """Where tensor `name` is stored, for messages: its file, else the folder, else what the source is."""
+        found = self._files.get(name, self.folder)
+        what = self.what if "vector" in self.what else f"{self.what} model"
+        return f"{what} {found}" if found is not None else f"{what} (in memory)"
 
     def read(self, name: str) -> np.ndarray:
         return self._reader(name)
@@ -49,7 +58,8 @@ def _folder_source(path: Path, what: str, config: ModelConfig | None) -> TensorS
     if index.format == "bin":  # pickled files cannot be read tensor by tensor
         params = dict(iter_tensors(index))
         specs = {n: (a.shape, a.dtype) for n, a in params.items()}
-        return TensorSource(what, config, specs, params.__getitem__, path)
+        return TensorSource(what, config, specs, params.__getitem__, path,
+                            {n: s.file for n, s in index.tensors.items()})
     handles: dict[Path, object] = {}
 
     def read(name: str) -> np.ndarray:
@@ -59,7 +69,7 @@ def _folder_source(path: Path, what: str, config: ModelConfig | None) -> TensorS
         return stf.read_tensor(handles[spec.file], index.infos[name])
 
     specs = {n: (s.shape, s.dtype) for n, s in index.tensors.items()}
-    return TensorSource(what, config, specs, read, path)
+    return TensorSource(what, config, specs, read, path, {n: s.file for n, s in index.tensors.items()})
 
 
 class SafetyDelta:
@@ -92,6 +102,16 @@ class SafetyDelta:
     def shape(self, name: str) -> tuple[int, ...]:
         return (self.source or self.aligned).specs[name][0]
 
+    def locate_nonfinite(self, name: str) -> tuple[str, np.ndarray] | None:
+        """(where, array) of the stored tensor behind a non-finite τ_safe[name], or None (the slow path of a failed
+        check: the file to name in the message)."""
+        sources = [self.source] if self.source is not None else [self.aligned, self.harmful]
+        for source in sources:
+            arr = source.read(name)
+            if not host_finite(arr):
+                return source.where(name), arr
+        return None
+
     def read(self, name: str) -> np.ndarray:
         if self.source is not None:
             return self.source.read(name).astype(np.float32, copy=False)
@@ -104,4 +124,5 @@ def _folder_source_from_file(file: Path, what: str) -> TensorSource:
     infos, _ = stf.read_header(file)
     handle = open(file, "rb")  # noqa: SIM115 - kept open for the whole merge
     specs = {n: (i.shape, i.dtype) for n, i in infos.items()}
-    return TensorSource(what, None, specs, lambda n: stf.read_tensor(handle, infos[n]), file.parent)
+    return TensorSource(what, None, specs, lambda n: stf.read_tensor(handle, infos[n]), file.parent,
+                        dict.fromkeys(specs, file))

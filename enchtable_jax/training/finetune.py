@@ -50,7 +50,7 @@ def checkpoint_dir(out: str | Path) -> Path:
 def finetune(model: str | Path, data_path: str | Path, out: str | Path, options: FinetuneOptions = FinetuneOptions(),
              resume: bool = False, overwrite: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
              on_step: Callable[[int, dict[str, float]], None] | None = None,
-             progress: bool | None = None) -> dict[str, Any]:
+             progress: bool | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Fine-tune the model at `model` (HF folder or orbax checkpoint, with tokenizer) on `data_path` and write
     the result to the HF folder `out`; returns its record (what `out/finetune.json` holds).
 
@@ -65,7 +65,8 @@ def finetune(model: str | Path, data_path: str | Path, out: str | Path, options:
     work = _checkpoint_folder(ckpt_dir, resume, overwrite)
     try:
         run = loop.train(model, data_path, work, options, linearized=False, resume=resume, label="finetune",
-                         purpose="fine-tuning", on_step=on_step, progress=progress)
+                         purpose="fine-tuning", on_step=on_step, progress=progress,
+                         allow_nonfinite=allow_nonfinite)  # NaN/Inf in the model: refused (or let in, Δ checked)
     except BaseException:
         if work != ckpt_dir and jax.process_index() == 0:
             shutil.rmtree(work, ignore_errors=True)

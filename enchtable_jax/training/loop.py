@@ -29,11 +29,14 @@ from enchtable_jax import api
 from enchtable_jax.converters.hf import is_float
 from enchtable_jax.distillation import checkpoint, data
 from enchtable_jax.distillation.vector import fully_replicated_numpy
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import Scope, resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
 from enchtable_jax.models.identity import identity
+from enchtable_jax.nonfinite import check_output
+from enchtable_jax.options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEED, Range, check_fields, ranged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,32 +46,27 @@ class TrainingOptions:
 
     scope: str = "ffn"
     layers: str | None = None
-    epochs: int = 4
-    steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 1e-5
-    batch_size: int = 2  # examples per micro-batch
-    grad_accum: int = 4  # micro-batches per optimizer step
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    seed: int = 0
+    epochs: int = ranged(4, COUNT)
+    steps: int | None = ranged(None, OPTIONAL_COUNT)  # optimizer steps; overrides epochs
+    lr: float = ranged(1e-5, POSITIVE)
+    batch_size: int = ranged(2, COUNT)  # examples per micro-batch
+    grad_accum: int = ranged(4, COUNT)  # micro-batches per optimizer step
+    warmup_ratio: float = ranged(0.1, Range(0, 1, high_open=True))
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
+    max_grad_norm: float = ranged(1.0, POSITIVE)
+    max_length: int = ranged(2048, COUNT)
+    seed: int = ranged(0, SEED)
     compute_dtype: str | None = None  # 'bfloat16' / 'float32'; default: the model's stored dtype
-    save_every: int = 100  # checkpoint every N optimizer steps
-    fsdp: int = 1  # devices per parameter shard group
+    save_every: int = ranged(100, COUNT)  # checkpoint every N optimizer steps
+    fsdp: int = ranged(1, COUNT)  # devices per parameter shard group
     template: str | None = None  # chat template override: a name or a .jinja file
     group_by_length: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "lr", "batch_size", "grad_accum", "max_length", "save_every", "fsdp"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"option {name} must be positive, got {getattr(self, name)!r}")
-        if self.steps is not None and self.steps <= 0:
-            raise ValueError(f"option steps must be positive, got {self.steps!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"option warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        check_fields(self)  # the ranges declared above (options.py); the CLI's flags use the same ones
         if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"option compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+            raise EnchtableError(f"option compute_dtype must be float32, bfloat16 or float16, got "
+                                 f"{self.compute_dtype!r}")
 
 
 # Options that do not change what a run computes: they may differ between a checkpoint and its resumption.
@@ -118,14 +116,16 @@ def stack_step(examples, micro: list[list[int]], pad_id: int, rows: int, max_len
 
 def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: TrainingOptions, linearized: bool,
           resume: bool = False, label: str = "train", purpose: str = "training",
-          on_step: Callable[[int, dict[str, float]], None] | None = None, progress: bool | None = None) -> TrainResult:
+          on_step: Callable[[int, dict[str, float]], None] | None = None, progress: bool | None = None,
+          allow_nonfinite: bool = False) -> TrainResult:
     """Train Δ on `options.scope` of the model at `model` on the records in `data_path`, checkpointing to
     `ckpt_dir` (resuming from its newest checkpoint with `resume`).
 
     `label` names the progress bar, `purpose` the activity that needs the tokenizer (in its error).
-    `on_step(step, metrics)` is called after every optimizer step.
+    `on_step(step, metrics)` is called after every optimizer step. A model holding NaN or Inf is refused
+    (naming the file and tensor) unless `allow_nonfinite`; the trained Δ is checked either way.
     """
-    model0 = api.load(model, progress=progress)
+    model0 = api.load(model, progress=progress, allow_nonfinite=allow_nonfinite)
     base = identity(model0.config, model0.params)
     scope = resolve_scope(model0.config, options.scope, options.layers)
     tokenizer = _tokenizer(model0.source, purpose)
@@ -180,6 +180,9 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     mngr.close()
     elapsed = time.perf_counter() - started
     delta = {n: fully_replicated_numpy(v) for n, v in state["delta"].items()}
+    for n, d in delta.items():  # a diverged run (or a non-finite model let in) is refused before anything is written
+        check_output(d, f"{label} of {model0.source}", n, f" (final loss {losses[-1] if losses else None}; lower "
+                     "--lr or --max-grad-norm?)")
     return TrainResult(model0=model0, base=base, scope=scope, stats=stats, data_sha256=run_key["data_sha256"],
                        delta=delta, losses=losses, total_steps=total_steps, devices=mesh.size,
                        tokens_per_second=tokens / elapsed if elapsed else None)

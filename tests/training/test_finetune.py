@@ -256,8 +256,9 @@ def test_cli_flags_are_the_options(world, tmp_path, capsys):
         flag = {"seed": "--seed", "group_by_length": "--no-group-by-length"}.get(field.name,
                                                                                  "--" + field.name.replace("_", "-"))
         assert flag in text, field.name
-    code = main(["finetune", *required[:4], "--out", str(tmp_path / "x"), "--lr", "0"])
-    assert code == 2 and "option lr must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused at parse time, by the range declared with the default
+        main(["finetune", *required[:4], "--out", str(tmp_path / "x"), "--lr", "0"])
+    assert exc.value.code == 2 and "argument --lr: must be positive, got '0'" in capsys.readouterr().err
 
 
 def test_cli_fine_tunes_an_orbax_checkpoint(world, tmp_path, capsys):

@@ -1,0 +1,169 @@
+"""Ranges of numeric options, declared once as data and used by both the Python API and the CLI.
+
+A `Range` sits next to an option's default: in the option dataclasses (`ranged(default, Range(...))` as the
+field, checked by `check_fields` in `__post_init__`), in the merge-method registry (`methods.Option.range`)
+and in `COMMAND_OPTIONS` for the few command options that have no dataclass. The CLI builds each flag's
+`type=` from the same `Range` (`Range.arg_type`), so `beta=-1` from Python and `--beta -1` on the command
+line are refused with the same sentence. NaN and infinities are never in a range: no option value may
+turn a model into NaN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any
+
+from enchtable_jax.errors import EnchtableError
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """An interval of finite numbers (`integer`: whole numbers only); `None` bounds are open-ended.
+
+    `low_open` / `high_open` exclude the bound itself: Range(0, 1, low_open=True) is (0, 1].
+    `optional`: None is also accepted (the option's "not given").
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def text(self) -> str:
+        """The range as written in messages and --help: 'in [0, 1]', 'in (0, 1]', 'positive', 'an integer >= 0'."""
+        if self.low is not None and self.high is not None:
+            interval = (f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                        f"{')' if self.high_open else ']'}")
+            return f"an integer in {interval}" if self.integer else f"in {interval}"
+        if self.low is not None:
+            if self.low == 0 and self.low_open and not self.integer:
+                return "positive"
+            if self.integer and (self.low == 1 or self.low == 0 and self.low_open):
+                return "positive (an integer >= 1)"
+            bound = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+            if self.low == 0:
+                return f"non-negative ({'an integer ' if self.integer else ''}{bound})"
+            return f"{'an integer' if self.integer else 'a number'} {bound}"
+        if self.high is not None:
+            return f"{'an integer' if self.integer else 'a number'} {'<' if self.high_open else '<='} {_num(self.high)}"
+        return "an integer" if self.integer else "a finite number"
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_numpy_number(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        value = float(value)
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def check(self, name: str, value: Any) -> Any:
+        """`value` if it is in the range, else an EnchtableError naming the option and the range."""
+        if value is None and self.optional:
+            return value
+        if not self.contains(value):
+            raise EnchtableError(f"option {name} must be {self.text()}, got {value!r}")
+        return value
+
+    def arg_type(self, flag: str):
+        """An argparse `type=`: parse the text as int or float, then check the range (argparse exits 2)."""
+
+        def parse(text: str):
+            try:
+                value = int(text) if self.integer else float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {self.text()}, got {text!r}") from None
+            if not self.contains(value):
+                raise argparse.ArgumentTypeError(f"must be {self.text()}, got {text!r}")
+            return value
+
+        parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in some messages
+        return parse
+
+    def short(self) -> str:
+        """The range in symbols: '[0, 1]', '(0, 1]', '> 0', 'integer >= 1'."""
+        if self.low is not None and self.high is not None:
+            interval = (f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                        f"{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            interval = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.high is not None:
+            interval = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            interval = "finite"
+        return f"integer {interval}" if self.integer else interval
+
+    def help(self, text: str | None = None) -> str:
+        """`text` followed by the range, for --help."""
+        return f"{text + ' ' if text else ''}[range: {self.short()}]"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _is_numpy_number(value: Any) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    return isinstance(value, (np.integer, np.floating))
+
+
+# Ranges used more than once.
+POSITIVE = Range(0, low_open=True)  # > 0, finite
+NON_NEGATIVE = Range(0)  # >= 0, finite
+COUNT = Range(1, integer=True)  # 1, 2, ...
+OPTIONAL_COUNT = Range(1, integer=True, optional=True)
+SEED = Range(0, integer=True)
+FRACTION = Range(0, 1, low_open=True)  # (0, 1]
+RATE = Range(0, 1)  # [0, 1]
+
+
+def ranged(default: Any, range_: Range) -> Any:
+    """A dataclass field with `default` whose value must lie in `range_` (checked by `check_fields`)."""
+    return dataclasses.field(default=default, metadata={"range": range_})
+
+
+def field_ranges(cls_or_instance: Any) -> dict[str, Range]:
+    """{field name: Range} of a dataclass's range-declared fields."""
+    return {f.name: f.metadata["range"] for f in dataclasses.fields(cls_or_instance) if "range" in f.metadata}
+
+
+def check_fields(instance: Any) -> None:
+    """Check every range-declared field of a dataclass instance (call from `__post_init__`)."""
+    for name, range_ in field_ranges(instance).items():
+        range_.check(name, getattr(instance, name))
+
+
+def check_values(ranges: dict[str, Range], **values: Any) -> None:
+    """Check keyword values against `ranges` (names without a range are not checked)."""
+    for name, value in values.items():
+        if name in ranges:
+            ranges[name].check(name, value)
+
+
+# Command options that have no dataclass: defaults and ranges, used by the functions and the CLI alike.
+EVAL_OPTIONS = {
+    "max_new_tokens": COUNT,
+    "limit": OPTIONAL_COUNT,
+    "batch_size": COUNT,
+    "temperature": NON_NEGATIVE,
+    "top_p": FRACTION,
+    "seed": SEED,
+    "timeout": POSITIVE,
+}
+DISTRIBUTED_OPTIONS = {
+    "num_processes": OPTIONAL_COUNT,
+    "process_id": Range(0, integer=True, optional=True),
+    "init_timeout": COUNT,
+}
+INIT_OPTIONS = {"seed": SEED}
+DEMO_OPTIONS = {"seed": SEED}
