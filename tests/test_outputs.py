@@ -320,3 +320,22 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path, monkeypatch):
         assert version_of(out) == f"new-{renameat2}"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert json.loads(write_json(tmp_path / "x.json", {"a": 1}).read_text()) == {"a": 1}
+
+
+def test_merge_adds_extra_files_before_publishing(tmp_path):
+    """`merge(finish=...)` (what calibrated_merge writes calibration.json with) runs inside the staging folder."""
+    from enchtable_jax.models.init import init_params, preset_config
+
+    config = preset_config("tiny")
+    paths = {name: ej.save(ej.Model(config, init_params(config, seed=seed)), tmp_path / name)
+             for seed, name in enumerate(("base", "task", "aligned", "harmful"))}
+    seen = []
+
+    def finish(folder: Path) -> None:
+        seen.append(folder)
+        (folder / "extra.json").write_text("{}")
+
+    ej.merge("task_arithmetic", paths["base"], paths["task"], aligned=paths["aligned"], harmful=paths["harmful"],
+             out=tmp_path / "out", return_model=False, progress=False, finish=finish)
+    assert seen[0].name.startswith(".out.tmp-") and not seen[0].exists()
+    assert (tmp_path / "out" / "extra.json").is_file() and (tmp_path / "out" / "merge_report.json").is_file()
