@@ -64,7 +64,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         for _ in produced:
             pass
         return None
-    def finish(folder: Path) -> None:  # the report goes into the folder before it is renamed into place
+    def report(folder: Path) -> None:  # the report goes into the folder before it is renamed into place
         summary = {"inputs": {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
                    "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
                    "seconds": time.perf_counter() - start,
@@ -72,10 +72,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         write_report(folder, report_dict(plan, method, options, summary))
         if finish is not None:
             finish(folder)
-        if finish is not None:
-            finish(folder)
 
     specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
     write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
-             progress=progress, produce=produced, finish=finish, check_finite=False)  # the executor checked them
+             progress=progress, produce=produced, finish=report, check_finite=False)  # the executor checked them
     return api.load(out) if return_model else None
