@@ -31,7 +31,11 @@ TOKENIZER_FILES = {"tokenizer_config.json": '{"model_max_length": 256}\n', "chat
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    """Exit code, stdout and stderr of `enchtable ARGV` (argparse's own errors exit through SystemExit)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
