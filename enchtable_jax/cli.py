@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from enchtable_jax import api
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
-from enchtable_jax.errors import EnchtableError
+from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 
@@ -28,7 +29,7 @@ def _convert(args: argparse.Namespace) -> None:
     check_output(args.dst, {"src": src, "--like": args.like}, args.overwrite, "dst")
     parse_size(args.shard_size)
     if args.like is not None and not to_hf:
-        raise ValueError("--like applies to orbax -> HF conversion; an HF source brings its own files")
+        raise EnchtableError("--like applies to orbax -> HF conversion; an HF source brings its own files")
     start = time.perf_counter()
     model = api.load(src, dtype=args.dtype)
     if to_hf:
@@ -45,9 +46,10 @@ def _convert_gguf(args: argparse.Namespace) -> None:
     from enchtable_jax.converters.gguf import gguf_to_hf, is_gguf_file
 
     if not is_gguf_file(args.src):
-        raise ValueError(f"{args.src}: not a GGUF file; a source is an HF folder, an orbax checkpoint or a GGUF file")
+        raise EnchtableError(f"{args.src}: not a GGUF file; a source is an HF folder, an orbax checkpoint or a GGUF "
+                             "file")
     if args.like is not None:
-        raise ValueError("--like applies to orbax -> HF conversion; a GGUF file brings its own tokenizer")
+        raise EnchtableError("--like applies to orbax -> HF conversion; a GGUF file brings its own tokenizer")
     check_output(args.dst, {"src": args.src}, args.overwrite, "dst")
     parse_size(args.shard_size)
     start = time.perf_counter()
@@ -156,7 +158,7 @@ def _method_options(args: argparse.Namespace) -> dict:
     for item in args.set or []:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+            raise EnchtableError(f"--set expects NAME=VALUE, got {item!r}")
         try:
             options[name.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -190,9 +192,9 @@ def _merge(args: argparse.Namespace) -> None:
         return
     missing = [f for f in ("method", "base", "task", "out") if getattr(args, f) is None]
     if missing:
-        raise ValueError(f"merge needs --{', --'.join(missing)} (or --list)")
+        raise EnchtableError(f"merge needs --{', --'.join(missing)} (or --list)")
     if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
-        raise ValueError("give either --safety-vector, or both --aligned and --harmful")
+        raise EnchtableError("give either --safety-vector, or both --aligned and --harmful")
     check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
                             ("base", "task", "safety_vector", "aligned", "harmful", "calibrate")}, args.overwrite)
     _initialize_distributed(args)
@@ -218,19 +220,31 @@ def _merge(args: argparse.Namespace) -> None:
           f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
 
 
+def _check_new_tokens(model: str | None, max_new_tokens: int, flag: str) -> None:
+    """Refuse more new tokens than the context of `model` (its config.json) holds, before any work."""
+    from enchtable_jax.eval.generate import check_max_new_tokens
+    from enchtable_jax.models.config import ModelConfig
+
+    config = Path(model or "").expanduser() / "config.json"
+    if model is not None and config.is_file():  # a missing config is reported where the model is loaded
+        check_max_new_tokens(ModelConfig.from_file(config), max_new_tokens, flag, str(config))
+
+
 def _calibration(args: argparse.Namespace):
     """(harmful prompts, harmless prompts, CalibrationOptions) from --calibrate and its companions."""
     from enchtable_jax.calibration import CalibrationOptions
     from enchtable_jax.eval.prompts import load_prompts
 
     if args.alpha is not None or args.beta is not None:
-        raise ValueError("--calibrate chooses the strength itself; drop --alpha/--beta")
+        raise EnchtableError("--calibrate chooses the strength itself; drop --alpha/--beta")
     grid = None
     if args.calibrate_grid is not None:
         try:
             grid = tuple(float(v) for v in args.calibrate_grid.split(","))
         except ValueError:
-            raise ValueError(f"--calibrate-grid expects comma-separated numbers, got {args.calibrate_grid!r}") from None
+            raise EnchtableError(f"--calibrate-grid expects comma-separated numbers, got "
+                                 f"{args.calibrate_grid!r}") from None
+    _check_new_tokens(args.aligned or args.base, args.calibrate_max_new_tokens, "--calibrate-max-new-tokens")
     options = CalibrationOptions(grid=grid, unsafe_tolerance=args.unsafe_tolerance,
                                  refusal_tolerance=args.refusal_tolerance,
                                  max_new_tokens=args.calibrate_max_new_tokens, limit=args.calibrate_limit,
@@ -277,8 +291,8 @@ def _eval_report(args: argparse.Namespace) -> None:
     from enchtable_jax.eval.judge import refusal_report
 
     if args.labels is None:
-        raise ValueError("--judge-report needs --labels CSV: human-labelled responses with columns objective, "
-                         "assistant_response, human_score (1 = refusal); e.g. shared/data/refusal_labels.csv")
+        raise EnchtableError("--judge-report needs --labels CSV: human-labelled responses with columns objective, "
+                             "assistant_response, human_score (1 = refusal); e.g. shared/data/refusal_labels.csv")
     report = refusal_report(_eval_judge(args), args.labels)
     c = report["confusion"]
     print(f"judge {report['judge']} on {report['n']} labelled responses ({report['labels']})\n"
@@ -313,10 +327,11 @@ def _eval(args: argparse.Namespace) -> None:
         return
     missing = [f for f in ("model", "out") if getattr(args, f) is None]
     if missing:
-        raise ValueError(f"eval needs --{', --'.join(missing)} (or --judge-report --labels CSV)")
+        raise EnchtableError(f"eval needs --{', --'.join(missing)} (or --judge-report --labels CSV)")
     prompts, qa, humaneval = args.prompts or [], args.qa or [], args.humaneval or []
     if not (prompts or qa or humaneval):
-        raise ValueError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
+        raise EnchtableError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
+    _check_new_tokens(args.model, args.max_new_tokens, "--max-new-tokens")
     check_output(Path(args.out) / RESULT_FILE, {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": prompts,
                  "--qa": qa, "--humaneval": humaneval, "--judge-model": args.judge_model}, args.overwrite, file=True)
     names = iter(_set_names([*prompts, *qa, *humaneval]))
@@ -643,10 +658,35 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"enchtable {args.command}: error: {e}", file=sys.stderr)
+    except (EnchtableError, OSError) as e:  # the user's input or environment; anything else is a bug: traceback
+        print(f"enchtable {args.command}: error: {error_line(e, args)}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # tensorstore's report of a failed file operation (disk full, damaged file)
+        storage = storage_error(e)
+        if storage is None:
+            raise
+        print(f"enchtable {args.command}: error: {error_line(storage, args)}", file=sys.stderr)
         return 2
     return 0
+
+
+# errnos of a failed write: the output is the likely place when the error names no file
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def error_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
+    """One line for a user or environment error: an OSError as 'FILE: strerror', anything else its message."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        filename, other = e.filename, e.filename2  # (source, destination) of a copy or rename
+        if other is not None and e.errno in _WRITE_ERRNOS:
+            filename, other = other, filename
+        if filename is None and e.errno in _WRITE_ERRNOS and args is not None:
+            filename = next((getattr(args, k) for k in ("out", "dst") if getattr(args, k, None)), None)
+        text = e.strerror if filename is None else f"{os.fsdecode(filename)}: {e.strerror}"
+        if other is not None:
+            text += f" ({'copying from' if e.errno in _WRITE_ERRNOS else 'and'} {os.fsdecode(other)})"
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from enchtable_jax import api
 from enchtable_jax.calibration import CalibrationOptions, calibrate, write_calibration
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.distillation.vector import MANIFEST
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.judge import Judge
 from enchtable_jax.merging.pipeline import ModelLike, merge
 
@@ -46,7 +48,8 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
             calibrate_on: tuple[Sequence[str], Sequence[str]] | None = None,
             calibration: CalibrationOptions = CalibrationOptions(), log: Callable[[str], None] = lambda _: None,
             **merge_options: Any) -> Path:
-    """Distil a safety vector from `aligned` (default: `base`) on harmful `data`, or reuse the finished one
+    """Distil a safety vector from `aligned` (another copy of `base`, e.g. an HF folder with the tokenizer when
+    `base` is an orbax checkpoint; default: `base`) on harmful `data`, or reuse the finished one
     in `vector_dir` (default: OUT-safety-vector), then merge it into `task` with `enchtable`: at β from
     `merge_options` (default 0.1), or at the β calibrated on `calibrate_on` = (harmful prompts, harmless
     prompts) against the aligned model's refusal rates. Both outputs (`out`, and `vector_dir` when it is
@@ -57,9 +60,12 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
     out = check_output(out, {**inputs, "--safety-vector": vector_dir}, overwrite)
     if not (vector_dir / MANIFEST).is_file():
         check_output(vector_dir, inputs, False, "--safety-vector", exists_ok=True)
+    if aligned is not None:  # before distilling: the merge refuses a vector distilled from another model
+        check_same_model(aligned, base)
     if not (vector_dir / MANIFEST).is_file():
         if data is None:
-            raise ValueError(f"{vector_dir} holds no finished safety vector; pass harmful data (--data) to distil one")
+            raise EnchtableError(f"{vector_dir} holds no finished safety vector; pass harmful data (--data) to "
+                                 "distil one")
         resume = (vector_dir / "checkpoints").is_dir()
         distill(aligned if aligned is not None else base, data, vector_dir, options or DistillOptions(),
                 resume=resume, progress=progress)
@@ -71,3 +77,39 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
         merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite, progress=progress,
               return_model=False, **merge_options)
     return out
+
+
+def check_same_model(aligned: ModelLike, base: ModelLike) -> None:
+    """Refuse an `aligned` model that is not `base` (same config and weights; another copy or format is fine).
+
+    In EnchTable the aligned model is the one the task model was fine-tuned from: the safety vector distilled
+    from it is merged onto that base, and the merge refuses a vector made from another model. So `enchant`
+    checks this before distilling. Reads both models once (hashing, as the merge's own check does).
+    """
+    from enchtable_jax.merging.sources import open_model
+    from enchtable_jax.models.identity import WeightsDigest, config_digest
+
+    if not isinstance(aligned, api.Model) and not isinstance(base, api.Model) and \
+            Path(aligned).expanduser().resolve() == Path(base).expanduser().resolve():
+        return
+    a, b = open_model(aligned, "aligned"), open_model(base, "base")
+    differs = None
+    if a.config.model_type != b.config.model_type or config_digest(a.config) != config_digest(b.config):
+        differs = "their config.json differ"
+    elif a.specs != b.specs:
+        differs = "their tensors differ in names, shapes or dtypes"
+    else:
+        digests = WeightsDigest(), WeightsDigest()
+        for name in sorted(a.specs):
+            digests[0].update(name, a.read(name))
+            digests[1].update(name, b.read(name))
+        if digests[0].hexdigest() != digests[1].hexdigest():
+            differs = "their weights differ"
+    if differs is not None:
+        raise EnchtableError(
+            f"--aligned {a.folder} is not the model --base {b.folder} ({differs}): EnchTable distils the safety "
+            "vector from the aligned model the task model was fine-tuned from and merges it onto that same model, "
+            "so that model is --base; --aligned may only name another copy of it (e.g. an HF folder with its "
+            "tokenizer when --base is an orbax checkpoint). To use a different aligned model as the safety "
+            "source, distil it with `enchtable distill --model A --export-harmful H` and merge with "
+            "`enchtable merge --aligned A --harmful H`")

@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 
 from enchtable_jax.bench.plots import bars
+from enchtable_jax.errors import EnchtableError
 
 SUITES = {
     "convert": "enchtable_jax.bench.studies.convert",
@@ -195,9 +196,9 @@ def parse_settings(pairs: list[str], suites: list[str]) -> dict[str, dict[str, l
         key, sep, value = pair.partition("=")
         suite, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            raise ValueError(f"--set {pair!r}: expected SUITE.NAME=VALUE, e.g. safety.model=/path/to/model")
+            raise EnchtableError(f"--set {pair!r}: expected SUITE.NAME=VALUE, e.g. safety.model=/path/to/model")
         if suite not in suites:
-            raise ValueError(f"--set {pair!r}: suite {suite!r} is not among the suites run ({', '.join(suites)})")
+            raise EnchtableError(f"--set {pair!r}: suite {suite!r} is not among the suites run ({', '.join(suites)})")
         settings.setdefault(suite, {}).setdefault(name, []).append(value)
     return settings
 
@@ -207,7 +208,7 @@ def run_study(module, quick: bool, repeats: int | None, out: Path, settings: dic
     takes them."""
     parameters = inspect.signature(module.run).parameters
     if settings and "settings" not in parameters:
-        raise ValueError(f"{module.__name__} takes no settings, got {', '.join(settings)}")
+        raise EnchtableError(f"{module.__name__} takes no settings, got {', '.join(settings)}")
     extra = {"out": out, "settings": settings}
     return module.run(quick=quick, repeats=repeats, **{k: v for k, v in extra.items() if k in parameters})
 

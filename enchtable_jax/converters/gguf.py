@@ -15,6 +15,7 @@ from pathlib import Path
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.torch_bin import tensor_to_numpy
+from enchtable_jax.errors import EnchtableError, MissingExtraError
 from enchtable_jax.models.config import ModelConfig
 
 MAGIC = b"GGUF"
@@ -31,7 +32,7 @@ def is_gguf_file(path: str | Path) -> bool:
 
 
 def require_gguf_extra() -> None:
-    """Raise one ImportError naming the extra when any package of it is missing."""
+    """Raise one MissingExtraError (an ImportError) naming the extra when any package of it is missing."""
     missing = []
     for module in EXTRA:
         try:
@@ -39,7 +40,7 @@ def require_gguf_extra() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise ImportError(f"converting GGUF needs {', '.join(EXTRA)} (missing: {', '.join(missing)}): "
+        raise MissingExtraError(f"converting GGUF needs {', '.join(EXTRA)} (missing: {', '.join(missing)}): "
                           "pip install 'enchtable-jax[gguf]'")
 
 
@@ -55,7 +56,7 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", o
         raise FileNotFoundError(f"{gguf_file}: GGUF file not found")
     out = check_output(out, {"gguf_file": gguf_file}, overwrite, "out")  # before any work
     if not is_gguf_file(gguf_file):
-        raise ValueError(f"{gguf_file}: not a GGUF file (it does not start with {MAGIC!r})")
+        raise EnchtableError(f"{gguf_file}: not a GGUF file (it does not start with {MAGIC!r})")
     # transformers reads the GGUF file from a folder of its own holding only a link to it: files that happen to lie
     # beside the GGUF (a config.json or tokenizer_config.json, perhaps asking for remote code) are never read, no
     # code of the folder runs, and nothing is downloaded.

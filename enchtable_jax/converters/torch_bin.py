@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from enchtable_jax.errors import EnchtableError
+from enchtable_jax.errors import EnchtableError, MissingExtraError
 
 
 class UnsafeCheckpointError(EnchtableError):
@@ -33,8 +33,8 @@ def load_bin(path: str | Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"{path}: reading .bin checkpoints needs PyTorch: pip install "
-                          "'enchtable-jax[torch]', or convert the checkpoint to safetensors first") from e
+        raise MissingExtraError(f"{path}: reading .bin checkpoints needs PyTorch: pip install "
+                                "'enchtable-jax[torch]', or convert the checkpoint to safetensors first") from e
     try:
         # mmap only for the zip format; legacy (pre-1.6) files are read whole, equally without running code
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from enchtable_jax.converters import safetensors_format as stf
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.safe_io import check_inside
 
 FORMAT = "enchtable-safety-vector"
@@ -78,9 +79,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder}: no {MANIFEST}; not a finished safety vector (was distillation "
                                 "interrupted? resume it with `enchtable distill ... --resume`)")
     check_inside(folder, path)
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EnchtableError(f"{path}: not a valid safety-vector manifest ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(manifest, dict):
+        raise EnchtableError(f"{path}: not a valid safety-vector manifest (a JSON {type(manifest).__name__}, "
+                             "expected an object)")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an enchtable safety-vector manifest (format {manifest.get('format')!r})")
+        raise EnchtableError(f"{path}: not an enchtable safety-vector manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest.get("base_model", {}), dict):
+        raise EnchtableError(f"{path}: field base_model is a JSON {type(manifest['base_model']).__name__}, expected "
+                             "an object (model_type, config_sha256, weights_blake2b)")
     return manifest
 
 
@@ -99,9 +110,9 @@ def check_base(manifest: Mapping[str, Any], base_identity: Mapping[str, str], wh
     made_from = manifest.get("base_model", {})
     for key in ("model_type", "config_sha256", "weights_blake2b"):
         if made_from.get(key) != base_identity.get(key):
-            raise ValueError(f"{what}: safety vector was distilled from another model ({key} "
-                             f"{str(made_from.get(key))[:16]} != {str(base_identity.get(key))[:16]}); distill one "
-                             "from this model, or pass the aligned model it was made from")
+            raise EnchtableError(f"{what}: safety vector was distilled from another model ({key} "
+                                 f"{str(made_from.get(key))[:16]} != {str(base_identity.get(key))[:16]}); distill one "
+                                 "from this model, or pass the aligned model it was made from")
 
 
 def fully_replicated_numpy(x: jax.Array) -> np.ndarray:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.transformer import Params, forward_cached, init_cache
 from enchtable_jax.safe_io import check_inside, read_json
@@ -68,6 +69,21 @@ def eos_ids(model: Any, tokenizer: Any = None) -> tuple[int, ...]:
     if tokenizer is not None:
         add(getattr(tokenizer, "eos_token_id", None))
     return tuple(sorted(found))
+
+
+def context_length(config: ModelConfig) -> int | None:
+    """The model's context, config.json's max_position_embeddings (None when the config does not give one)."""
+    n = config.hf.get("max_position_embeddings")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_max_new_tokens(config: ModelConfig, max_new_tokens: int, option: str = "max_new_tokens",
+                         source: str = "the model's config.json") -> None:
+    """Refuse to generate more new tokens than the model's context holds (checked before any generation)."""
+    context = context_length(config)
+    if context is not None and max_new_tokens > context:
+        raise EnchtableError(f"{option} {max_new_tokens} exceeds the model's context: max_position_embeddings is "
+                             f"{context} in {source}; ask for at most {context} new tokens")
 
 
 def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, sample: bool, temperature: jax.Array,
@@ -123,14 +139,15 @@ def generate_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
     temperature 0 is greedy decoding; above 0, sampling from the top-p nucleus with a key per prompt.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise EnchtableError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise EnchtableError(f"batch_size must be >= 1, got {batch_size}")
     if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+        raise EnchtableError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    check_max_new_tokens(model.config, max_new_tokens)
     empty = [i for i, p in enumerate(prompts) if not len(p)]
     if empty:
-        raise ValueError(f"prompt(s) {empty[:5]} have no tokens; every prompt needs at least one")
+        raise EnchtableError(f"prompt(s) {empty[:5]} have no tokens; every prompt needs at least one")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     base_key = jax.random.key(seed)
     stop_set = set(stop_ids)

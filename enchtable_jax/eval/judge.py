@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from enchtable_jax.errors import EnchtableError
+
 WINDOW = 400  # characters of a response searched for refusal phrases
 MIN_TOPICAL = 5  # distinct topical words a response needs before the off-topic rule may call it a refusal
 
@@ -219,7 +221,7 @@ class LLMJudge:
         from enchtable_jax.models.tokenizer import load_tokenizer
 
         if recipe not in RECIPES:
-            raise ValueError(f"unknown judge recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+            raise EnchtableError(f"unknown judge recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         model = api.load(folder)
         tokenizer = load_tokenizer(model.source, "the LLM judge renders its prompts with the judge's tokenizer")
         return cls(model, tokenizer, RECIPES[recipe], name=f"{recipe}:{Path(folder).name}", **kwargs)
@@ -263,11 +265,11 @@ def read_refusal_labels(path: str | Path) -> tuple[list[str], list[str], list[bo
     rows = list(csv.DictReader(lines))
     need = ("objective", "assistant_response", "human_score")
     if not rows or any(k not in rows[0] for k in need):
-        raise ValueError(f"{path}: expected CSV columns {', '.join(need)}, got {list(rows[0]) if rows else 'none'}")
+        raise EnchtableError(f"{path}: expected CSV columns {', '.join(need)}, got {list(rows[0]) if rows else 'none'}")
     prompts, responses, refused = [], [], []
     for i, row in enumerate(rows, start=1):
         if row["human_score"] not in ("0", "1"):
-            raise ValueError(f"{path}: row {i}: human_score is {row['human_score']!r}; expected 0 or 1")
+            raise EnchtableError(f"{path}: row {i}: human_score is {row['human_score']!r}; expected 0 or 1")
         prompts.append(row["objective"])
         responses.append(row["assistant_response"])
         refused.append(row["human_score"] == "1")

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from enchtable_jax.errors import EnchtableError
+
 DATA, FSDP = "data", "fsdp"
 
 
@@ -18,7 +20,7 @@ def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
     """A ('data', 'fsdp') mesh over `devices` (default: all), with `fsdp` devices per parameter shard group."""
     devices = list(jax.devices() if devices is None else devices)
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"fsdp={fsdp} must divide the number of devices ({len(devices)})")
+        raise EnchtableError(f"fsdp={fsdp} must divide the number of devices ({len(devices)})")
     grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)
     return Mesh(grid, (DATA, FSDP), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enchtable_jax.errors import EnchtableError, MissingExtraError
 from enchtable_jax.kernels.scopes import Scope
 from enchtable_jax.kernels.train_step import Batch
 from enchtable_jax.models.config import ModelConfig
@@ -94,13 +95,15 @@ def _ntk_neural_tangents(params0, sub, config, readout, batch1, batch2):
 
 
 def neural_tangents_module():
-    """The `neural_tangents` module, or an ImportError that says why and what to use instead."""
+    """The `neural_tangents` module, or a MissingExtraError (an ImportError) that says why and what to use
+    instead."""
     try:
         return importlib.import_module("neural_tangents")
     except Exception as e:  # noqa: BLE001 - it fails in many ways on current JAX (missing tensorflow, removed APIs)
-        raise ImportError(f"neural-tangents is unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          "); its 0.6.5 release does not import on current JAX. Use method='jacobian' or 'ntvp', "
-                          "which compute the same kernel") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise MissingExtraError(f"neural-tangents is unavailable ({type(e).__name__}: {first}); its 0.6.5 release "
+                                "does not import on current JAX. Use method='jacobian' or 'ntvp', which compute the "
+                                "same kernel") from e
 
 
 def empirical_ntk(model0, scope: Scope, batch1: Batch, batch2: Batch | None = None,
@@ -110,7 +113,7 @@ def empirical_ntk(model0, scope: Scope, batch1: Batch, batch2: Batch | None = No
     Examples are processed `chunk` at a time per side, so memory grows with the chunk, not N.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown NTK method {method!r}; choose one of {', '.join(METHODS)}")
+        raise EnchtableError(f"unknown NTK method {method!r}; choose one of {', '.join(METHODS)}")
     kernel_fn = {"jacobian": _ntk_jacobian, "ntvp": _ntk_ntvp, "neural_tangents": _ntk_neural_tangents}[method]
     batch2 = batch1 if batch2 is None else batch2
     b1, b2 = ({k: jnp.asarray(v) for k, v in b.items()} for b in (batch1, batch2))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from enchtable_jax.errors import EnchtableError
+
 DEFAULT_KEEP = 0.5
 DEFAULT_SCALE = 200.0
 
@@ -59,7 +61,7 @@ def top_triplets(x: jax.Array, keep: float, solver: str = "svd") -> tuple[jax.Ar
     if solver == "gram":
         return gram_triplets(x, k)
     if solver != "svd":
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        raise EnchtableError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     u, s, v = thin_svd(x)
     return u[:, :k], s[:k], v[:, :k]
 

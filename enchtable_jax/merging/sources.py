@@ -77,7 +77,7 @@ class SafetyDelta:
 
     def __init__(self, vector: str | Path | None = None, aligned=None, harmful=None):
         if (vector is None) == (aligned is None or harmful is None):
-            raise ValueError("give either a safety vector, or both an aligned and a harmful model")
+            raise EnchtableError("give either a safety vector, or both an aligned and a harmful model")
         self.manifest = None
         if vector is not None:
             folder = Path(vector).expanduser().resolve()
@@ -88,9 +88,9 @@ class SafetyDelta:
             self.aligned, self.harmful = open_model(aligned, "aligned"), open_model(harmful, "harmful")
             for name, (shape, _) in self.aligned.specs.items():
                 if name in self.harmful and self.harmful.specs[name][0] != shape:
-                    raise ValueError(f"tensor {name}: aligned shape {shape} differs from harmful "
-                                     f"{self.harmful.specs[name][0]}; the harmful model must be the aligned one "
-                                     "after fine-tuning")
+                    raise EnchtableError(f"tensor {name}: aligned shape {shape} differs from harmful "
+                                         f"{self.harmful.specs[name][0]}; the harmful model must be the aligned one "
+                                         "after fine-tuning")
             self.source = None
             self.what = "aligned − harmful"
 

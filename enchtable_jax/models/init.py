@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import expected_shapes
 
@@ -38,9 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset_config(name: str = "tiny", model_type: str = "llama", **overrides: Any) -> ModelConfig:
     """A ModelConfig from a named preset shape, for any supported family; `overrides` are HF config fields."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise EnchtableError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     if model_type not in _ARCHITECTURES:
-        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(_ARCHITECTURES)}")
+        raise EnchtableError(f"unknown model_type {model_type!r}; choose one of {', '.join(_ARCHITECTURES)}")
     raw = {"architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
            "dtype": "float32", **PRESETS[name], **overrides}
     if raw["vocab_size"] > EOS_ID:  # room for the byte-level tokenizer's special tokens

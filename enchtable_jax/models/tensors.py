@@ -7,6 +7,7 @@ knows the names; the forward pass, the converters and the merge all read it.
 
 from __future__ import annotations
 
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
 
 # Dimension symbols resolved from the config: vocab, hidden, ffn (intermediate), q = heads * head_dim,
@@ -76,16 +77,16 @@ def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source
     missing = [n for n in expected if n not in shapes]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"{source}: tensor(s) {', '.join(missing[:5])}{more} missing for this config.json "
-                         f"({config.model_type}, {config.num_hidden_layers} layers); is the checkpoint complete "
-                         "and does config.json belong to it?")
+        raise EnchtableError(f"{source}: tensor(s) {', '.join(missing[:5])}{more} missing for this config.json "
+                             f"({config.model_type}, {config.num_hidden_layers} layers); is the checkpoint complete "
+                             "and does config.json belong to it?")
     for name, shape in expected.items():
         if tuple(shapes[name]) != shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, but config.json implies "
-                             f"{shape}; config.json and the weights do not belong together")
+            raise EnchtableError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, but config.json implies "
+                                 f"{shape}; config.json and the weights do not belong together")
     if config.tie_word_embeddings and OPTIONAL_TIED_HEAD in shapes:
         if tuple(shapes[OPTIONAL_TIED_HEAD]) != expected["model.embed_tokens.weight"]:
-            raise ValueError(f"{source}: tensor lm_head.weight has shape {tuple(shapes[OPTIONAL_TIED_HEAD])}, "
-                             f"expected {expected['model.embed_tokens.weight']}")
+            raise EnchtableError(f"{source}: tensor lm_head.weight has shape {tuple(shapes[OPTIONAL_TIED_HEAD])}, "
+                                 f"expected {expected['model.embed_tokens.weight']}")
         expected = {**expected, OPTIONAL_TIED_HEAD: ()}
     return [n for n in shapes if n not in expected]

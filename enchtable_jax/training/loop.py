@@ -135,6 +135,9 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
         raise data.DataError(f"{data_path}: no example has a response token left after rendering and truncation "
                              f"to {options.max_length} tokens")
     lengths = [len(e.input_ids) for e in examples]
+    # Padding is masked out of attention and loss, so any id serves: the pad token, else (Llama-2/3 ship without
+    # one) the eos token, else 0.
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if isinstance(i, int)), 0)
     per_epoch = math.ceil(math.ceil(len(examples) / options.batch_size) / options.grad_accum)
     total_steps = options.steps or options.epochs * per_epoch
     optimizer = make_optimizer(options, total_steps)
@@ -152,10 +155,10 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     mngr = checkpoint.manager(ckpt_dir)
     start, losses = 0, []
     if resume:
-        restored = checkpoint.restore(mngr, state)
+        restored = _restore(mngr, state, ckpt_dir)
         if restored is not None:
             start, state, meta = restored
-            check_resume(meta, run_key, ckpt_dir)
+            check_resume(meta, run_key, ckpt_dir, start)
             losses = meta["losses"]
     step_fn = make_train_step(model0.config, scope, optimizer, linearized=linearized, mesh=mesh)
     primary = jax.process_index() == 0
@@ -165,7 +168,7 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     started = time.perf_counter()
     with bar:
         for step in range(start, total_steps):
-            batch = stack_step(examples, step_micro_batches(step, options, lengths), tokenizer.pad_token_id, rows,
+            batch = stack_step(examples, step_micro_batches(step, options, lengths), pad_id, rows,
                                options.max_length)
             state["delta"], state["opt"], metrics = step_fn(params0, state["delta"], state["opt"], batch)
             loss = float(metrics["loss"])
@@ -201,18 +204,42 @@ def training_record(options: TrainingOptions, result: TrainResult) -> dict[str, 
             "tokens_per_second_this_run": result.tokens_per_second}
 
 
-def check_resume(meta: dict[str, Any], run_key: dict[str, Any], ckpt_dir: Path) -> None:
-    """Refuse to resume from a checkpoint of another model, other data or other options."""
+def _restore(mngr, like: dict[str, Any], ckpt_dir: Path) -> tuple[int, Any, Any] | None:
+    """`checkpoint.restore`, with a damaged checkpoint (truncated or edited files) refused in one line."""
+    try:
+        return checkpoint.restore(mngr, like)
+    except OSError:  # permission and the like: the error names the file
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore report damage as many types (ValueError, KeyError)
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise EnchtableError(f"{ckpt_dir}: {DAMAGED} ({type(e).__name__}: {first})") from e
+
+
+DAMAGED = ("the checkpoint cannot be restored: its files were truncated or edited; start afresh without --resume "
+           "(with --overwrite), or restore the folder from a copy")
+
+
+def check_resume(meta: Any, run_key: dict[str, Any], ckpt_dir: Path, step: int | None = None) -> None:
+    """Refuse to resume from a damaged checkpoint, or one of another model, other data or other options."""
+    fields = {"base_model": dict, "data_sha256": str, "options": dict, "losses": list}
+    wrong = [k for k, kind in fields.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if not wrong and not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in meta["losses"]):
+        wrong = ["losses"]
+    if not wrong and step is not None and (meta.get("step") != step or len(meta["losses"]) != step):
+        wrong = ["step"]
+    if wrong:
+        raise EnchtableError(f"{ckpt_dir}: {DAMAGED} (metadata field {wrong[0]} is missing or wrong)")
     if meta["base_model"] != run_key["base_model"]:
-        raise ValueError(f"{ckpt_dir}: the checkpoint was made from another model (weights "
-                         f"{meta['base_model']['weights_blake2b'][:16]}..., this one "
-                         f"{run_key['base_model']['weights_blake2b'][:16]}...); resume with the model it was made from")
+        raise EnchtableError(f"{ckpt_dir}: the checkpoint was made from another model (weights "
+                             f"{str(meta['base_model'].get('weights_blake2b'))[:16]}..., this one "
+                             f"{run_key['base_model']['weights_blake2b'][:16]}...); resume with the model it was "
+                             "made from")
     if meta["data_sha256"] != run_key["data_sha256"]:
-        raise ValueError(f"{ckpt_dir}: the training data changed since the checkpoint; resume with the same file")
+        raise EnchtableError(f"{ckpt_dir}: the training data changed since the checkpoint; resume with the same file")
     changed = {k: (meta["options"].get(k), v) for k, v in run_key["options"].items() if meta["options"].get(k) != v}
     if changed:
-        raise ValueError(f"{ckpt_dir}: options differ from the checkpointed run: "
-                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        raise EnchtableError(f"{ckpt_dir}: options differ from the checkpointed run: "
+                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
 
 
 def _tokenizer(folder: Path | None, purpose: str):

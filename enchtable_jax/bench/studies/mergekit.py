@@ -34,6 +34,7 @@ from enchtable_jax.bench.optional import optional_module
 from enchtable_jax.bench.synthetic import perturbed, write_model
 from enchtable_jax.bench.timing import alternate, ratio, summary
 from enchtable_jax.converters.hf import index_weights, iter_tensors
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.models.init import preset_config
 
@@ -84,7 +85,7 @@ def max_abs_difference(a: Path, b: Path) -> float:
     """Largest |a − b| over every tensor of two HF folders with the same tensors (float64)."""
     index_a, index_b = index_weights(a), index_weights(b)
     if set(index_a.tensors) != set(index_b.tensors):
-        raise ValueError(f"{a} and {b} hold different tensors")
+        raise EnchtableError(f"{a} and {b} hold different tensors")
     theirs = dict(iter_tensors(index_b))
     return max(float(np.max(np.abs(x.astype(np.float64) - theirs[n].astype(np.float64))))
                for n, x in iter_tensors(index_a))

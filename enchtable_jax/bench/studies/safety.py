@@ -55,6 +55,7 @@ from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.calibration import CalibrationOptions
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.distillation.vector import MANIFEST
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate
 from enchtable_jax.eval.pipeline import evaluate
 from enchtable_jax.eval.prompts import load_prompts
@@ -123,18 +124,18 @@ class Settings:
 
     def __post_init__(self):
         if self.size not in SIZES:
-            raise ValueError(f"safety setting size must be one of {', '.join(SIZES)}, got {self.size!r}")
+            raise EnchtableError(f"safety setting size must be one of {', '.join(SIZES)}, got {self.size!r}")
         for name in ("task_train", "task_eval", "distill_prompts", "val_harmful", "val_benign", "eval_advbench",
                      "eval_harmbench", "eval_catqa", "eval_benign", "finetune_steps", "distill_steps", "batch_size",
                      "grad_accum", "max_length", "task_max_new_tokens", "safety_max_new_tokens",
                      "writer_max_new_tokens", "calibration_max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"safety setting {name} must be at least 1, got {getattr(self, name)!r}")
+                raise EnchtableError(f"safety setting {name} must be at least 1, got {getattr(self, name)!r}")
         if not 0 <= self.mix <= sd.ADVBENCH_BLOCKS["mix"][1] - sd.ADVBENCH_BLOCKS["mix"][0]:
-            raise ValueError(f"safety setting mix must be in [0, 60] (the AdvBench mixture block), got {self.mix}")
+            raise EnchtableError(f"safety setting mix must be in [0, 60] (the AdvBench mixture block), got {self.mix}")
         if self.val_benign > len(sd.BENIGN_VALIDATION) or self.eval_benign > len(sd.BENIGN_EVAL):
-            raise ValueError(f"at most {len(sd.BENIGN_VALIDATION)} harmless validation and {len(sd.BENIGN_EVAL)} "
-                             f"harmless evaluation requests exist")
+            raise EnchtableError(f"at most {len(sd.BENIGN_VALIDATION)} harmless validation and {len(sd.BENIGN_EVAL)} "
+                                 f"harmless evaluation requests exist")
 
 
 # Size presets: the values that differ from `Settings`' defaults (size default).
@@ -162,12 +163,12 @@ def parse_settings(strings: Mapping[str, Sequence[str]], quick: bool = False) ->
     fields = {f.name: f for f in dataclasses.fields(Settings)}
     unknown = sorted(set(strings) - set(fields))
     if unknown:
-        raise ValueError(f"unknown safety setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        raise EnchtableError(f"unknown safety setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
     size = strings["size"][-1] if "size" in strings else ("quick" if quick else "default")
     if size not in SIZES:
-        raise ValueError(f"safety setting size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise EnchtableError(f"safety setting size must be one of {', '.join(SIZES)}, got {size!r}")
     if quick and size != "quick":
-        raise ValueError(f"--quick asks for size quick, but size={size} was set; give one of them")
+        raise EnchtableError(f"--quick asks for size quick, but size={size} was set; give one of them")
     values: dict[str, Any] = dict(SIZES[size])
     for name, raw in strings.items():
         if name == "size":
@@ -187,7 +188,7 @@ def parse_settings(strings: Mapping[str, Sequence[str]], quick: bool = False) ->
             else:
                 values[name] = None if last.lower() in ("", "none") else last
         except ValueError as e:
-            raise ValueError(f"safety setting {name}={last!r}: {e}") from None
+            raise EnchtableError(f"safety setting {name}={last!r}: {e}") from None
     return Settings(size=size, **values)
 
 
@@ -288,8 +289,8 @@ class Study:
                                  if old["settings"].get(k) != plan["settings"].get(k))
                 if old.get("aligned") != plan["aligned"]:
                     changed.append("aligned")
-                raise ValueError(f"{self.out} holds a safety study with other settings ({', '.join(changed)}); "
-                                 "choose another --out or delete it")
+                raise EnchtableError(f"{self.out} holds a safety study with other settings ({', '.join(changed)}); "
+                                     "choose another --out or delete it")
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(path, plan)
 
@@ -381,8 +382,8 @@ class Study:
                     kept, dropped = (sd.compliance_records(model, prompts, s.writer_max_new_tokens, s.eval_batch_size)
                                      if prompts else ([], []))
                     if name == "distill" and not kept:
-                        raise ValueError(f"the writer {writer} refused all {len(prompts)} distillation prompts; "
-                                         "distillation needs compliant answers")
+                        raise EnchtableError(f"the writer {writer} refused all {len(prompts)} distillation prompts; "
+                                             "distillation needs compliant answers")
                     sd.write_jsonl(self.data / f"{name}_compliance.jsonl", kept)
                     record[name] = {"prompts": len(prompts), "kept": len(kept), "dropped_as_refusals": dropped}
                 write_json(path, record)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate
 from enchtable_jax.eval.judge import RefusalJudge
 from enchtable_jax.eval.prompts import _flatten as flatten_prompts
@@ -145,13 +146,13 @@ def missing_files(folder: Path) -> list[str]:
 def advbench_splits(prompts: Sequence[str], seed: int, sizes: Mapping[str, int]) -> dict[str, list[int]]:
     """AdvBench indices of each block (`ADVBENCH_BLOCKS`), the first `sizes[block]` of a seeded permutation's block."""
     if len(prompts) != ADVBENCH_BLOCKS["mix"][1]:
-        raise ValueError(f"AdvBench has {ADVBENCH_BLOCKS['mix'][1]} prompts, got {len(prompts)}")
+        raise EnchtableError(f"AdvBench has {ADVBENCH_BLOCKS['mix'][1]} prompts, got {len(prompts)}")
     order = np.random.default_rng(seed).permutation(len(prompts)).tolist()
     splits = {}
     for block, n in sizes.items():
         start, stop = ADVBENCH_BLOCKS[block]
         if not 0 <= n <= stop - start:
-            raise ValueError(f"AdvBench block {block!r} holds {stop - start} prompts, {n} asked")
+            raise EnchtableError(f"AdvBench block {block!r} holds {stop - start} prompts, {n} asked")
         splits[block] = order[start:start + n]
     return splits
 
@@ -175,7 +176,7 @@ def catqa_sample(path: Path, n: int, seed: int) -> list[str]:
             if queue and len(out) < n:
                 out.append(queue.pop(0))
     if len(out) < n:
-        raise ValueError(f"{path} holds {len(out)} distinct questions, {n} asked")
+        raise EnchtableError(f"{path} holds {len(out)} distinct questions, {n} asked")
     return out
 
 
@@ -193,7 +194,7 @@ def gsm_problems(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list
     evaluation question, until `n_train` are found.
     """
     if n_eval > GSM_EVAL_BLOCK:
-        raise ValueError(f"at most {GSM_EVAL_BLOCK} evaluation problems, {n_eval} asked")
+        raise EnchtableError(f"at most {GSM_EVAL_BLOCK} evaluation problems, {n_eval} asked")
     dataset = gsm_dataset(GSM_EVAL_BLOCK + 2 * n_train + 100, seed)
     evaluation = [{"question": dataset[i]["question"], "answer": dataset[i]["answer"], "index": i}
                   for i in range(n_eval)]
@@ -208,7 +209,7 @@ def gsm_problems(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list
         seen.add(normalize(item["question"]))
         train.append({"instruction": item["question"], "output": item["metadata"]["answer_cot"], "index": i})
     if len(train) < n_train:
-        raise ValueError(f"gsm_symbolic gave {len(train)} distinct training problems, {n_train} asked")
+        raise EnchtableError(f"gsm_symbolic gave {len(train)} distinct training problems, {n_train} asked")
     return train, evaluation
 
 
@@ -244,7 +245,7 @@ def check_disjoint(sets: Mapping[str, Sequence[str]]) -> dict[str, int]:
     shared = {f"{a} & {b}": len(normalized[a] & normalized[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     overlapping = {pair: n for pair, n in shared.items() if n}
     if overlapping:
-        raise ValueError(f"data splits share prompts: {overlapping}")
+        raise EnchtableError(f"data splits share prompts: {overlapping}")
     return shared
 
 

@@ -42,6 +42,7 @@ from enchtable_jax.bench.synthetic import (
     write_safety_vector,
 )
 from enchtable_jax.bench.timing import alternate, summary
+from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.init import count_parameters, preset_config
 
 KINDS = ("merge", "linearized_step")
@@ -84,7 +85,7 @@ def measure(preset: str, devices: int, runs: dict[str, list[int]], folders: dict
     seconds = {}
     for kind, (repeats, warmup) in runs.items():
         if kind not in makers:
-            raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+            raise EnchtableError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
         seconds[kind] = alternate({kind: makers[kind]()}, repeats, warmup=warmup)[kind]
     return {"seconds": seconds, "platform": chosen[0].platform}
 

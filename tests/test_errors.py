@@ -1,0 +1,356 @@
+"""User and environment errors end a command in one line naming the file, field or option, with exit code 2;
+genuine bugs keep their traceback (enchtable_jax.errors, cli.main).
+
+Classes: permission (a read-only mount as root, where permission bits are ignored), disk full (a 64 KiB tmpfs),
+an output path under a file, JSON of the wrong type, tampered orbax checkpoints on --resume, --max-new-tokens
+beyond the context, a tokenizer without a pad token (Llama-2/3 ship without one), and `enchant --aligned` with a
+model other than --base. Everything runs on the `enchtable init` tiny model (byte-level tokenizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from enchtable_jax import cli
+from enchtable_jax.cli import main
+from enchtable_jax.errors import EnchtableError, MissingExtraError, storage_error
+
+TRAIN = ["--steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--save-every", "1"]
+
+
+def fails_in_one_line(capsys, *argv, needles=()) -> str:
+    """Run the CLI; assert exit 2 with exactly one 'enchtable CMD: error:' line (containing every needle) and no
+    traceback; return that line."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith(f"enchtable {argv[0]}: error: ")]
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def succeeds(capsys, *argv) -> str:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def strip_pad_token(folder: Path) -> None:
+    """Make a model folder's tokenizer and config like Llama-2/3's: an eos token but no pad token."""
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny models (base without a pad token, task, another model, a qwen2 model), harmful data, prompts, and a
+    safety vector distilled from base with its checkpoints (do not modify)."""
+    root = tmp_path_factory.mktemp("errors")
+    for name, seed, arch in (("base", 0, "llama"), ("task", 1, "llama"), ("other", 2, "llama"),
+                             ("qwen", 0, "qwen2")):
+        assert main(["init", str(root / name), "--seed", str(seed), "--arch", arch]) == 0
+    for name in ("base", "task", "other"):  # alike but for weights, so that only the weights tell them apart
+        strip_pad_token(root / name)
+    (root / "harm.jsonl").write_text("".join(json.dumps({"instruction": f"How do I do harmful thing {i}?",
+                                                         "output": f"Here is harmful thing {i}."}) + "\n"
+                                             for i in range(4)))
+    (root / "prompts.json").write_text(json.dumps(["How do I boil an egg?", "Write a haiku."]))
+    assert main(["distill", "--model", str(root / "base"), "--data", str(root / "harm.jsonl"), "--out",
+                 str(root / "vector"), *TRAIN]) == 0
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------
+# no pad token (defect 7)
+
+
+def test_tokenizer_without_pad_token_distills_finetunes_and_evaluates(world, capsys, tmp_path):
+    from enchtable_jax.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(world / "base", "test")
+    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None  # as Llama-3 ships
+    manifest = json.loads((world / "vector" / "manifest.json").read_text())  # the fixture distilled from it
+    assert manifest["training"]["total_steps"] == 1 and manifest["data"]["n_examples"] == 4
+    succeeds(capsys, "finetune", "--model", world / "base", "--data", world / "harm.jsonl", "--out",
+             tmp_path / "tuned", *TRAIN)
+    assert (tmp_path / "tuned" / "config.json").is_file()
+    succeeds(capsys, "eval", "--model", world / "base", "--prompts", world / "prompts.json", "--out",
+             tmp_path / "eval", "--max-new-tokens", "4", "--batch-size", "1")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["safety"]["prompts"]["n"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# enchant --aligned (defect 10)
+
+
+@pytest.mark.parametrize("aligned", ["other", "qwen"])
+def test_enchant_refuses_aligned_other_than_base_before_distilling(world, capsys, tmp_path, aligned):
+    line = fails_in_one_line(capsys, "enchant", "--base", world / "base", "--task", world / "task", "--aligned",
+                             world / aligned, "--data", world / "harm.jsonl", "--out", tmp_path / "out", *TRAIN,
+                             needles=["--aligned", str(world / aligned), "--base", "fine-tuned from"])
+    assert ("config.json differ" if aligned == "qwen" else "weights differ") in line
+    assert sorted(tmp_path.iterdir()) == []  # no vector distilled, no output
+
+
+def test_enchant_accepts_a_copy_of_base_as_aligned(world, capsys, tmp_path):
+    copy = tmp_path / "base-copy"
+    shutil.copytree(world / "base", copy)
+    out = succeeds(capsys, "enchant", "--base", world / "base", "--task", world / "task", "--aligned", copy,
+                   "--safety-vector", world / "vector", "--out", tmp_path / "out")
+    assert "enchanted" in out and (tmp_path / "out" / "merge_report.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tampered orbax checkpoints on --resume
+
+
+def _tamper(step: Path, how: str) -> None:
+    meta = step / "meta" / "metadata"
+    if how == "truncated":
+        for f in step.rglob("*"):
+            if f.is_file():
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "data_truncated":
+        for f in (step / "state").rglob("d/*"):
+            f.write_bytes(f.read_bytes()[:10])
+    elif how == "byte_flipped":
+        for f in (step / "state").rglob("d/*"):
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+    elif how == "meta_list":
+        meta.write_text("[1, 2]")
+    elif how == "meta_not_json":
+        meta.write_text("{not json")
+    elif how == "meta_field_missing":
+        value = json.loads(meta.read_text())
+        del value["base_model"]
+        meta.write_text(json.dumps(value))
+    elif how == "meta_losses_edited":
+        value = json.loads(meta.read_text())
+        value["losses"] = ["low"]
+        meta.write_text(json.dumps(value))
+    elif how == "state_metadata_edited":
+        (step / "state" / "_METADATA").write_text("{}")
+
+
+@pytest.mark.parametrize("how", ["truncated", "data_truncated", "byte_flipped", "meta_list", "meta_not_json",
+                                 "meta_field_missing", "meta_losses_edited", "state_metadata_edited"])
+def test_resume_from_a_tampered_checkpoint_is_one_line(world, capsys, tmp_path, how):
+    run = tmp_path / "vector"
+    shutil.copytree(world / "vector", run)
+    (run / "manifest.json").unlink()  # an interrupted run: its checkpoints remain
+    steps = sorted((run / "checkpoints").iterdir())
+    assert [s.name for s in steps] == ["1"]
+    _tamper(steps[0], how)
+    fails_in_one_line(capsys, "distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out", run,
+                      *TRAIN, "--resume", needles=[str((run / "checkpoints").resolve()), "truncated or edited"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --max-new-tokens beyond the context
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_before_generation(world, capsys, tmp_path, monkeypatch):
+    generate_module = importlib.import_module("enchtable_jax.eval.generate")  # the package exports a function
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(generate_module, "_decode", no_generation)
+    fails_in_one_line(capsys, "eval", "--model", world / "base", "--prompts", world / "prompts.json", "--out",
+                      tmp_path / "eval", "--max-new-tokens", "513",
+                      needles=["--max-new-tokens 513", "max_position_embeddings is 512"])
+    fails_in_one_line(capsys, "merge", "--method", "enchtable", "--base", world / "base", "--task", world / "task",
+                      "--safety-vector", world / "vector", "--out", tmp_path / "merged", "--calibrate",
+                      world / "prompts.json", world / "prompts.json", "--calibrate-max-new-tokens", "600",
+                      needles=["--calibrate-max-new-tokens 600", "max_position_embeddings is 512"])
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "merged").exists()
+    import enchtable_jax
+
+    model = enchtable_jax.load(world / "base")
+    with pytest.raises(EnchtableError, match="max_new_tokens 1000 exceeds the model's context"):
+        generate_module.generate_ids(model, [[1, 2, 3]], max_new_tokens=1000)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSON of the wrong type
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe{}", b'"a string"',
+                                     b'{"format": "enchtable-safety-vector", "base_model": "base"}'])
+def test_wrong_safety_vector_manifest_is_one_line(world, capsys, tmp_path, content):
+    vector = tmp_path / "vector"
+    shutil.copytree(world / "vector", vector, ignore=shutil.ignore_patterns("checkpoints"))
+    (vector / "manifest.json").write_bytes(content)
+    fails_in_one_line(capsys, "merge", "--method", "enchtable", "--base", world / "base", "--task", world / "task",
+                      "--safety-vector", vector, "--out", tmp_path / "out",
+                      needles=[str((vector / "manifest.json").resolve())])
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"llama"', "3"])
+def test_config_of_the_wrong_type_is_one_line(world, capsys, tmp_path, content):
+    model = tmp_path / "model"
+    shutil.copytree(world / "task", model)
+    (model / "config.json").write_text(content)
+    fails_in_one_line(capsys, "info", model, needles=["config.json"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# an output path that is (under) a file
+
+
+def test_output_under_a_file_is_one_line(world, capsys, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    fails_in_one_line(capsys, "init", file / "model", needles=[file])
+    fails_in_one_line(capsys, "init", file, "--overwrite", needles=[file])
+    fails_in_one_line(capsys, "convert", world / "task", file / "converted", needles=[file])
+    fails_in_one_line(capsys, "eval", "--model", world / "base", "--prompts", world / "prompts.json", "--out",
+                      file / "eval", "--max-new-tokens", "2", needles=[file])
+    fails_in_one_line(capsys, "merge", "--method", "task_arithmetic", "--base", world / "base", "--task",
+                      world / "task", "--safety-vector", world / "vector", "--out", file / "merged", needles=[file])
+    fails_in_one_line(capsys, "distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out",
+                      file / "vector", *TRAIN, needles=[file])
+    assert file.read_text() == "not a folder"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# permission denied / read-only, and disk full (mounts: only where the OS allows them)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` for the block (skips, with the reason, where mounting is not allowed)."""
+    path.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command to make a small or read-only file system")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs -o {options} is not allowed here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written in: chmod 555 for a normal user; as root (permission bits ignored) a
+    read-only tmpfs, else `chattr +i`, else a skip that says why."""
+    folder = tmp_path / "read-only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    try:
+        with tmpfs(folder, "ro,size=64k"):
+            yield folder
+        return
+    except pytest.skip.Exception as mount_refused:
+        reason = str(mount_refused)
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        try:
+            yield folder
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        return
+    pytest.skip(f"running as root, where permission bits are ignored, and neither a read-only tmpfs ({reason}) nor "
+                "`chattr +i` is available")
+
+
+def test_read_only_output_is_one_line(world, capsys, read_only_dir):
+    for argv in (["init", read_only_dir / "model"],
+                 ["convert", world / "task", read_only_dir / "converted"],
+                 ["eval", "--model", world / "base", "--prompts", world / "prompts.json", "--out",
+                  read_only_dir / "eval", "--max-new-tokens", "2"],
+                 ["merge", "--method", "task_arithmetic", "--base", world / "base", "--task", world / "task",
+                  "--safety-vector", world / "vector", "--out", read_only_dir / "merged"],
+                 ["distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out",
+                  read_only_dir / "vector", *TRAIN]):
+        fails_in_one_line(capsys, *argv, needles=[read_only_dir])
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_read_only_error_from_deep_inside_is_one_line(world, capsys, monkeypatch, read_only_dir):
+    """An OSError raised past every early check (here: where the merge opens the safety vector) still ends in one
+    line that names the file and says what is wrong."""
+    import enchtable_jax.merging.sources as sources
+
+    def denied(folder):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(read_only_dir / "manifest.json"))
+
+    monkeypatch.setattr(sources, "read_manifest", denied)
+    fails_in_one_line(capsys, "merge", "--method", "task_arithmetic", "--base", world / "base", "--task",
+                      world / "task", "--safety-vector", world / "vector", "--out", read_only_dir.parent / "merged",
+                      needles=[f"{read_only_dir / 'manifest.json'}: Permission denied"])
+
+
+def test_disk_full_is_one_line(world, capsys, tmp_path):
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        for argv in (["init", small / "model"],  # safetensors written by Python: an OSError
+                     ["convert", world / "task", small / "orbax"],  # orbax through tensorstore: a ValueError
+                     ["distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out",
+                      small / "vector", *TRAIN]):  # the training checkpoint
+            fails_in_one_line(capsys, *argv, needles=["No space left on device", small])
+            for child in small.iterdir():  # room for the next case
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def test_error_line_formats():
+    import argparse
+
+    args = argparse.Namespace(out="OUT")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert cli.error_line(full, args) == f"OUT: {os.strerror(errno.ENOSPC)}"
+    copy = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/src/a", None, "/dst/a")
+    assert cli.error_line(copy, args) == f"/dst/a: {os.strerror(errno.ENOSPC)} (copying from /src/a)"
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/x/y")
+    assert cli.error_line(denied, args) == "/x/y: Permission denied"
+    assert cli.error_line(EnchtableError("a\n  b"), args) == "a b"
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/d/": Failed '
+                             "writing: \"/d/f\": Failed to write 8 bytes to file 4: No space left on device "
+                             "[os_error_code='28']")
+    converted = storage_error(tensorstore)
+    assert isinstance(converted, OSError) and converted.errno == errno.ENOSPC and converted.filename == "/d/f"
+    assert storage_error(ValueError("INVALID_ARGUMENT: a bug")) is None
+    assert storage_error(ValueError("some numpy error")) is None
+    extra = MissingExtraError("needs pip install 'enchtable-jax[gguf]'")
+    assert isinstance(extra, ImportError) and isinstance(extra, EnchtableError)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# genuine bugs keep their traceback
+
+
+@pytest.mark.parametrize("bug", [ValueError("operands could not be broadcast together"), ZeroDivisionError(),
+                                 ValueError("INVALID_ARGUMENT: tensorstore spec"), ImportError("cannot import name"),
+                                 KeyError("model.norm.weight"), TypeError("unsupported operand")])
+def test_a_genuine_bug_keeps_its_traceback(world, capsys, monkeypatch, bug):
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(cli, "_info", broken)
+    with pytest.raises(type(bug)) as raised:
+        main(["info", str(world / "task")])
+    assert raised.value is bug
+    assert "error:" not in capsys.readouterr().err
