@@ -212,6 +212,17 @@ def test_config_of_the_wrong_type_is_one_line(world, capsys, tmp_path, content):
     fails_in_one_line(capsys, "info", model, needles=["config.json"])
 
 
+def test_truncated_bin_checkpoint_is_one_line(world, capsys, tmp_path):
+    torch = pytest.importorskip("torch", reason="reading .bin checkpoints needs the torch extra")
+    model = tmp_path / "bin-model"
+    model.mkdir()
+    shutil.copy(world / "task" / "config.json", model)
+    torch.save({"model.norm.weight": torch.ones(64)}, model / "pytorch_model.bin")
+    data = (model / "pytorch_model.bin").read_bytes()
+    (model / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    fails_in_one_line(capsys, "info", model, needles=[model / "pytorch_model.bin", "truncated"])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # an output path that is (under) a file
 

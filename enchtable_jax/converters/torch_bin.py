@@ -44,7 +44,7 @@ def load_bin(path: str | Path) -> dict[str, np.ndarray]:
             f"{path}: refused: the file holds pickled objects other than tensors ({reason}); it was not "
             "executed. Convert it to safetensors with a tool you trust, or get a safetensors copy") from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot read this PyTorch checkpoint ({e}); it may be truncated") from e
+        raise EnchtableError(f"{path}: cannot read this PyTorch checkpoint ({e}); it may be truncated") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
