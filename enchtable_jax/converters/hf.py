@@ -198,13 +198,13 @@ def parse_size(size: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*", str(size), re.IGNORECASE)
         if not m:
-            raise ValueError(f"shard size {size!r} not understood; use bytes or e.g. '5GB', '500MB', '2GiB'")
+            raise EnchtableError(f"shard size {size!r} not understood; use bytes or e.g. '5GB', '500MB', '2GiB'")
         prefix = (m.group(2) or "").upper()
         base = 1024 if m.group(3) else 1000
         scale = base ** " KMGT".index(prefix) if prefix else 1
         value = int(float(m.group(1)) * scale)
     if value <= 0:
-        raise ValueError(f"shard size must be positive, got {size!r}")
+        raise EnchtableError(f"shard size must be positive, got {size!r}")
     return value
 
 

@@ -19,6 +19,7 @@ from typing import BinaryIO
 import ml_dtypes
 import numpy as np
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.safe_io import JSONFileError, parse_json
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -71,9 +72,9 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     if not raw.lstrip(b" ").startswith(b"{"):
         raise SafetensorsError(f"{bad}: header does not start with a JSON object; {fix}")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SafetensorsError(f"{bad}: header is not JSON ({e}); {fix}") from e
+        header = parse_json(raw, "header")
+    except JSONFileError as e:
+        raise SafetensorsError(f"{bad}: {e}; {fix}") from e
     if not isinstance(header, dict):
         raise SafetensorsError(f"{bad}: header is not a JSON object; {fix}")
     metadata = header.pop("__metadata__", None)
@@ -160,19 +161,6 @@ def _checked_size(shape: list[int], itemsize: int) -> int | None:
             return None
     total *= itemsize
     return total if total < _U64 else None
-
-
-def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"name {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
 
 
 ALIGNMENT = 64  # bytes: JAX's CPU client adopts host buffers aligned like this instead of copying them

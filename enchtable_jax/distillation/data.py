@@ -274,7 +274,7 @@ def render(conversations: Sequence[list[Message]], tokenizer: Any, max_length: i
     dropped. Position 0 is never a target (nothing predicts it).
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise DataError(f"max_length must be at least 2, got {max_length}")
     source, label = _template(tokenizer, template)
     markers = set(tokenizer.get_added_vocab().values())  # control tokens that may end a turn
     examples, n_truncated, n_dropped, longest = [], 0, 0, 0

@@ -265,5 +265,5 @@ def test_cli_merge_and_list(world, tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
     assert report["options"] == {"density": 0.7} and report["alpha"] == 1.5
     assert main(["merge", "--method", "nope", "--base", str(world["base"]), "--task", str(world["task"]),
-                 "--safety-vector", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
+                 "--safety-vector", str(tmp_path / "vector"), "--out", str(tmp_path / "p")]) == 2
     assert "unknown merge method 'nope'" in capsys.readouterr().err
