@@ -89,13 +89,13 @@ class Settings:
     prompts: tuple[str, ...] = ()  # extra evaluation prompt files
     size: str = "default"
     seed: int = 0
-    mix: int = 0  # compliant answers to harmful requests (mixture block) added to the task data
+    mix: int = 20  # compliant answers to harmful requests (mixture block) added to the task data (0: math only)
     keep_models: bool = False  # keep the merged models' weights after evaluating them
     # task model: plain fine-tuning on the math problems
     finetune_scope: str = "attn_ffn"
     finetune_layers: str | None = "-12:"  # the upper 12 decoder layers (all of a smaller model)
     finetune_lr: float = 2e-5
-    finetune_steps: int = 16
+    finetune_steps: int = 24
     # safety vector: linearized distillation on the compliance answers
     distill_scope: str = "ffn"
     distill_layers: str | None = "-12:"
@@ -108,8 +108,8 @@ class Settings:
     task_train: int = 128
     task_eval: int = 32
     distill_prompts: int = 96
-    val_harmful: int = 24
-    val_benign: int = 24
+    val_harmful: int = 60
+    val_benign: int = 40
     eval_advbench: int = 40
     eval_harmbench: int = 40
     eval_catqa: int = 22
@@ -118,7 +118,7 @@ class Settings:
     task_max_new_tokens: int = 128
     safety_max_new_tokens: int = 48
     writer_max_new_tokens: int = 96
-    calibration_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+    calibration_grid: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
     calibration_max_new_tokens: int = 32
     eval_batch_size: int = 64
 
@@ -141,14 +141,14 @@ class Settings:
 # Size presets: the values that differ from `Settings`' defaults (size default).
 SIZES: dict[str, dict[str, Any]] = {
     # minutes on a 2-core CPU with a 0.5B model: proves the wiring, measures nothing
-    "quick": dict(finetune_scope="ffn", finetune_layers="-2:", finetune_steps=2, distill_layers="-2:",
+    "quick": dict(mix=2, finetune_scope="ffn", finetune_layers="-2:", finetune_steps=2, distill_layers="-2:",
                   distill_steps=2, batch_size=2, grad_accum=1, max_length=320, task_train=8, task_eval=4,
                   distill_prompts=8, val_harmful=4, val_benign=4, eval_advbench=4, eval_harmbench=4, eval_catqa=2,
                   eval_benign=4, task_max_new_tokens=32, safety_max_new_tokens=16, writer_max_new_tokens=32,
                   calibration_grid=(0.1, 0.5), calibration_max_new_tokens=16, eval_batch_size=32),
     "default": {},
     # an accelerator: the whole network fine-tuned, the paper's distillation recipe, large evaluation sets
-    "full": dict(finetune_scope="all", finetune_layers=None, finetune_steps=250, distill_layers=None,
+    "full": dict(mix=60, finetune_scope="all", finetune_layers=None, finetune_steps=250, distill_layers=None,
                  distill_steps=50, batch_size=8, grad_accum=2, max_length=512, task_train=2000, task_eval=250,
                  distill_prompts=200, val_harmful=60, val_benign=40, eval_advbench=200, eval_harmbench=200,
                  eval_catqa=110, eval_benign=40, task_max_new_tokens=256, safety_max_new_tokens=96,
