@@ -286,6 +286,24 @@ def test_index_shard_symlinked_outside_is_refused(copy, outside):
         index_weights(folder)
 
 
+def test_shard_name_through_a_symlinked_subfolder_opens_the_checked_path(copy):
+    """`lnk/../../x` with lnk -> sub/deep resolves inside (folder/x); normpath would open folder/../x instead."""
+    folder = copy("sharded")
+    path, index = _index(folder)
+    shard = _first_shard(index)
+    (folder / "sub" / "deep").mkdir(parents=True)
+    (folder / "lnk").symlink_to(Path("sub") / "deep")
+    shutil.move(folder / shard, folder.parent / "secret.safetensors")  # outside the model folder
+    index["weight_map"] = {k: "lnk/../../secret.safetensors" if v == shard else v
+                           for k, v in index["weight_map"].items()}
+    path.write_text(json.dumps(index))
+    with pytest.raises(EnchtableError, match="secret.safetensors is listed but missing") as err:
+        index_weights(folder)
+    assert "\n" not in str(err.value)
+    with pytest.raises(EnchtableError):
+        enchtable_jax.load(folder)
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model.safetensors.index.json"])
 def test_fixed_files_symlinked_outside_are_refused(copy, outside, name):
     folder = copy("sharded" if name.endswith("index.json") else "single")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import warnings
@@ -115,10 +114,10 @@ def _files_from_index(folder: Path, index_name: str) -> tuple[list[Path], dict[s
     suffix = ".safetensors" if index_name == SAFETENSORS_INDEX else ".bin"
     expected = {}
     for name, file in weight_map.items():
-        contained(folder, file, path, f"weight_map[{name!r}]")
+        resolved = contained(folder, file, path, f"weight_map[{name!r}]")
         if not file.endswith(suffix):
             raise EnchtableError(f"{path}: field weight_map[{name!r}] names {file!r}, not a {suffix} file")
-        expected[name] = folder / os.path.normpath(file)
+        expected[name] = resolved  # the path that was checked is the path opened (normpath would differ by symlinks)
     files = list(dict.fromkeys(expected.values()))
     for file in files:
         if not file.is_file():
