@@ -148,10 +148,15 @@ def _tamper(step: Path, how: str) -> None:
         meta.write_text(json.dumps(value))
     elif how == "state_metadata_edited":
         (step / "state" / "_METADATA").write_text("{}")
+    elif how == "step_metadata_list":
+        (step / "_CHECKPOINT_METADATA").write_text("[1]")
+    elif how == "state_metadata_not_json":
+        (step / "state" / "_METADATA").write_text("{{")
 
 
 @pytest.mark.parametrize("how", ["truncated", "data_truncated", "byte_flipped", "meta_list", "meta_not_json",
-                                 "meta_field_missing", "meta_losses_edited", "state_metadata_edited"])
+                                 "meta_field_missing", "meta_losses_edited", "state_metadata_edited",
+                                 "step_metadata_list", "state_metadata_not_json"])
 def test_resume_from_a_tampered_checkpoint_is_one_line(world, capsys, tmp_path, how):
     run = tmp_path / "vector"
     shutil.copytree(world / "vector", run)
@@ -161,6 +166,61 @@ def test_resume_from_a_tampered_checkpoint_is_one_line(world, capsys, tmp_path, 
     _tamper(steps[0], how)
     fails_in_one_line(capsys, "distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out", run,
                       *TRAIN, "--resume", needles=[str((run / "checkpoints").resolve()), "truncated or edited"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tampered orbax checkpoints as input (convert, info, eval, merge)
+
+
+def _tamper_params(params: Path, how: str) -> None:
+    data = sorted((params / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+    if how == "checkpoint_metadata_list":
+        (params / "_CHECKPOINT_METADATA").write_text("[1]")
+    elif how == "metadata_not_json":
+        (params / "_METADATA").write_text("{{")
+    elif how == "metadata_empty_object":
+        (params / "_METADATA").write_text("{}")
+    elif how == "largest_data_truncated":
+        data[-1].write_bytes(data[-1].read_bytes()[:1000])
+    elif how == "all_data_truncated":
+        for f in data:
+            f.write_bytes(f.read_bytes()[:10])
+    elif how == "manifest_truncated":
+        (params / "manifest.ocdbt").write_bytes((params / "manifest.ocdbt").read_bytes()[:20])
+
+
+@pytest.fixture(scope="module")
+def orbax_base(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("orbax") / "sh"
+    assert main(["convert", str(world / "base"), str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("how", ["checkpoint_metadata_list", "metadata_not_json", "metadata_empty_object",
+                                 "largest_data_truncated", "all_data_truncated", "manifest_truncated"])
+def test_tampered_orbax_checkpoint_as_input_is_one_line(world, orbax_base, capsys, tmp_path, how):
+    ckpt = tmp_path / "t"
+    shutil.copytree(orbax_base, ckpt)
+    _tamper_params(ckpt / "params", how)
+    commands = [["convert", ckpt, tmp_path / "o"],
+                ["eval", "--model", ckpt, "--prompts", world / "prompts.json", "--out", tmp_path / "e",
+                 "--max-new-tokens", "2"],
+                ["merge", "--base", ckpt, "--task", world / "task", "--safety-vector", world / "vector", "--method",
+                 "task_arithmetic", "--out", tmp_path / "m"]]
+    if how in ("checkpoint_metadata_list", "metadata_not_json", "metadata_empty_object"):  # info reads metadata only
+        commands.append(["info", ckpt])
+    for argv in commands:
+        fails_in_one_line(capsys, *argv, needles=[str(ckpt), "damaged orbax checkpoint"])
+
+
+def test_unreadable_orbax_data_stays_an_os_error(world, orbax_base, capsys, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permission bits")
+    ckpt = tmp_path / "t"
+    shutil.copytree(orbax_base, ckpt)
+    for f in (ckpt / "params" / "ocdbt.process_0" / "d").iterdir():
+        f.chmod(0)
+    fails_in_one_line(capsys, "convert", ckpt, tmp_path / "o", needles=["Permission denied"])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ without anything else. Written atomically like HF folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -20,12 +21,32 @@ from enchtable_jax.converters.atomic import atomic_folder
 from enchtable_jax.converters.hf import Sharding, copy_companion_files, is_float
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import check_shapes
-from enchtable_jax.errors import EnchtableError
+from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.safe_io import check_tree, parse_json, read_json
 
 MARKER = "enchtable.json"
 FORMAT = "enchtable-orbax"
 VERSION = 1
+
+
+@contextlib.contextmanager
+def reading_checkpoint(folder: str | Path, what: str = "orbax checkpoint") -> Iterator[None]:
+    """Around orbax/tensorstore reads of `folder`: any failure of a damaged checkpoint (edited metadata, truncated
+    or flipped data files; orbax and tensorstore report these as ValueError, KeyError, AttributeError, ...)
+    becomes one EnchtableError naming the folder. An OSError (permission, disk) stays an OSError naming its file,
+    also when tensorstore reports it as a ValueError with an errno."""
+    try:
+        yield
+    except (EnchtableError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - every read of a damaged checkpoint ends here
+        storage = storage_error(e)
+        if isinstance(storage, OSError):
+            raise storage from e
+        first = " ".join(str(e).split(" See full TensorStore details")[0].split())[:300]
+        raise EnchtableError(f"{Path(folder)}: damaged {what}: its files were truncated or edited and cannot be "
+                             f"read ({type(e).__name__}{': ' + first if first else ''}); restore it from a copy or "
+                             "write it again") from e
 
 
 def is_orbax_checkpoint(path: str | Path) -> bool:
@@ -57,9 +78,15 @@ def write_orbax(path: str | Path, config: ModelConfig, params: Mapping[str, jax.
 
 def orbax_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{name: (shape, dtype)} from the checkpoint's metadata, without reading arrays."""
-    checkpointer = ocp.StandardCheckpointer()
-    tree = checkpointer.metadata(Path(path).resolve() / "params").item_metadata.tree
-    return {name: (tuple(meta.shape), np.dtype(meta.dtype)) for name, meta in tree.items()}
+    path = Path(path).expanduser().resolve()
+    with reading_checkpoint(path):
+        checkpointer = ocp.StandardCheckpointer()
+        metadata = checkpointer.metadata(path / "params").item_metadata
+        tree = getattr(metadata, "tree", None)
+        if not isinstance(tree, Mapping) or not tree:
+            raise EnchtableError(f"{path}: damaged orbax checkpoint: params/_METADATA lists no tensors; restore it "
+                                 "from a copy or write it again")
+        return {str(name): (tuple(int(d) for d in meta.shape), np.dtype(meta.dtype)) for name, meta in tree.items()}
 
 
 def read_orbax(path: str | Path, dtype=None, sharding: Sharding = None) -> tuple[ModelConfig, dict[str, jax.Array]]:
@@ -78,8 +105,9 @@ def read_orbax(path: str | Path, dtype=None, sharding: Sharding = None) -> tuple
         target_dtype = dtype if dtype is not None and is_float(stored) else stored
         place = sharding(name, shape) if callable(sharding) else sharding
         target[name] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=place or default)
-    checkpointer = ocp.StandardCheckpointer()
-    restored = checkpointer.restore(path / "params", target)
+    with reading_checkpoint(path):
+        checkpointer = ocp.StandardCheckpointer()
+        restored = checkpointer.restore(path / "params", target)
     order = read_json(path / MARKER).get("tensors") or list(specs)
     if not isinstance(order, list) or sorted(map(str, order)) != sorted(restored) or len(set(order)) != len(order):
         raise EnchtableError(f"{path / MARKER}: field tensors must list each of the checkpoint's {len(restored)} "

@@ -29,7 +29,7 @@ from enchtable_jax import api
 from enchtable_jax.converters.hf import is_float
 from enchtable_jax.distillation import checkpoint, data
 from enchtable_jax.distillation.vector import fully_replicated_numpy
-from enchtable_jax.errors import EnchtableError
+from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import Scope, resolve_scope
@@ -152,7 +152,10 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     run_key = {"base_model": base, "data_sha256": data.data_hash(data_path),
                "options": {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
                            if f.name not in _FREE_ON_RESUME}}
-    mngr = checkpoint.manager(ckpt_dir)
+    try:  # the manager reads the step folders' metadata: an edited one fails here
+        mngr = checkpoint.manager(ckpt_dir)
+    except Exception as e:  # noqa: BLE001 - see _damaged
+        raise _damaged(ckpt_dir, e) from e
     start, losses = 0, []
     if resume:
         restored = _restore(mngr, state, ckpt_dir)
@@ -208,11 +211,21 @@ def _restore(mngr, like: dict[str, Any], ckpt_dir: Path) -> tuple[int, Any, Any]
     """`checkpoint.restore`, with a damaged checkpoint (truncated or edited files) refused in one line."""
     try:
         return checkpoint.restore(mngr, like)
-    except OSError:  # permission and the like: the error names the file
-        raise
-    except Exception as e:  # noqa: BLE001 - orbax and tensorstore report damage as many types (ValueError, KeyError)
-        first = str(e).splitlines()[0][:300] if str(e) else ""
-        raise EnchtableError(f"{ckpt_dir}: {DAMAGED} ({type(e).__name__}: {first})") from e
+    except Exception as e:  # noqa: BLE001 - see _damaged
+        raise _damaged(ckpt_dir, e) from e
+
+
+def _damaged(ckpt_dir: Path, e: Exception) -> Exception:
+    """The error to raise for `e` from reading the checkpoints: orbax and tensorstore report damage as many types
+    (ValueError, KeyError, AttributeError), all one EnchtableError naming the folder; an OSError (permission, disk;
+    also tensorstore's ValueError with an errno) stays an OSError naming its file."""
+    if isinstance(e, (OSError, EnchtableError)):
+        return e
+    storage = storage_error(e)
+    if isinstance(storage, OSError):
+        return storage
+    first = " ".join(str(e).split(" See full TensorStore details")[0].split())[:300]
+    return EnchtableError(f"{ckpt_dir}: {DAMAGED} ({type(e).__name__}{': ' + first if first else ''})")
 
 
 DAMAGED = ("the checkpoint cannot be restored: its files were truncated or edited; start afresh without --resume "
