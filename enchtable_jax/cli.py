@@ -17,6 +17,7 @@ from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
+from enchtable_jax.options import MAX_SEEDS, SEED, parse_seeds
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -354,19 +355,17 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _seeds(text: str | None) -> list[int] | None:
-    """`0-4` or `0,2,7` (or a mix: `0-2,9`) as a list of seeds."""
-    if text is None:
-        return None
-    seeds = []
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
-        except ValueError:
-            raise EnchtableError(f"--seeds expects ranges and numbers like 0-4 or 0,2,7, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise EnchtableError(f"--seeds must name distinct seeds, got {text!r}")
-    return seeds
+    """`0-4` or `0,2,7` (or a mix: `0-2,9`) as a list of seeds (options.parse_seeds)."""
+    return None if text is None else parse_seeds(text)
+
+
+def _seeds_type(text: str) -> str:
+    """argparse `type=` of --seeds: checked at parse time (exit 2, one line), kept as text for _seeds."""
+    try:
+        parse_seeds(text)
+    except EnchtableError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--seeds ").removeprefix("option --seeds ")) from None
+    return text
 
 
 def _ranged(p: argparse.ArgumentParser, flag: str, range_, help: str | None = None, **kwargs) -> None:
@@ -636,9 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into OUT and prints the table.")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     _ranged(p, "--seed", DEMO_OPTIONS["seed"], "seed of the world, the initialisation and the data order", default=0)
-    p.add_argument("--seeds", metavar="0-4",
+    p.add_argument("--seeds", metavar="0-4", type=_seeds_type,
                    help="run the world once per seed (ranges and lists: 0-4, 0,2,7) into OUT/seed-N and report the "
-                        "mean and spread of every score in OUT/seeds.json")
+                        f"mean and spread of every score in OUT/seeds.json (at most {MAX_SEEDS} seeds, each "
+                        f"{SEED.short()})")
     p.add_argument("--quick", action="store_true", help="a smaller model and shorter training (tests, a first look)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_demo)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -55,11 +56,14 @@ class Range:
     def contains(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_numpy_number(value):
             return False
-        if self.integer and not float(value).is_integer():
+        if isinstance(value, int) or _is_numpy_number(value) and isinstance(value.item(), int):
+            value = int(value)  # exact: 2**64 and 10**400 are compared, not converted to float (OverflowError)
+        elif self.integer and not float(value).is_integer():
             return False
-        value = float(value)
-        if not math.isfinite(value):
-            return False
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
@@ -122,7 +126,8 @@ POSITIVE = Range(0, low_open=True)  # > 0, finite
 NON_NEGATIVE = Range(0)  # >= 0, finite
 COUNT = Range(1, integer=True)  # 1, 2, ...
 OPTIONAL_COUNT = Range(1, integer=True, optional=True)
-SEED = Range(0, integer=True)
+SEED = Range(0, 2**32 - 1, integer=True)  # every seed option and API: JAX and NumPy keys take 32 bits
+MAX_SEEDS = 100  # `demo --seeds`: at most this many runs
 FRACTION = Range(0, 1, low_open=True)  # (0, 1]
 RATE = Range(0, 1)  # [0, 1]
 
@@ -167,3 +172,38 @@ DISTRIBUTED_OPTIONS = {
 }
 INIT_OPTIONS = {"seed": SEED}
 DEMO_OPTIONS = {"seed": SEED}
+
+
+def check_seeds(seeds: Any, name: str = "seeds") -> list[int]:
+    """A list of distinct seeds, each in SEED, at most MAX_SEEDS of them; else an EnchtableError naming `name`."""
+    count = len(seeds) if hasattr(seeds, "__len__") else None
+    seeds = list(itertools.islice(seeds, MAX_SEEDS + 1))  # range(10**12) is not expanded
+    if not seeds or len(seeds) > MAX_SEEDS:
+        raise EnchtableError(f"option {name} must name 1 to {MAX_SEEDS} seeds, got "
+                             f"{count if count is not None else 'more'}")
+    for seed in seeds:
+        SEED.check(name, seed)
+    if len(set(seeds)) != len(seeds):
+        raise EnchtableError(f"option {name} must name distinct seeds, got {seeds}")
+    return [int(s) for s in seeds]
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """`0-4` or `0,2,7` (or a mix: `0-2,9`) as a checked list of seeds (see check_seeds); a range is measured
+    before it is expanded, so `0-99999999999` is refused at once instead of filling memory."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low, high = (int(first), int(last)) if dash else (int(first), int(first))
+        except ValueError:
+            raise EnchtableError(f"{flag} expects ranges and numbers like 0-4 or 0,2,7, got {text!r:.100}") from None
+        for bound in (low, high):
+            if not SEED.contains(bound):
+                raise EnchtableError(f"{flag} seeds must each be {SEED.text()}, got {bound}")
+        if high < low:
+            raise EnchtableError(f"{flag} range {part.strip()!r} is empty (the first seed is above the last)")
+        if len(seeds) + high - low + 1 > MAX_SEEDS:
+            raise EnchtableError(f"{flag} must name at most {MAX_SEEDS} seeds, got {text!r:.100}")
+        seeds += range(low, high + 1)
+    return check_seeds(seeds, flag)

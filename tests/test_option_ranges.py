@@ -39,6 +39,8 @@ def bad_values(r: Range) -> list:
         out.append(r.high if r.high_open else r.high + (1 if r.integer else 1e-6))
     if r.integer:
         out.append((r.low or 0) + 1.5)
+    if r.integer and r.high is not None:
+        out.append(2**64)  # beyond every fixed-width integer: refused, not an OverflowError
     return out
 
 
@@ -162,6 +164,51 @@ def test_issue_examples_exit_2_naming_the_flag(argv, flag, capsys):
         build_parser().parse_args(argv)
     assert exc.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--temperature", "1", "--seed", "18446744073709551616"],
+    ["merge", "--method", "dare", "--seed", "18446744073709551616"],
+    ["init", "x", "--seed", "18446744073709551616"],
+    ["init", "x", "--seed", "1" * 400],
+    ["demo", "--out", "o", "--seed", "4294967296"],
+    ["distill", *REQUIRED["distill"], "--seed", "18446744073709551616"],
+    ["enchant", *REQUIRED["enchant"], "--distill-seed", "18446744073709551616"],
+    ["demo", "--out", "o", "--seeds", "0-99999999999"],
+    ["demo", "--out", "o", "--seeds", "0-100000"],
+    ["demo", "--out", "o", "--seeds", "0-100"],
+    ["demo", "--out", "o", "--seeds", "0-60,100-160"],
+    ["demo", "--out", "o", "--seeds", "4294967295-4294967296"],
+    ["demo", "--out", "o", "--seeds", "5-1"],
+    ["demo", "--out", "o", "--seeds", "0,0"],
+])
+def test_huge_seeds_and_too_many_seeds_exit_2_at_parse_time(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_seed_range_is_declared_once_and_used_by_every_api():
+    from enchtable_jax.demo import run_demo
+    from enchtable_jax.models.init import init_params, preset_config
+    from enchtable_jax.options import MAX_SEEDS, SEED, parse_seeds
+
+    assert SEED == Range(0, 2**32 - 1, integer=True)
+    for table in (EVAL_OPTIONS, INIT_OPTIONS, DEMO_OPTIONS, MERGE_OPTIONS):
+        assert table["seed"] is SEED
+    for cls in (DistillOptions, FinetuneOptions):
+        assert field_ranges(cls)["seed"] is SEED
+    assert parse_seeds("0-2,9") == [0, 1, 2, 9] and len(parse_seeds(f"0-{MAX_SEEDS - 1}")) == MAX_SEEDS
+    assert parse_seeds("4294967295") == [4294967295]
+    with pytest.raises(EnchtableError, match="option seed must be an integer in \\[0, 4294967295\\]"):
+        init_params(preset_config("tiny"), seed=2**64)
+    with pytest.raises(EnchtableError, match="option seed must be"):
+        run_demo("unused-out", seed=2**64)
+    with pytest.raises(EnchtableError, match=f"1 to {MAX_SEEDS} seeds"):
+        run_demo("unused-out", seeds=range(10**12))
+    with pytest.raises(EnchtableError, match="option seeds must be"):
+        run_demo("unused-out", seeds=[0, -1])
 
 
 def test_api_examples_raise_the_same_error():

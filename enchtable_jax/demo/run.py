@@ -29,7 +29,7 @@ from enchtable_jax.demo.report import acceptance, format_summary, format_table, 
 from enchtable_jax.demo.train import TrainOptions, fine_tune
 from enchtable_jax.distillation.data import render
 from enchtable_jax.distillation.train import DistillOptions, distill
-from enchtable_jax.errors import EnchtableError
+from enchtable_jax.options import DEMO_OPTIONS, check_seeds
 from enchtable_jax.eval.generate import generate
 from enchtable_jax.eval.judge import RefusalJudge
 from enchtable_jax.eval.metrics import exact_match, unsafe_rate
@@ -170,6 +170,9 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
     out/seed-N/, and out/ gets seeds.json (every seed's table, and per model the mean, standard deviation,
     minimum and maximum of each score) and results.png (every seed); the summary is returned.
     """
+    DEMO_OPTIONS["seed"].check("seed", seed)
+    if seeds is not None:
+        seeds = check_seeds(seeds)
     settings = QUICK if quick else FULL
     out = check_output(out, None, overwrite)
     if seeds is not None:
@@ -179,8 +182,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
 
 def _run_seeds(out: Path, seeds: list[int], settings: Settings, quick: bool, overwrite: bool,
                progress: bool | None, log: Log) -> dict[str, Any]:
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise EnchtableError(f"seeds must be distinct and at least one, got {seeds}")
+    seeds = check_seeds(seeds)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=overwrite)
     runs = {}

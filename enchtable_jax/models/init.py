@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.options import INIT_OPTIONS
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import expected_shapes
 
@@ -53,6 +54,7 @@ def preset_config(name: str = "tiny", model_type: str = "llama", **overrides: An
 
 def init_params(config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, std: float = 0.02) -> dict[str, jax.Array]:
     """Random parameters in HF layout: N(0, std) matrices and embeddings, unit norms, zero biases."""
+    INIT_OPTIONS["seed"].check("seed", seed)
     shapes = expected_shapes(config)
     keys = jax.random.split(jax.random.key(seed), len(shapes))
     params = {}
