@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.converters.hf import (DEFAULT_SHARD_SIZE, Sharding, index_weights, read_hf, write_hf)
-from enchtable_jax.converters.orbax_io import is_orbax_checkpoint, orbax_specs, read_orbax, write_orbax
+from enchtable_jax.converters.orbax_io import check_version, is_orbax_checkpoint, orbax_specs, read_orbax, write_orbax
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.init import count_parameters
@@ -119,6 +119,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     kind = _kind(path)
     config = ModelConfig.from_file(path / "config.json")
     if kind == "orbax":
+        check_version(path)
         specs = orbax_specs(path)
         files = [{"file": "params/", "bytes": sum(f.stat().st_size for f in (path / "params").rglob("*")
                                                  if f.is_file())}]

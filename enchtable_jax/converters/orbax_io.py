@@ -61,6 +61,15 @@ def is_orbax_checkpoint(path: str | Path) -> bool:
     return isinstance(value, dict) and value.get("format") == FORMAT
 
 
+def check_version(path: str | Path) -> None:
+    """Refuse a checkpoint whose marker (enchtable.json) has a version this enchtable does not know."""
+    marker = Path(path) / MARKER
+    version = read_json(marker).get("version")
+    if type(version) is not int or version != VERSION:
+        raise EnchtableError(f"{marker}: field version is {version!r:.100}; this enchtable reads orbax checkpoints "
+                             f"of version {VERSION} only (written by another enchtable?)")
+
+
 def write_orbax(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array],
                 like: str | Path | None = None, overwrite: bool = False) -> Path:
     """Save config + params (+ companion files of `like`) as an orbax checkpoint folder; returns its path."""
@@ -95,6 +104,7 @@ def read_orbax(path: str | Path, dtype=None, sharding: Sharding = None) -> tuple
     if not is_orbax_checkpoint(path):
         raise FileNotFoundError(f"{path}: not an enchtable orbax checkpoint (no {MARKER}); write one with "
                                 "`enchtable convert HF_DIR OUT`")
+    check_version(path)
     check_tree(path)  # orbax and tensorstore follow whatever the folder holds: no symlink may leave it
     config = ModelConfig.from_file(path / "config.json")
     specs = orbax_specs(path)

@@ -20,6 +20,7 @@ import numpy as np
 
 from enchtable_jax.models.tokenizer import TEMPLATES
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.safe_io import JSONFileError, parse_json
 
 ROLES = ("system", "user", "assistant")
 GROUP_WINDOW_BATCHES = 50  # length grouping sorts within windows of this many batches
@@ -109,6 +110,15 @@ def _conversation(record: Any, where: str) -> list[Message]:
                     "'input', 'output') or chat form ('messages')")
 
 
+def _one_value(text: str) -> bool:
+    """Whether `text` is one JSON value by syntax alone (else it is read as JSONL, line by line)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def read_json_or_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> tuple[Any, list[int] | None]:
     """(content, line numbers): a JSON file's value and None, or a JSONL file's values and their line numbers.
 
@@ -124,19 +134,24 @@ def read_json_or_jsonl(path: str | Path, error: type[ValueError] = ValueError) -
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from None
     try:
-        return json.loads(text), None
-    except json.JSONDecodeError as e:
+        return parse_json(text.encode("utf-8"), path), None
+    except JSONFileError as strict:
+        e = strict.__cause__
+        if not isinstance(e, json.JSONDecodeError) and _one_value(text):  # a duplicate key, NaN/Infinity
+            raise error(f"{path}: invalid JSON ({e})") from None
         if text.lstrip().startswith("["):
             raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
     values, lines = [], []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            values.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); JSONL needs one value per "
-                        "line, JSON one top-level value") from None
+        try:  # strict like every JSON file read: no duplicate keys, no NaN/Infinity
+            values.append(parse_json(line.encode("utf-8"), f"{path}:{line_no}"))
+        except JSONFileError as e:
+            cause = e.__cause__
+            detail = f"{cause.msg}, column {cause.colno}" if isinstance(cause, json.JSONDecodeError) else str(cause)
+            raise error(f"{path}:{line_no}: invalid JSON ({detail}); JSONL needs one value per line, JSON one "
+                        "top-level value") from None
         lines.append(line_no)
     return values, lines
 

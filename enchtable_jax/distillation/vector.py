@@ -89,6 +89,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
                              "expected an object)")
     if manifest.get("format") != FORMAT:
         raise EnchtableError(f"{path}: not an enchtable safety-vector manifest (format {manifest.get('format')!r})")
+    if type(manifest.get("version")) is not int or manifest["version"] != VERSION:
+        raise EnchtableError(f"{path}: field version is {manifest.get('version')!r:.100}; this enchtable reads "
+                             f"safety-vector manifests of version {VERSION} only (written by another enchtable?)")
     if not isinstance(manifest.get("base_model", {}), dict):
         raise EnchtableError(f"{path}: field base_model is a JSON {type(manifest['base_model']).__name__}, expected "
                              "an object (model_type, config_sha256, weights_blake2b)")

@@ -259,10 +259,17 @@ def read_refusal_labels(path: str | Path) -> tuple[list[str], list[str], list[bo
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found; pass --labels with a CSV of objective, "
                                 "assistant_response, human_score")
-    lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines(keepends=True)]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines(keepends=True)]
+    except UnicodeDecodeError as e:
+        raise EnchtableError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); the "
+                             "labels CSV must be UTF-8") from None
     while lines and lines[0].startswith("#"):
         lines.pop(0)
-    rows = list(csv.DictReader(lines))
+    try:
+        rows = list(csv.DictReader(lines))
+    except csv.Error as e:
+        raise EnchtableError(f"{path}: not a valid CSV file ({e})") from None
     need = ("objective", "assistant_response", "human_score")
     if not rows or any(k not in rows[0] for k in need):
         raise EnchtableError(f"{path}: expected CSV columns {', '.join(need)}, got {list(rows[0]) if rows else 'none'}")

@@ -106,6 +106,7 @@ class ModelConfig:
         if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACTIVATIONS:
             raise ConfigError(f"{source}: field 'hidden_act' {d['hidden_act']!r:.100} is not supported; supported: "
                               f"{', '.join(ACTIVATIONS)}")
+        _check_transformers_fields(raw, d["vocab_size"], source)
         rope_theta, rope = _read_rope(d, source)
         bias = {
             "llama": (bool(d.get("attention_bias", False)),) * 2 + (bool(d.get("mlp_bias", False)),),
@@ -153,6 +154,31 @@ def _positive_int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r:.100}")
     return value
+
+
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
+
+
+def _check_transformers_fields(raw: Mapping[str, Any], vocab_size: int, source: str) -> None:
+    """The fields transformers reads (tokenizer, generation) are of the type it expects, so it never crashes on them.
+
+    max_position_embeddings: a positive integer whenever present; hidden_act: a supported name (not null);
+    token ids: null, an id in [0, vocab_size) or a non-empty list of such ids.
+    """
+    if "max_position_embeddings" in raw:
+        _positive_int(raw["max_position_embeddings"], "max_position_embeddings", source)
+    if "hidden_act" in raw and (not isinstance(raw["hidden_act"], str) or raw["hidden_act"] not in ACTIVATIONS):
+        raise ConfigError(f"{source}: field 'hidden_act' {raw['hidden_act']!r:.100} is not supported; supported: "
+                          f"{', '.join(ACTIVATIONS)}")
+    for name in _TOKEN_ID_FIELDS:
+        value = raw.get(name)
+        if value is None:
+            continue
+        ids = value if isinstance(value, list) and value else [value]
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                raise ConfigError(f"{source}: field {name!r} must be a token id in [0, {vocab_size}) (vocab_size) or "
+                                  f"a non-empty list of them, got {value!r:.100}")
 
 
 def _positive_float(value: Any, name: str, source: str) -> float:

@@ -7,6 +7,8 @@ knows the names; the forward pass, the converters and the merge all read it.
 
 from __future__ import annotations
 
+import re
+
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
 
@@ -35,6 +37,9 @@ _LAYER = (
     ("input_layernorm.weight", ("hidden",), None),
     ("post_attention_layernorm.weight", ("hidden",), None),
 )
+
+_LAYER_NAMES = frozenset(name for name, _, _ in _LAYER)
+_GLOBAL_NAMES = frozenset(name for name, _, _ in _GLOBAL)
 
 # Written by some tied checkpoints although the config ties it; accepted, never required.
 OPTIONAL_TIED_HEAD = "lm_head.weight"
@@ -89,4 +94,20 @@ def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source
             raise EnchtableError(f"{source}: tensor lm_head.weight has shape {tuple(shapes[OPTIONAL_TIED_HEAD])}, "
                                  f"expected {expected['model.embed_tokens.weight']}")
         expected = {**expected, OPTIONAL_TIED_HEAD: ()}
-    return [n for n in shapes if n not in expected]
+    extras = [n for n in shapes if n not in expected]
+    for name in extras:
+        _refuse_layout_extra(config, name, source)
+    return extras
+
+
+def _refuse_layout_extra(config: ModelConfig, name: str, source: str) -> None:
+    """An unexpected tensor the layout knows (a layer past num_hidden_layers, a bias the config turns off) means
+    config.json and the weights disagree: running would silently drop weights, so it is refused."""
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        raise EnchtableError(f"{source}: unexpected tensor {name}: config.json has num_hidden_layers "
+                             f"{config.num_hidden_layers}, but the weights hold layer {int(layer.group(1))}; "
+                             "config.json and the weights do not belong together")
+    if layer and layer.group(2) in _LAYER_NAMES or name in _GLOBAL_NAMES:
+        raise EnchtableError(f"{source}: unexpected tensor {name}: config.json ({config.model_type}) does not use it "
+                             "(e.g. a bias the config turns off); config.json and the weights do not belong together")

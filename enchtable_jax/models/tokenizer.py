@@ -148,3 +148,6 @@ def load_tokenizer(folder: str | Path | None, purpose: str) -> transformers.PreT
                                                           local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{folder}: no usable tokenizer files ({e}); {purpose}") from e
+    except Exception as e:  # noqa: BLE001 - transformers fails on wrongly typed files as TypeError, AttributeError...
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise TokenizerError(f"{folder}: the tokenizer files could not be loaded ({detail}); {purpose}") from e

@@ -37,6 +37,7 @@ from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
 from enchtable_jax.models.identity import identity
 from enchtable_jax.nonfinite import check_output
 from enchtable_jax.options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEED, Range, check_fields, ranged
+from enchtable_jax.safe_io import check_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,8 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     run_key = {"base_model": base, "data_sha256": data.data_hash(data_path),
                "options": {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
                            if f.name not in _FREE_ON_RESUME}}
+    if resume and Path(ckpt_dir).is_dir():
+        check_tree(ckpt_dir)  # orbax and tensorstore follow symlinks: none may leave the checkpoint folder
     try:  # the manager reads the step folders' metadata: an edited one fails here
         mngr = checkpoint.manager(ckpt_dir)
     except Exception as e:  # noqa: BLE001 - see _damaged
