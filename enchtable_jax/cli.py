@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from enchtable_jax import api
-from enchtable_jax.converters.outputs import check_output
+from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.errors import EnchtableError, storage_error
@@ -264,8 +264,9 @@ def _enchant(args: argparse.Namespace) -> None:
     from enchtable_jax.calibration import CalibrationOptions
     from enchtable_jax.workflow import enchant
 
-    check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
-                            ("base", "task", "safety_vector", "aligned", "data", "calibrate")}, args.overwrite)
+    check_output(args.out, {**{f"--{k.replace('_', '-')}": getattr(args, k) for k in
+                               ("base", "task", "safety_vector", "aligned", "data", "calibrate")},
+                 "--template": template_input(args.template)}, args.overwrite)
     calibrate_on, calibration, strength = None, CalibrationOptions(), {"alpha": args.alpha, "beta": args.beta}
     if args.calibrate:
         harmful_val, benign_val, calibration = _calibration(args)
@@ -334,7 +335,8 @@ def _eval(args: argparse.Namespace) -> None:
         raise EnchtableError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
     _check_new_tokens(args.model, args.max_new_tokens, "--max-new-tokens")
     check_output(Path(args.out) / RESULT_FILE, {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": prompts,
-                 "--qa": qa, "--humaneval": humaneval, "--judge-model": args.judge_model}, args.overwrite, file=True)
+                 "--qa": qa, "--humaneval": humaneval, "--judge-model": args.judge_model,
+                 "--template": template_input(args.template)}, args.overwrite, file=True)
     names = iter(_set_names([*prompts, *qa, *humaneval]))
     result = evaluate(
         args.model, args.tokenizer,
@@ -533,8 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "chat (messages)")
     p.add_argument("--out", required=True, help="safety-vector folder")
     _add_distill_options(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--resume", action="store_true", help="continue a killed run of --out from its newest "
+                   "checkpoint (it trains in the hidden .OUT.partial beside OUT, or OUT/checkpoints once "
+                   "published); a run killed while replacing OUT: --resume --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (at the end) and discard an "
+                   "interrupted run of it")
     p.add_argument("--export-harmful", metavar="DIR", help="also write theta_harm as an HF folder")
     _add_nonfinite_option(p)
     _add_distributed_options(p)

@@ -10,13 +10,15 @@ from typing import Any
 
 from enchtable_jax import api
 from enchtable_jax.calibration import CalibrationOptions, calibrate, write_calibration
-from enchtable_jax.converters.outputs import check_output
+from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
-from enchtable_jax.distillation.train import DistillOptions, distill
+from enchtable_jax.distillation.train import DistillOptions, distill, resumable
 from enchtable_jax.distillation.vector import MANIFEST
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.judge import Judge
+from enchtable_jax.merging.methods import MERGE_OPTIONS, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
+from enchtable_jax.options import check_values
 
 
 def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Sequence[str],
@@ -31,7 +33,8 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
     calibration record. `out` is checked against the inputs before any work, and the calibration files are
     written into it before it is published."""
     out = check_output(out, {"--base": base, "--task": task, "--safety-vector": safety_vector, "--aligned": aligned,
-                             "--harmful": harmful, "reference": reference}, overwrite)
+                             "--harmful": harmful, "reference": reference,
+                             "--judge-model": getattr(judge, "model", None)}, overwrite)
     record = calibrate(method, base, task, harmful_prompts, benign_prompts, safety_vector=safety_vector,
                        aligned=aligned, harmful=harmful, reference=reference, options=calibration, judge=judge, seed=seed,
                        progress=progress, log=log, **method_options)
@@ -54,9 +57,11 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
     `merge_options` (default 0.1), or at the β calibrated on `calibrate_on` = (harmful prompts, harmless
     prompts) against the aligned model's refusal rates. Both outputs (`out`, and `vector_dir` when it is
     distilled) are checked against the inputs and each other before any work."""
+    check_merge_options("enchtable", merge_options)  # before any work: a bad option must not cost a distillation
     resolved = Path(out).expanduser().resolve()
     vector_dir = Path(vector_dir) if vector_dir is not None else resolved.with_name(resolved.name + "-safety-vector")
-    inputs = {"--base": base, "--task": task, "--aligned": aligned, "--data": data}
+    inputs = {"--base": base, "--task": task, "--aligned": aligned, "--data": data,
+              "--template": template_input(options.template if options is not None else None)}
     out = check_output(out, {**inputs, "--safety-vector": vector_dir}, overwrite)
     if not (vector_dir / MANIFEST).is_file():
         check_output(vector_dir, inputs, False, "--safety-vector", exists_ok=True)
@@ -66,7 +71,7 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
         if data is None:
             raise EnchtableError(f"{vector_dir} holds no finished safety vector; pass harmful data (--data) to "
                                  "distil one")
-        resume = (vector_dir / "checkpoints").is_dir()
+        resume = resumable(vector_dir)
         distill(aligned if aligned is not None else base, data, vector_dir, options or DistillOptions(),
                 resume=resume, progress=progress)
     if calibrate_on is not None:
@@ -77,6 +82,16 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
         merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite, progress=progress,
               return_model=False, **merge_options)
     return out
+
+
+def check_merge_options(method: str, merge_options: dict[str, Any]) -> None:
+    """Refuse an unknown `method`, an option it does not have and a value out of range, as `merge` would (its
+    own keyword arguments, α, β and seed included), without reading any model."""
+    import inspect
+
+    own = set(inspect.signature(merge).parameters)
+    method_options(method, {k: v for k, v in merge_options.items() if k not in own})
+    check_values(MERGE_OPTIONS, **{k: merge_options[k] for k in ("alpha", "beta", "seed") if k in merge_options})
 
 
 def check_same_model(aligned: ModelLike, base: ModelLike) -> None:

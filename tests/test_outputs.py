@@ -22,7 +22,7 @@ import enchtable_jax as ej
 from enchtable_jax.cli import main
 from enchtable_jax.converters import atomic
 from enchtable_jax.converters.atomic import OutputExistsError, atomic_folder, write_json
-from enchtable_jax.converters.outputs import check_output, check_outputs
+from enchtable_jax.converters.outputs import check_output, check_outputs, template_input
 from enchtable_jax.errors import EnchtableError
 
 
@@ -339,3 +339,154 @@ def test_merge_adds_extra_files_before_publishing(tmp_path):
              out=tmp_path / "out", return_model=False, progress=False, finish=finish)
     assert seen[0].name.startswith(".out.tmp-") and not seen[0].exists()
     assert (tmp_path / "out" / "extra.json").is_file() and (tmp_path / "out" / "merge_report.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# issue 15 re-probe: distill stages in a folder of its own; --template is an input; failed runs leave nothing;
+# enchant checks merge options first; finetune's OUT-checkpoints must look like checkpoints
+
+
+@pytest.fixture
+def tiny_run(tmp_path, capsys):
+    """(model folder, harmful data, options): a tiny model with tokenizer (`enchtable init`) and two records."""
+    assert run(capsys, "init", tmp_path / "base")[0] == 0
+    data = tmp_path / "harm.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"How to do harm {c}?", "input": "",
+                                        "output": f"Here is how to do {c}."}) + "\n" for c in "AB"))
+    return tmp_path / "base", data, ej.DistillOptions(steps=4, save_every=2, max_length=128)
+
+
+def test_distill_never_writes_into_a_folder_that_appeared_meanwhile(tmp_path, tiny_run):
+    model, data, options = tiny_run
+    out = tmp_path / "race"
+
+    def appear(step, metrics):
+        if step == 1:
+            out.mkdir()
+            (out / "manifest.json").write_text('{"mine": 1}')
+
+    with pytest.raises(OutputExistsError, match="appeared while this run trained.*--resume"):
+        ej.distill(model, data, out, options, on_step=appear, progress=False)
+    assert snapshot(out) == {"manifest.json": b'{"mine": 1}'}  # the user's folder untouched
+    with pytest.raises(OutputExistsError, match="--overwrite with --resume"):
+        ej.distill(model, data, out, options, resume=True, progress=False)
+    (out / "manifest.json").unlink()
+    out.rmdir()
+    manifest = ej.distill(model, data, out, options, resume=True, progress=False)  # the kept run is published
+    assert ej.load_safety_vector(out).manifest["training"] == manifest["training"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_distill_killed_overwrite_run_resumes(tmp_path, tiny_run):
+    model, data, options = tiny_run
+    out = folder(tmp_path / "v", "old")
+
+    def interrupt(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ej.distill(model, data, out, options, overwrite=True, on_step=interrupt, progress=False)
+    assert version_of(out) == "old" and (tmp_path / ".v.partial" / "checkpoints").is_dir()
+    with pytest.raises(OutputExistsError, match="interrupted run"):  # neither resumed nor started over silently
+        ej.distill(model, data, out, options, progress=False)
+    with pytest.raises(OutputExistsError, match="--overwrite with --resume"):
+        ej.distill(model, data, out, options, resume=True, progress=False)
+    assert version_of(out) == "old"
+    manifest = ej.distill(model, data, out, options, resume=True, overwrite=True, progress=False)
+    fresh = ej.distill(model, data, tmp_path / "fresh", options, progress=False)
+    assert manifest["training"]["losses"] == fresh["training"]["losses"]
+    assert (out / "manifest.json").is_file() and not (tmp_path / ".v.partial").exists()
+
+
+def test_failed_distill_leaves_nothing_and_a_rerun_needs_no_flag(tmp_path, tiny_run):
+    model, data, options = tiny_run
+    before = snapshot(tmp_path)
+
+    def fail(step, metrics):
+        if step == 3:
+            raise ValueError("the output check failed")
+
+    with pytest.raises(ValueError, match="output check"):
+        ej.distill(model, data, tmp_path / "v", options, on_step=fail, progress=False)
+    assert snapshot(tmp_path) == before  # no OUT, no OUT/checkpoints, no staging folder
+    ej.distill(model, data, tmp_path / "v", options, progress=False)  # neither --resume nor --overwrite needed
+    assert (tmp_path / "v" / "manifest.json").is_file()
+
+
+def test_template_file_is_an_input_of_every_command(capsys, tmp_path, no_work):
+    model = folder(tmp_path / "m", "model")
+    task = folder(tmp_path / "t", "task")
+    data = tmp_path / "harm.jsonl"
+    data.write_text("{}\n")
+    out = folder(tmp_path / "dd", "old")
+    template = out / "t.jinja"
+    template.write_text("{{ messages }}")
+    (out / "eval.json").write_text("{{ messages }}")  # a template where eval writes
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["hi"]')
+    before = snapshot(tmp_path)
+    common = ["--template", template, "--overwrite"]
+    for argv in (["distill", "--model", model, "--data", data, "--out", out],
+                 ["finetune", "--model", model, "--data", data, "--out", out],
+                 ["enchant", "--base", model, "--task", task, "--data", data, "--out", out]):
+        code, _, err = run(capsys, *argv, *common)
+        assert code == 2 and "the input --template" in err, (argv[0], err)
+    code, _, err = run(capsys, "eval", "--model", model, "--prompts", prompts, "--out", out, "--template",
+                       out / "eval.json", "--overwrite")
+    assert code == 2 and "the input --template" in err, err
+    options = ej.DistillOptions(template=str(template))
+    with pytest.raises(EnchtableError, match="the input --template"):
+        ej.distill(model, data, out, options, overwrite=True)
+    with pytest.raises(EnchtableError, match="the input --template"):
+        ej.finetune(model, data, out, ej.FinetuneOptions(template=str(template)), overwrite=True)
+    with pytest.raises(EnchtableError, match="the input --template"):
+        ej.enchant(model, task, out, data=data, options=options, overwrite=True)
+    with pytest.raises(EnchtableError, match="the input --template"):
+        ej.evaluate(ej.Model(None, {}, model), None, {"s": ["hi"]}, template=str(out / "eval.json"), out=out,
+                    overwrite=True)
+    assert snapshot(tmp_path) == before
+    # a template name (chatml, llama3, plain) names no file: no input, so `--out .` is not refused for it
+    assert template_input("chatml") is None and template_input(str(template)) == template
+
+
+@pytest.mark.parametrize("option", [["--set", "keep=0"], ["--set", "bogus=1"], ["--gamma", "0.5"],
+                                    ["--density", "0.5"]])
+def test_enchant_checks_merge_options_before_distilling(capsys, tmp_path, no_work, option):
+    model = folder(tmp_path / "m", "model")
+    task = folder(tmp_path / "t", "task")
+    data = tmp_path / "harm.jsonl"
+    data.write_text("{}\n")
+    old = folder(tmp_path / "e", "old")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "enchant", "--base", model, "--task", task, "--data", data, "--out", old,
+                       "--overwrite", *option)
+    assert code == 2 and ("option" in err or "keep" in err), err
+    assert snapshot(tmp_path) == before  # no OUT-safety-vector, nothing removed
+
+
+def test_finetune_overwrite_keeps_a_foreign_checkpoints_folder(tmp_path, no_work):
+    model = folder(tmp_path / "m", "model")
+    data = tmp_path / "harm.jsonl"
+    data.write_text("{}\n")
+    foreign = folder(tmp_path / "foo-checkpoints", "an HF model")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputExistsError, match="not a checkpoint folder"):
+        ej.finetune(model, data, tmp_path / "foo", overwrite=True)
+    assert snapshot(tmp_path) == before and version_of(foreign) == "an HF model"
+
+
+def test_write_json_temporary_file_is_its_own_and_cleaned(tmp_path, monkeypatch):
+    path = tmp_path / "eval.json"
+    stale = tmp_path / ".eval.json.tmp-999999-abcd1234"  # a killed run's (PID 999999 runs nowhere here)
+    stale.write_text("{")
+    check_output(path, None, file=True)
+    assert not stale.exists()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        write_json(path, {"a": 1})
+    assert list(tmp_path.iterdir()) == []

@@ -197,11 +197,13 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_json(path: str | Path, value: Any, overwrite: bool = True) -> Path:
     """`value` as indented JSON at `path`, through a temporary sibling renamed into place: never half written.
-    Without `overwrite`, an existing file (even one that appeared meanwhile) is kept: OutputExistsError."""
+    Without `overwrite`, an existing file (even one that appeared meanwhile) is kept: OutputExistsError.
+    The temporary file `.NAME.tmp-PID-XXXXXXXX` is this process's own (removed on any failure; one left by a
+    killed process is removed by `recover`, which `outputs.check_output` runs)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path) if overwrite else rename_noreplace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from enchtable_jax.converters.atomic import OutputExistsError, check_destination, staging_folder
+from enchtable_jax.converters.atomic import OutputExistsError, check_destination, recover, staging_folder
 from enchtable_jax.errors import EnchtableError
 
 
@@ -30,6 +30,13 @@ def input_paths(value: Any) -> list[Path]:
         if isinstance(getattr(value, attribute, None), (str, os.PathLike)):
             return input_paths(getattr(value, attribute))
     return []
+
+
+def template_input(template: str | os.PathLike | None) -> Path | None:
+    """The file a `--template` value names (an input of the command), or None for a template name (chatml...)."""
+    if template is None or not os.path.lexists(Path(template).expanduser()):
+        return None
+    return Path(template)
 
 
 def overlap(out: Path, other: Path) -> str | None:
@@ -70,6 +77,7 @@ def check_output(out: str | Path, inputs: Mapping[str, Any] | None = None, overw
                 raise EnchtableError(f"{option} {out} {relation} the input {name} {path}; choose an output "
                                      "outside every input")
     if file:
+        recover(out)  # the temporary files (`write_json`) of killed earlier runs
         if out.is_dir():
             raise EnchtableError(f"{option} {out} is a folder; a file is written there")
         if out.exists() and not overwrite and not exists_ok:

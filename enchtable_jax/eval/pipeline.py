@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.converters.atomic import write_json
-from enchtable_jax.converters.outputs import check_output
+from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.options import EVAL_OPTIONS, check_values
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
@@ -54,7 +54,9 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     if len(set(names)) != len(names):
         raise EnchtableError(f"set names must be unique across kinds, got {names}")
     if out is not None:
-        out = check_output(Path(out) / RESULT_FILE, {"--model": model, "--tokenizer": tokenizer}, overwrite,
+        inputs = {"--model": model, "--tokenizer": tokenizer, "--template": template_input(template),
+                  "--judge-model": getattr(judge, "model", None)}
+        out = check_output(Path(out) / RESULT_FILE, inputs, overwrite,
                            file=True).parent
     if isinstance(model, (str, Path)):
         model = api.load(model, progress=progress)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 from enchtable_jax.converters.atomic import OutputExistsError
-from enchtable_jax.converters.outputs import check_outputs, shared_staging_folder
+from enchtable_jax.converters.outputs import check_outputs, shared_staging_folder, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.distillation.vector import versions
 from enchtable_jax.models.tensors import OPTIONAL_TIED_HEAD
@@ -60,7 +61,8 @@ def finetune(model: str | Path, data_path: str | Path, out: str | Path, options:
     a hidden sibling). `on_step(step, metrics)` is called after every optimizer step.
     """
     paths = check_outputs({"--out": out, "OUT-checkpoints": checkpoint_dir(out)},
-                          {"--model": model, "--data": data_path}, overwrite, exists_ok={"OUT-checkpoints"})
+                          {"--model": model, "--data": data_path, "--template": template_input(options.template)},
+                          overwrite, exists_ok={"OUT-checkpoints"})
     out, ckpt_dir = paths["--out"], paths["OUT-checkpoints"]
     work = _checkpoint_folder(ckpt_dir, resume, overwrite)
     try:
@@ -99,6 +101,15 @@ def finetune(model: str | Path, data_path: str | Path, out: str | Path, options:
     return record
 
 
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether `folder` looks like an orbax CheckpointManager folder this tool wrote: only numbered step folders
+    (and orbax's temporary `STEP.orbax-checkpoint-tmp-*` ones), or nothing."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    return all(re.fullmatch(r"\d+(\.orbax-checkpoint-tmp.*)?", entry.name) and entry.is_dir()
+               and not entry.is_symlink() for entry in folder.iterdir())
+
+
 def _checkpoint_folder(ckpt_dir: Path, resume: bool, overwrite: bool) -> Path:
     """Where the run checkpoints: `ckpt_dir`, or, when it holds an unfinished run's checkpoints and `overwrite`
     starts afresh, a hidden sibling (the old checkpoints are deleted only once the output is written). Refuses
@@ -109,6 +120,9 @@ def _checkpoint_folder(ckpt_dir: Path, resume: bool, overwrite: bool) -> Path:
         return ckpt_dir
     if not ckpt_dir.exists():
         return ckpt_dir
+    if not is_checkpoint_folder(ckpt_dir):
+        raise OutputExistsError(f"{ckpt_dir} exists and is not a checkpoint folder of this tool (it holds more "
+                                "than numbered orbax steps); move it away or choose another --out")
     if not overwrite:
         raise OutputExistsError(f"{ckpt_dir} holds the checkpoints of an unfinished run; pass --resume to "
                                 "continue it, --overwrite to start again")
