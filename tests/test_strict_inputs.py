@@ -129,6 +129,12 @@ def test_config_fields_transformers_reads_are_type_checked(world, tmp_path, caps
                    needles=["config.json", field])
 
 
+
+def test_pad_token_id_minus_one_still_loads(world, tmp_path):
+    """Older Llama configs say `pad_token_id: -1` for "no pad token": that is a real config, not damage."""
+    folder = edited(world / "base", tmp_path / "m", "config.json", lambda c: {**c, "pad_token_id": -1})
+    assert ModelConfig.from_file(folder).num_hidden_layers >= 1
+
 @pytest.mark.parametrize("name, edit", [
     ("tokenizer_config.json", lambda c: {**c, "pad_token": 5}),
     ("tokenizer_config.json", lambda c: {**c, "eos_token": ["a"]}),

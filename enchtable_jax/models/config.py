@@ -163,7 +163,8 @@ def _check_transformers_fields(raw: Mapping[str, Any], vocab_size: int, source: 
     """The fields transformers reads (tokenizer, generation) are of the type it expects, so it never crashes on them.
 
     max_position_embeddings: a positive integer whenever present; hidden_act: a supported name (not null);
-    token ids: null, an id in [0, vocab_size) or a non-empty list of such ids.
+    token ids: null, an id in [0, vocab_size) (or -1, which older Llama configs use for "none") or a non-empty
+    list of such ids.
     """
     if "max_position_embeddings" in raw:
         _positive_int(raw["max_position_embeddings"], "max_position_embeddings", source)
@@ -176,9 +177,9 @@ def _check_transformers_fields(raw: Mapping[str, Any], vocab_size: int, source: 
             continue
         ids = value if isinstance(value, list) and value else [value]
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
-                raise ConfigError(f"{source}: field {name!r} must be a token id in [0, {vocab_size}) (vocab_size) or "
-                                  f"a non-empty list of them, got {value!r:.100}")
+            if isinstance(i, bool) or not isinstance(i, int) or not -1 <= i < vocab_size:  # -1: none (old Llama configs)
+                raise ConfigError(f"{source}: field {name!r} must be a token id in [0, {vocab_size}) (vocab_size), -1 "
+                                  f"or a non-empty list of them, got {value!r:.100}")
 
 
 def _positive_float(value: Any, name: str, source: str) -> float:
