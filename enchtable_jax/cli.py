@@ -16,6 +16,7 @@ from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
+from enchtable_jax.merging.methods import check_strength
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 from enchtable_jax.options import MAX_SEEDS, SEED, parse_seeds
 
@@ -194,6 +195,8 @@ def _merge(args: argparse.Namespace) -> None:
     missing = [f for f in ("method", "base", "task", "out") if getattr(args, f) is None]
     if missing:
         raise EnchtableError(f"merge needs --{', --'.join(missing)} (or --list)")
+    if not args.calibrate:  # --calibrate refuses both itself
+        check_strength(args.method, args.alpha, args.beta, ("--alpha", "--beta"))
     if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
         raise EnchtableError("give either --safety-vector, or both --aligned and --harmful")
     check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
@@ -267,6 +270,8 @@ def _enchant(args: argparse.Namespace) -> None:
     check_output(args.out, {**{f"--{k.replace('_', '-')}": getattr(args, k) for k in
                                ("base", "task", "safety_vector", "aligned", "data", "calibrate")},
                  "--template": template_input(args.template)}, args.overwrite)
+    if not args.calibrate:  # --calibrate refuses both itself
+        check_strength("enchtable", args.alpha, args.beta, ("--alpha", "--beta"))  # before distilling
     calibrate_on, calibration, strength = None, CalibrationOptions(), {"alpha": args.alpha, "beta": args.beta}
     if args.calibrate:
         harmful_val, benign_val, calibration = _calibration(args)
@@ -327,6 +332,9 @@ def _eval(args: argparse.Namespace) -> None:
     if args.judge_report:
         _eval_report(args)
         return
+    if args.labels is not None:
+        raise EnchtableError("--labels is read only with --judge-report (it scores the judge against human labels); "
+                             "add --judge-report, or drop --labels")
     missing = [f for f in ("model", "out") if getattr(args, f) is None]
     if missing:
         raise EnchtableError(f"eval needs --{', --'.join(missing)} (or --judge-report --labels CSV)")
@@ -485,10 +493,18 @@ def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed", 
         p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line, `enchtable CMD: error: ...` and exit 2, like every other refusal (the
+    full usage is what --help is for). Subparsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from enchtable_jax.options import DEMO_OPTIONS, EVAL_OPTIONS, INIT_OPTIONS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="enchtable",
         description="EnchTable in JAX: transfer safety alignment into fine-tuned LLMs. "
                     "Models are Hugging Face folders or enchtable orbax checkpoints.")

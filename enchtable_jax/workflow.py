@@ -16,7 +16,7 @@ from enchtable_jax.distillation.train import DistillOptions, distill, resumable
 from enchtable_jax.distillation.vector import MANIFEST
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.judge import Judge
-from enchtable_jax.merging.methods import MERGE_OPTIONS, method_options
+from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
 from enchtable_jax.options import check_values
 
@@ -92,6 +92,7 @@ def check_merge_options(method: str, merge_options: dict[str, Any]) -> None:
     own = set(inspect.signature(merge).parameters)
     method_options(method, {k: v for k, v in merge_options.items() if k not in own})
     check_values(MERGE_OPTIONS, **{k: merge_options[k] for k in ("alpha", "beta", "seed") if k in merge_options})
+    check_strength(method, merge_options.get("alpha"), merge_options.get("beta"))
 
 
 def check_same_model(aligned: ModelLike, base: ModelLike) -> None:

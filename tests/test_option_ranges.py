@@ -211,6 +211,63 @@ def test_seed_range_is_declared_once_and_used_by_every_api():
         run_demo("unused-out", seeds=[0, -1])
 
 
+@pytest.mark.parametrize("argv", [
+    ["merge", "--beta", "-1"],
+    ["merge", "--seed", "18446744073709551616"],
+    ["eval", "--limit", "-1"],
+    ["demo", "--out", "o", "--seeds", "0-100000"],
+    ["distill", "--model", "m"],  # a required option missing
+    ["merge", "--no-such-flag"],
+    ["nosuchcommand"],
+    [],
+])
+def test_parse_errors_are_one_line(argv, capsys):
+    """Not argparse's multi-line usage: one line `enchtable CMD: error: ...`, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("enchtable") and ": error: " in lines[0], err
+    if argv and argv[0] in ("merge", "eval", "demo", "distill") and "--no-such-flag" not in argv:
+        assert lines[0].startswith(f"enchtable {argv[0]}: error: "), err
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["merge", "--method", "task_arithmetic", "--alpha", "1", "--beta", "1"], ["--alpha", "--beta", "not both"]),
+    (["merge", "--method", "enchtable", "--alpha", "0", "--beta", "0.1"], ["--alpha", "--beta", "not both"]),
+    (["merge", "--method", "safelora", "--alpha", "0.5"], ["--alpha", "safelora"]),
+    (["merge", "--method", "safelora", "--beta", "0.5"], ["--beta", "safelora"]),
+    (["enchant", "--alpha", "1", "--beta", "1", "--safety-vector", "v"], ["--alpha", "--beta", "not both"]),
+    (["eval", "--labels", "labels.csv", "--model", "m", "--prompts", "p.json"], ["--labels", "--judge-report"]),
+    (["merge", "--method", "enchtable", "--learnable", "--set", "steps=100000000"], ["steps", "10000"]),
+])
+def test_ignored_or_unbounded_options_are_refused_before_any_work(argv, needles, tmp_path, capsys):
+    from enchtable_jax.cli import main
+
+    required = {"merge": ["--base", tmp_path / "b", "--task", tmp_path / "t", "--safety-vector", tmp_path / "v"],
+                "enchant": ["--base", tmp_path / "b", "--task", tmp_path / "t"], "eval": []}[argv[0]]
+    code = main([str(a) for a in [*argv, *required, "--out", tmp_path / "o"]])  # no input exists: refused first
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_refuses_alpha_with_beta_and_alpha_for_a_method_without_it():
+    from enchtable_jax.merging.pipeline import merge
+    from enchtable_jax.workflow import check_merge_options
+
+    with pytest.raises(EnchtableError, match="options alpha and beta exclude each other"):
+        merge("task_arithmetic", "unused-base", "unused-task", safety_vector="unused", alpha=1.0, beta=0.1)
+    with pytest.raises(EnchtableError, match="option alpha does not apply to method safelora"):
+        merge("safelora", "unused-base", "unused-task", safety_vector="unused", alpha=0.5)
+    with pytest.raises(EnchtableError, match="options alpha and beta exclude each other"):
+        check_merge_options("enchtable", {"alpha": 1.0, "beta": 0.1})
+    assert [m.name for m in METHODS.values() if not m.uses_alpha] == ["safelora"]
+
+
 def test_api_examples_raise_the_same_error():
     with pytest.raises(EnchtableError, match=r"option beta must be non-negative \(>= 0\), got -1"):
         check_values(MERGE_OPTIONS, beta=-1)

@@ -65,6 +65,21 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
+def check_strength(method: str, alpha: float | None, beta: float | None, names: tuple[str, str] = ("alpha", "beta")
+                   ) -> None:
+    """Refuse α and β together (α fixed and α = β·‖τ_task‖/‖τ_safe‖ exclude each other; one would be ignored) and
+    either for a method whose formula has no α (Method.uses_alpha False): nothing would scale, yet the report
+    would show an α."""
+    if alpha is not None and beta is not None:
+        raise EnchtableError(f"options {names[0]} and {names[1]} exclude each other: give {names[0]} (a fixed α) or "
+                             f"{names[1]} (α = β·‖τ_task‖/‖τ_safe‖), not both")
+    spec = METHODS.get(method)
+    if spec is not None and not spec.uses_alpha and (alpha is not None or beta is not None):
+        given = names[0] if alpha is not None else names[1]
+        raise EnchtableError(f"option {given} does not apply to method {method}: its formula has no α to scale; "
+                             f"drop {given}")
+
+
 def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: bool = True, **options: Option):
     """Decorator adding a method to `METHODS`."""
 
@@ -89,7 +104,7 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
                                   "(experimental: ι is linear in |m0 + m|, see DESIGN.md)", choices=(False, True)),
           m_init=Option(0.5, "learnable: initial m", Range()), m0=Option(0.5, "learnable: offset m0", Range()),
           lr=Option(1e3, "learnable: SGD learning rate", POSITIVE),
-          steps=Option(40, "learnable: SGD steps", Range(0, integer=True)))
+          steps=Option(40, "learnable: SGD steps", Range(0, 10_000, integer=True)))
 def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, solver="svd",
               learnable=False, m_init=0.5, m0=0.5, lr=1e3, steps=40):
     scaled = alpha * safety

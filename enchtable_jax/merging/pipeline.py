@@ -14,7 +14,7 @@ from enchtable_jax import api
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.merging import executor
-from enchtable_jax.merging.methods import MERGE_OPTIONS, method_options
+from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
 from enchtable_jax.merging.sources import SafetyDelta, open_model
 from enchtable_jax.options import check_values
@@ -46,6 +46,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     """
     options = method_options(method, options)
     check_values(MERGE_OPTIONS, alpha=alpha, beta=beta, seed=seed)
+    check_strength(method, alpha, beta)
     if out is not None:
         out = check_output(out, {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
                                  "--safety-vector": safety_vector}, overwrite)
