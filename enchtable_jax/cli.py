@@ -18,6 +18,7 @@ from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.merging.methods import check_strength
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
+from enchtable_jax.nonfinite import ALLOW_HINT, NonFiniteError
 from enchtable_jax.options import MAX_SEEDS, SEED, parse_seeds
 
 
@@ -680,7 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (EnchtableError, OSError) as e:  # the user's input or environment; anything else is a bug: traceback
-        print(f"enchtable {args.command}: error: {error_line(e, args)}", file=sys.stderr)
+        line = error_line(e, args)
+        if isinstance(e, NonFiniteError) and not hasattr(args, "allow_nonfinite"):  # a hint this command cannot take
+            line = line.replace(ALLOW_HINT, f"enchtable {args.command} does not take --allow-nonfinite: a model with NaN or "
+                                            "Inf weights is refused here; repair or re-export it")
+        print(f"enchtable {args.command}: error: {line}", file=sys.stderr)
         return 2
     except ValueError as e:  # tensorstore's report of a failed file operation (disk full, damaged file)
         storage = storage_error(e)

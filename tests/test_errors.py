@@ -18,13 +18,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from enchtable_jax import cli
 from enchtable_jax.cli import main
 from enchtable_jax.errors import EnchtableError, MissingExtraError, storage_error
 
-TRAIN = ["--steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--save-every", "1"]
+TRAIN = ["--steps", "1", "--warmup-ratio", "0", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64",
+         "--save-every", "1"]  # no warm-up: the one step has a non-zero learning rate
 
 
 def fails_in_one_line(capsys, *argv, needles=()) -> str:
@@ -221,6 +223,99 @@ def test_unreadable_orbax_data_stays_an_os_error(world, orbax_base, capsys, tmp_
     for f in (ckpt / "params" / "ocdbt.process_0" / "d").iterdir():
         f.chmod(0)
     fails_in_one_line(capsys, "convert", ckpt, tmp_path / "o", needles=["Permission denied"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# merges that would silently do nothing or the wrong thing (defect 9)
+
+
+def _edit_vector(world: Path, folder: Path, how: str) -> str:
+    """A copy of the fixture's safety vector in `folder` with its tensors edited; returns the tensor to name."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(world / "vector", folder)
+    file = folder / "safety_vector.safetensors"
+    tensors = load_file(file)
+    name = sorted(tensors)[0]
+    if how == "zero":
+        tensors = {n: np.zeros_like(v) for n, v in tensors.items()}
+        name = ""
+    elif how == "wrong_shape":
+        tensors[name] = np.ascontiguousarray(tensors[name][:-1])
+    elif how == "transposed":
+        tensors[name] = np.ascontiguousarray(tensors[name].T)
+    elif how == "extra":
+        name = "model.layers.99.mlp.up_proj.weight"
+        tensors[name] = np.ones((2, 2), np.float32)
+    elif how == "int_dtype":
+        tensors[name] = tensors[name].astype(np.int32)
+    elif how == "no_model_tensor":
+        tensors = {f"other.{n}": v for n, v in tensors.items()}
+        name = ""
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("how,needle", [("zero", "zero on every tensor"), ("wrong_shape", "has shape"),
+                                        ("transposed", "has shape"), ("extra", "not a tensor of the base model"),
+                                        ("int_dtype", "dtype int32"), ("no_model_tensor", "not a tensor of the base")])
+def test_merge_refuses_a_vector_that_would_merge_silently_wrong(world, capsys, tmp_path, how, needle):
+    name = _edit_vector(world, tmp_path / "vector", how)
+    fails_in_one_line(capsys, "merge", "--method", "task_arithmetic", "--base", world / "base", "--task",
+                      world / "task", "--safety-vector", tmp_path / "vector", "--out", tmp_path / "out",
+                      needles=[tmp_path / "vector" / "safety_vector.safetensors", name, needle])
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_refuses_a_run_whose_steps_all_have_lr_zero(world, capsys, tmp_path):
+    """One step with the default warm-up (10%) has learning rate 0: the vector would be all zero."""
+    train = [a for a in TRAIN if a not in ("--warmup-ratio", "0")]
+    assert train.count("--steps") == 1 and "--warmup-ratio" not in train
+    fails_in_one_line(capsys, "distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out",
+                      tmp_path / "v", *train, needles=["learning rate", "--warmup-ratio 0", "--steps"])
+    assert not (tmp_path / "v").exists()
+    import enchtable_jax as ej
+
+    with pytest.raises(EnchtableError, match="no step would have a non-zero learning rate"):
+        ej.finetune(world / "base", world / "harm.jsonl", tmp_path / "t", ej.FinetuneOptions(steps=1, warmup_ratio=0.5))
+    assert not (tmp_path / "t").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# misleading messages (defect 13)
+
+
+def test_nonfinite_hint_names_only_options_the_command_has(world, capsys, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(world / "base", bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.embed_tokens.weight"][0, 0] = np.nan
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    for argv in (["convert", bad, tmp_path / "o"],
+                 ["eval", "--model", bad, "--prompts", world / "prompts.json", "--out", tmp_path / "e"]):
+        line = fails_in_one_line(capsys, *argv, needles=["model.embed_tokens.weight", "NaN"])
+        assert "pass allow_nonfinite" not in line and f"enchtable {argv[0]} does not take --allow-nonfinite" in line
+    line = fails_in_one_line(capsys, "merge", "--method", "task_arithmetic", "--base", world / "base", "--task", bad,
+                             "--safety-vector", world / "vector", "--out", tmp_path / "m")
+    assert "--allow-nonfinite" in line and "does not take" not in line  # merge has the option: the hint stays
+
+
+def test_a_folder_given_as_a_data_or_prompts_file_is_called_a_folder(world, capsys, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for argv in (["distill", "--model", world / "base", "--data", folder, "--out", tmp_path / "v", *TRAIN],
+                 ["eval", "--model", world / "base", "--prompts", folder, "--out", tmp_path / "e"]):
+        line = fails_in_one_line(capsys, *argv, needles=[folder, "is a folder"])
+        assert "not found" not in line
+
+
+def test_vector_of_another_base_is_refused_with_an_accurate_remedy(world, capsys, tmp_path):
+    line = fails_in_one_line(capsys, "merge", "--method", "task_arithmetic", "--base", world / "other", "--task",
+                             world / "task", "--safety-vector", world / "vector", "--out", tmp_path / "m",
+                             needles=["distilled from another model", "distill one from this base model"])
+    assert "aligned model it was made from" not in line
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -193,10 +193,10 @@ def test_distill_and_finetune_refuse_a_nonfinite_model_before_training(world, tm
     bad = _poisoned(world, "base", "model.embed_tokens.weight", NAN, tmp_path)
     data = _data(tmp_path / "data.jsonl")
     with pytest.raises(NonFiniteError, match="model.safetensors: tensor model.embed_tokens.weight holds 1 NaN"):
-        ej.distill(bad, data, tmp_path / "vector", ej.DistillOptions(steps=1, max_length=32))
+        ej.distill(bad, data, tmp_path / "vector", ej.DistillOptions(steps=1, max_length=32, warmup_ratio=0.0))
     assert not (tmp_path / "vector" / "safety_vector.safetensors").exists()
     with pytest.raises(NonFiniteError, match="tensor model.embed_tokens.weight holds 1 NaN"):
-        ej.finetune(bad, data, tmp_path / "tuned", ej.FinetuneOptions(steps=1, max_length=32))
+        ej.finetune(bad, data, tmp_path / "tuned", ej.FinetuneOptions(steps=1, max_length=32, warmup_ratio=0.0))
     assert not (tmp_path / "tuned").exists()
 
 
@@ -205,7 +205,7 @@ def test_distill_with_allow_nonfinite_writes_a_finite_vector_or_nothing(world, t
     (byte 3) never reaches the computation: the vector is finite and written. A NaN in an MLP weight reaches every
     activation: Δ is NaN, and it is refused with nothing written."""
     data = _data(tmp_path / "data.jsonl")
-    options = ej.DistillOptions(steps=1, max_length=128, batch_size=1, grad_accum=1)
+    options = ej.DistillOptions(steps=1, max_length=128, batch_size=1, grad_accum=1, warmup_ratio=0.0)
     unused_row = _poisoned(world, "base", "model.embed_tokens.weight", NAN, tmp_path / "a")
     ej.distill(unused_row, data, tmp_path / "vector-a", options, allow_nonfinite=True)
     from enchtable_jax.distillation.vector import load_safety_vector

@@ -127,6 +127,8 @@ def read_json_or_jsonl(path: str | Path, error: type[ValueError] = ValueError) -
     name the file and line.
     """
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; give the JSON or JSONL file in it")
     if not path.is_file():
         raise error(f"{path}: file not found")
     try:

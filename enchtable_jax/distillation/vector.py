@@ -114,8 +114,9 @@ def check_base(manifest: Mapping[str, Any], base_identity: Mapping[str, str], wh
     for key in ("model_type", "config_sha256", "weights_blake2b"):
         if made_from.get(key) != base_identity.get(key):
             raise EnchtableError(f"{what}: safety vector was distilled from another model ({key} "
-                                 f"{str(made_from.get(key))[:16]} != {str(base_identity.get(key))[:16]}); distill one "
-                                 "from this model, or pass the aligned model it was made from")
+                                 f"{str(made_from.get(key))[:16]} != {str(base_identity.get(key))[:16]}); a safety "
+                                 "vector applies only to models fine-tuned from the model it was distilled from: distill "
+                                 "one from this base model (enchtable distill --model BASE)")
 
 
 def fully_replicated_numpy(x: jax.Array) -> np.ndarray:

@@ -155,6 +155,7 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
                     "weights_blake2b": digest.hexdigest()}
         check_base(safety.manifest, identity, f"{safety.what} with base {base.folder}")
+    safety.check_tensors(base, task, sum(t.merge for t in tensors.values()))
     norms = {k: math.sqrt(v) for k, v in sums.items()} if adaptive else None
     if adaptive:
         beta = 0.1 if beta is None else beta

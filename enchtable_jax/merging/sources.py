@@ -94,6 +94,31 @@ class SafetyDelta:
             self.source = None
             self.what = "aligned − harmful"
 
+    def check_tensors(self, base: TensorSource, task: TensorSource, merged: int) -> None:
+        """Refuse a safety-vector file that would merge silently wrong or not at all, naming the file and tensor: a
+        tensor the base model does not have, one of another shape, one that is not floating-point, no tensor of the
+        model at all, or (`merged` == 0) zero on every tensor of the model."""
+        if self.source is None:
+            return
+        file = self.source.where(next(iter(self.source.specs), "")).removeprefix("safety vector ")
+        for name in sorted(self.source.specs):
+            shape, dtype = self.source.specs[name]
+            if name not in base.specs:
+                raise EnchtableError(f"{file}: tensor {name} is not a tensor of the base model {base.folder} (a vector "
+                                     "of another architecture, or an edited file?)")
+            if not np.issubdtype(np.dtype(dtype), np.floating):
+                raise EnchtableError(f"{file}: tensor {name} has dtype {np.dtype(dtype)}; a safety vector holds "
+                                     "floating-point deltas")
+            if tuple(shape) != tuple(base.specs[name][0]):
+                raise EnchtableError(f"{file}: tensor {name} has shape {tuple(shape)}, the base model's "
+                                     f"{tuple(base.specs[name][0])}; the vector was not made from this model")
+        if not set(self.source.specs) & set(task.specs):
+            raise EnchtableError(f"{file}: holds no tensor of the model ({len(self.source.specs)} tensor(s), none "
+                                 "named like the task model's); nothing would be merged")
+        if merged == 0:
+            raise EnchtableError(f"{file}: the safety vector is zero on every tensor of the model; nothing would be "
+                                 "merged (distil it again, with more steps or --warmup-ratio 0)")
+
     def names(self) -> set[str]:
         if self.source is not None:
             return set(self.source.specs)

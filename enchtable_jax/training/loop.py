@@ -98,6 +98,17 @@ def make_optimizer(options: TrainingOptions, total_steps: int) -> optax.Gradient
                        optax.adamw(schedule, weight_decay=options.weight_decay))
 
 
+def check_learning_rate(options: TrainingOptions, total_steps: int) -> None:
+    """Refuse a run in which no optimizer step has a non-zero learning rate (the warm-up starts at 0: one step with
+    any warm-up is such a run); it would write an all-zero delta, a model or safety vector that does nothing."""
+    warmup = math.ceil(options.warmup_ratio * total_steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, options.lr, warmup, max(total_steps, warmup + 1), 0.0)
+    if not any(float(schedule(s)) > 0 for s in range(min(total_steps, warmup + 2))):
+        raise EnchtableError(f"no step would have a non-zero learning rate: {total_steps} step(s) with warmup_ratio "
+                             f"{options.warmup_ratio} ({warmup} warm-up step(s) from lr 0) learn nothing and would "
+                             "write an all-zero result; use more steps (--steps) or --warmup-ratio 0")
+
+
 def step_micro_batches(step: int, options: TrainingOptions, lengths: list[int]) -> list[list[int]]:
     """Example indices of each micro-batch of optimizer step `step` (epochs cycle as needed)."""
     per_epoch = math.ceil(len(lengths) / options.batch_size)
@@ -142,6 +153,7 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     per_epoch = math.ceil(math.ceil(len(examples) / options.batch_size) / options.grad_accum)
     total_steps = options.steps or options.epochs * per_epoch
     optimizer = make_optimizer(options, total_steps)
+    check_learning_rate(options, total_steps)
 
     mesh = make_mesh(options.fsdp)
     rows = math.ceil(options.batch_size / mesh.size) * mesh.size  # fixed rows: padding rows carry no targets
@@ -189,6 +201,10 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     mngr.close()
     elapsed = time.perf_counter() - started
     delta = {n: fully_replicated_numpy(v) for n, v in state["delta"].items()}
+    if not any(np.any(d) for d in delta.values()):  # e.g. every gradient zero: nothing learned, nothing to write
+        raise EnchtableError(f"{label} of {model0.source}: the trained delta is zero on every tensor after "
+                             f"{total_steps} step(s) (final loss {losses[-1] if losses else None}); nothing would "
+                             "change: train longer (--steps), with a higher --lr or --warmup-ratio 0")
     for n, d in delta.items():  # a diverged run (or a non-finite model let in) is refused before anything is written
         check_output(d, f"{label} of {model0.source}", n, f" (final loss {losses[-1] if losses else None}; lower "
                      "--lr or --max-grad-norm?)")

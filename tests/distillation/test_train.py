@@ -164,11 +164,11 @@ def test_existing_output_needs_resume_or_overwrite(world):
 
 def test_missing_chat_template_is_explained_and_template_option_fixes_it(world, tmp_path):
     bare = _write_model(tmp_path / "bare", chat_template=None)
-    options = ej.DistillOptions(**{**OPTIONS, "steps": 1})
+    options = ej.DistillOptions(**{**OPTIONS, "steps": 1, "warmup_ratio": 0.0})
     with pytest.raises(DataError, match="--template"):
         ej.distill(bare, world["data"], tmp_path / "a", options)
     manifest = ej.distill(bare, world["data"], tmp_path / "b", ej.DistillOptions(**{**OPTIONS, "steps": 1,
-                                                                                     "template": "chatml"}))
+                                                                                     "warmup_ratio": 0.0, "template": "chatml"}))
     assert manifest["training"]["total_steps"] == 1
 
 
@@ -182,7 +182,7 @@ def test_empty_data_is_refused(world, tmp_path):
 
 def test_cli_reports_truncation(world, tmp_path):
     proc = _cli(["--model", world["model"], "--data", world["data"], "--out", tmp_path / "out",
-                 *_option_args()[:-2], "--max-length", 96, "--steps", 1], devices=1)
+                 *_option_args()[:-2], "--max-length", 96, "--steps", 1, "--warmup-ratio", 0], devices=1)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-2000:]
     assert "2 truncated to 96 tokens" in output
