@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from enchtable_jax import api
@@ -674,8 +676,38 @@ def _backend_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
+def _ignore_abandoned_callbacks() -> None:
+    """After a failed orbax/tensorstore read or write, tensorstore's threads still post completions to an asyncio
+    loop orbax has closed; each prints an 'Event loop is closed' traceback (hundreds for a truncated checkpoint)
+    after the one error line. Those and only those are dropped; every other unraisable exception still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_enchtable", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._enchtable = True
+    sys.unraisablehook = hook
+    # orbax's background save/restore threads (and asyncio, for its abandoned tasks) log the disk-full, permission or damaged-file error they met (the one
+    # main() then reports in one line) with its traceback, once per thread; a record whose exception is anything
+    # else, or that carries no exception, still prints.
+    for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" of an abandoned write
+        logging.getLogger(name).addFilter(_drop_storage_tracebacks)
+    warnings.filterwarnings("ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning)
+
+
+def _drop_storage_tracebacks(record: logging.LogRecord) -> bool:
+    e = record.exc_info[1] if record.exc_info else None
+    return e is None or (storage_error(e) is None and not isinstance(e, OSError))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _ignore_abandoned_callbacks()
     if args.command == "merge" and not _backend_started():  # one CPU device per core: concurrent SVDs
         os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
     try:

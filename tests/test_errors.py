@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +481,52 @@ def test_disk_full_is_one_line(world, capsys, tmp_path):
             fails_in_one_line(capsys, *argv, needles=["No space left on device", small])
             for child in small.iterdir():  # room for the next case
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _stderr_of(*argv) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of the CLI run in its own process (orbax's threads, logging and interpreter exit
+    included, which capsys does not see)."""
+    done = subprocess.run([sys.executable, "-m", "enchtable_jax.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=300)
+    return done.returncode, done.stderr.splitlines()
+
+
+def test_disk_full_and_damaged_resume_print_only_the_error_line(world, tmp_path):
+    """No flood after (or before) the one line: orbax's background threads log the disk-full error with its
+    traceback, and a truncated checkpoint on --resume leaves tensorstore posting to a closed event loop."""
+    run = tmp_path / "vector"
+    shutil.copytree(world / "vector", run)
+    (run / "manifest.json").unlink()
+    _tamper(sorted((run / "checkpoints").iterdir())[0], "data_truncated")
+    code, lines = _stderr_of("distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out", run,
+                             *TRAIN, "--resume")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("enchtable distill: error: "), lines[:20]
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        for argv in (["convert", world / "task", small / "orbax"],
+                     ["distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out",
+                      small / "vector", *TRAIN]):
+            code, lines = _stderr_of(*argv)
+            assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], "\n".join(lines[:60])
+            for child in small.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def test_other_unraisable_exceptions_and_log_records_still_print(monkeypatch):
+    import logging
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    cli._ignore_abandoned_callbacks()
+    for e in (RuntimeError("Event loop is closed"), RuntimeError("another"), KeyError("a bug")):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=e))
+    assert [str(u.exc_value) for u in seen] == ["another", "'a bug'"]
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "boom", None, None)
+    assert cli._drop_storage_tracebacks(record)  # no exception: kept
+    record.exc_info = (KeyError, KeyError("a bug"), None)
+    assert cli._drop_storage_tracebacks(record)  # a bug: kept
+    record.exc_info = (ValueError, ValueError("RESOURCE_EXHAUSTED: Error writing [os_error_code=28]"), None)
+    assert not cli._drop_storage_tracebacks(record)  # the disk-full error main() reports in one line: dropped
 
 
 def test_error_line_formats():
