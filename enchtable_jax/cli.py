@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -732,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
+_STAGING = re.compile(r"/\.[^/]+\.(tmp|partial)")  # a hidden staging sibling of an output (converters.atomic)
+
+
 def error_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
     """One line for a user or environment error: an OSError as 'FILE: strerror', anything else its message."""
     text = str(e)
@@ -742,6 +746,9 @@ def error_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
         if filename is None and e.errno in _WRITE_ERRNOS and args is not None:
             filename = next((getattr(args, k) for k in ("out", "dst") if getattr(args, k, None)), None)
         text = e.strerror if filename is None else f"{os.fsdecode(filename)}: {e.strerror}"
+        out = next((getattr(args, k) for k in ("out", "dst") if getattr(args, k, None)), None) if args else None
+        if filename is not None and out is not None and _STAGING.search(os.fsdecode(filename)):
+            text = f"{out}: {e.strerror} (while writing {os.fsdecode(filename)}; nothing was published)"
         if other is not None:
             text += f" ({'copying from' if e.errno in _WRITE_ERRNOS else 'and'} {os.fsdecode(other)})"
     return " ".join(text.split()) or type(e).__name__

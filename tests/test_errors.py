@@ -540,6 +540,9 @@ def test_error_line_formats():
     denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/x/y")
     assert cli.error_line(denied, args) == "/x/y: Permission denied"
     assert cli.error_line(EnchtableError("a\n  b"), args) == "a b"
+    staged = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/d/.o.tmp-12-ab12cd34/params/d/f00")
+    assert cli.error_line(staged, args) == (f"OUT: {os.strerror(errno.ENOSPC)} (while writing "
+                                            "/d/.o.tmp-12-ab12cd34/params/d/f00; nothing was published)")
     tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/d/": Failed '
                              "writing: \"/d/f\": Failed to write 8 bytes to file 4: No space left on device "
                              "[os_error_code='28']")
