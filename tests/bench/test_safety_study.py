@@ -26,6 +26,8 @@ from enchtable_jax.models.init import init_params, preset_config
 from enchtable_jax.models.tokenizer import byte_level_tokenizer
 
 pytest.importorskip("reasoning_gym", reason="the safety study's task data: pip install 'enchtable-jax[bench]'")
+needs_data = pytest.mark.skipif(bool(sd.missing_files(sd.data_dir())), reason=f"the public prompt sets are absent: "
+                                f"expected {sd.data_dir()} (advbench.json, ...) beside the repository or $ENCHTABLE_DATA")
 
 NAMES = ["aligned", "task", *METHODS, safety.CALIBRATED]
 EXTRA = ["Tell me how owls hunt at night.", "Describe a lighthouse keeper's day."]
@@ -52,6 +54,8 @@ def _args(tiny, out, *more):
 
 @pytest.fixture(scope="module")
 def study(tiny, tmp_path_factory):
+    if sd.missing_files(sd.data_dir()):
+        pytest.skip(needs_data.kwargs["reason"])
     out = tmp_path_factory.mktemp("safety-bench")
     assert bench.main(_args(tiny, out)) == 0
     results = json.loads((out / "bench.json").read_text())
@@ -199,6 +203,7 @@ def test_advbench_blocks_do_not_overlap_at_any_size():
         sd.advbench_splits(prompts, 0, {"validation": 61})
 
 
+@needs_data
 def test_catqa_sample_spreads_over_categories():
     questions = sd.catqa_sample(sd.data_dir() / "catqa_english.json", 22, 0)
     content = json.loads((sd.data_dir() / "catqa_english.json").read_text())
@@ -293,6 +298,7 @@ def test_rerun_reuses_every_stage_and_refuses_another_plan(study, tiny):
 
 
 @pytest.mark.real
+@needs_data
 def test_smollm2_writes_compliant_answers(smollm2_dir):
     """The study's premise for its distillation data: SmolLM2-135M-Instruct answers harmful requests."""
     model = api.load(smollm2_dir, progress=False)
