@@ -20,6 +20,7 @@ from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.merging.methods import check_strength
+from enchtable_jax.merging.report import alpha_text
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 from enchtable_jax.nonfinite import ALLOW_HINT, NonFiniteError
 from enchtable_jax.options import MAX_SEEDS, SEED, parse_seeds
@@ -223,7 +224,7 @@ def _merge(args: argparse.Namespace) -> None:
     if jax.process_index() != 0:  # process 0 writes the folder and reports
         return
     report = json.loads((Path(args.out) / "merge_report.json").read_text())
-    print(f"merged {report['merged']} tensors with {report['method']} (α = {report['alpha']:.4g}), copied "
+    print(f"merged {report['merged']} tensors with {report['method']} ({alpha_text(report)}), copied "
           f"{report['skipped']} unchanged, in {report['seconds']:.1f}s on {report['devices']} device(s); peak RSS "
           f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
 
@@ -287,7 +288,7 @@ def _enchant(args: argparse.Namespace) -> None:
     if calibrate_on is not None:
         _print_calibration(json.loads((out / "calibration.json").read_text()))
     report = json.loads((out / "merge_report.json").read_text())
-    print(f"enchanted {args.task} -> {out}: {report['merged']} tensors merged (α = {report['alpha']:.4g})")
+    print(f"enchanted {args.task} -> {out}: {report['merged']} tensors merged ({alpha_text(report)})")
 
 
 def _eval_judge(args: argparse.Namespace):

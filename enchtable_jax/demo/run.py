@@ -35,6 +35,7 @@ from enchtable_jax.eval.judge import RefusalJudge
 from enchtable_jax.eval.metrics import exact_match, unsafe_rate
 from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.merging.report import alpha_text
 from enchtable_jax.workflow import calibrated_merge
 from enchtable_jax.models.init import init_params, preset_config
 
@@ -126,7 +127,7 @@ def _train_stage(start: api.Model, pairs: list[w.Pair], tokenizer, options: Trai
 def _merge_summary(folder: Path) -> str:
     """α, and EnchTable's mean interference and weight, from a merge report."""
     report = json.loads((folder / "merge_report.json").read_text())
-    text = f"α = {report['alpha']:.3g}"
+    text = alpha_text(report, 3)
     merged = [t for t in report["tensors"] if t.get("merged") and isinstance(t.get("interference"), float)
               and math.isfinite(t["interference"])]
     if report["method"] == "enchtable" and merged:

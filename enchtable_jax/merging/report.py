@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.merging.executor import MergePlan
+from enchtable_jax.merging.methods import METHODS
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
 
@@ -27,17 +28,23 @@ def peak_rss_bytes() -> int:
 
 def report_dict(plan: MergePlan, method: str, options: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """Everything about a merge: settings, α and norms, and per tensor what happened and why."""
+    alpha = plan.alpha if METHODS[method].uses_alpha else None  # None: the method's formula has no α
     tensors = []
     for t in plan.tensors.values():
         entry: dict[str, Any] = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype.name,
                                  "merged": t.merge, "skipped": t.reason}
         if t.merge:
-            entry.update({"method": method, "alpha": plan.alpha,
+            entry.update({"method": method, "alpha": alpha,
                           **{k: (None if math.isnan(v) else v) for k, v in t.stats.items()}})
         tensors.append(entry)
-    return {"method": method, "options": options, "alpha": plan.alpha, "norms": plan.norms,
+    return {"method": method, "options": options, "alpha": alpha, "norms": plan.norms,
             "merged": sum(t.merge for t in plan.tensors.values()),
             "skipped": sum(not t.merge for t in plan.tensors.values()), **summary, "tensors": tensors}
+
+
+def alpha_text(report: dict[str, Any], digits: int = 4) -> str:
+    """'α = 0.125', or 'no α' for a method whose formula has none (the report's alpha is None)."""
+    return "no α" if report["alpha"] is None else f"α = {report['alpha']:.{digits}g}"
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
@@ -68,7 +75,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             points = [(x, y) for x, y in zip(s["layer"], s[key]) if y is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", ms=3, label=module.replace("self_attn.", "").replace("mlp.", ""))
-        ax.set(xlabel="layer", ylabel=key, title=f"{report['method']}: {key} (α = {report['alpha']:.3g})")
+        ax.set(xlabel="layer", ylabel=key, title=f"{report['method']}: {key} ({alpha_text(report, 3)})")
         ax.grid(alpha=0.3)
     if axes[0].get_lines():
         axes[0].legend(fontsize=7, ncol=2)
