@@ -21,19 +21,7 @@ from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ConfigError, ModelConfig
 from enchtable_jax.models.tokenizer import load_tokenizer
 
-TRAIN = ["--steps", "1", "--warmup-ratio", "0", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64",
-         "--save-every", "1"]  # no warm-up: the one step has a non-zero learning rate
-
-
-def one_line_error(capsys, *argv, needles=()) -> str:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.startswith(f"enchtable {argv[0]}: error: ")]
-    assert code == 2, (out, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    return lines[0]
+from cli_checks import TRAIN, fails_in_one_line
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +60,7 @@ def test_resume_refuses_a_checkpoint_file_symlinked_outside(world, capsys, tmp_p
     shutil.copy(victim, outside / "stolen")  # the same bytes: only the symlink is wrong
     victim.unlink()
     victim.symlink_to(outside / "stolen")
-    one_line_error(capsys, "distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out", run,
+    fails_in_one_line(capsys, "distill", "--model", world / "base", "--data", world / "harm.jsonl", "--out", run,
                    *TRAIN, "--resume", needles=[victim.name, "outside the folder"])
 
 
@@ -106,7 +94,7 @@ def test_unknown_orbax_marker_version_is_refused(world, tmp_path, capsys):
     folder = edited(world / "orbax", tmp_path / "o", "enchtable.json", lambda m: {**m, "version": 99})
     with pytest.raises(EnchtableError, match=r"enchtable.json: field version is 99"):
         enchtable_jax.load(folder)
-    one_line_error(capsys, "info", folder, needles=["enchtable.json", "version"])
+    fails_in_one_line(capsys, "info", folder, needles=["enchtable.json", "version"])
 
 
 def test_jsonl_with_a_duplicate_key_is_refused(tmp_path):
@@ -126,7 +114,7 @@ def test_config_fields_transformers_reads_are_type_checked(world, tmp_path, caps
     folder = edited(world / "base", tmp_path / "m", "config.json", lambda c: {**c, field: value})
     with pytest.raises(ConfigError, match=field):
         ModelConfig.from_file(folder)
-    one_line_error(capsys, "eval", "--model", folder, "--prompts", world / "harm.jsonl", "--out", tmp_path / "e",
+    fails_in_one_line(capsys, "eval", "--model", folder, "--prompts", world / "harm.jsonl", "--out", tmp_path / "e",
                    needles=["config.json", field])
 
 
@@ -148,11 +136,11 @@ def test_tokenizer_files_transformers_cannot_load_are_one_error(world, tmp_path,
     with pytest.raises(EnchtableError, match="the tokenizer files could not be loaded") as err:
         load_tokenizer(folder, "test")
     assert str(folder) in str(err.value) and "\n" not in str(err.value)
-    one_line_error(capsys, "distill", "--model", folder, "--data", world / "harm.jsonl", "--out", tmp_path / "v",
+    fails_in_one_line(capsys, "distill", "--model", folder, "--data", world / "harm.jsonl", "--out", tmp_path / "v",
                    *TRAIN, needles=[str(folder), "could not be loaded"])
 
 
 def test_judge_report_labels_not_utf8_is_one_line(tmp_path, capsys):
     labels = tmp_path / "labels.csv"
     labels.write_bytes(b"objective,assistant_response,human_score\n\xff\xfe bomb,no,1\n")
-    one_line_error(capsys, "eval", "--judge-report", "--labels", labels, needles=[labels, "not UTF-8"])
+    fails_in_one_line(capsys, "eval", "--judge-report", "--labels", labels, needles=[labels, "not UTF-8"])
