@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from enchtable_jax import api
@@ -389,24 +390,28 @@ def _ranged(p: argparse.ArgumentParser, flag: str, range_, help: str | None = No
     p.add_argument(flag, type=range_.arg_type(flag), help=range_.help(help), **kwargs)
 
 
-def _shard_size(text: str) -> str:
-    """argparse type of --shard-size: checked at parse time, passed on as written."""
-    try:
-        parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    """argparse type of an option checked at parse time by `check` (its ValueError is the message) and passed on
+    as written."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
 
 
-def _calibrate_grid(text: str) -> str:
-    """argparse type of --calibrate-grid: positive finite strengths, checked at parse time."""
+def _parse_grid(text: str) -> object:
+    """The calibration grid's parser, imported late (calibration pulls in evaluation)."""
     from enchtable_jax.calibration import parse_grid
 
-    try:
-        parse_grid(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return parse_grid(text)
+
+
+_shard_size = _checked(parse_size)  # --shard-size
+_calibrate_grid = _checked(_parse_grid)  # --calibrate-grid: positive finite strengths
 
 
 def _add_nonfinite_option(p: argparse.ArgumentParser) -> None:
