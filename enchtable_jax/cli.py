@@ -749,10 +749,10 @@ def error_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
         filename, other = e.filename, e.filename2  # (source, destination) of a copy or rename
         if other is not None and e.errno in _WRITE_ERRNOS:
             filename, other = other, filename
-        if filename is None and e.errno in _WRITE_ERRNOS and args is not None:
-            filename = next((getattr(args, k) for k in ("out", "dst") if getattr(args, k, None)), None)
-        text = e.strerror if filename is None else f"{os.fsdecode(filename)}: {e.strerror}"
         out = next((getattr(args, k) for k in ("out", "dst") if getattr(args, k, None)), None) if args else None
+        if filename is None and e.errno in _WRITE_ERRNOS:
+            filename = out
+        text = e.strerror if filename is None else f"{os.fsdecode(filename)}: {e.strerror}"
         if filename is not None and out is not None and _STAGING.search(os.fsdecode(filename)):
             text = f"{out}: {e.strerror} (while writing {os.fsdecode(filename)}; nothing was published)"
         if other is not None:
