@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from enchtable_jax.converters import safetensors_format as stf
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.safe_io import check_inside
+from enchtable_jax.safe_io import check_inside, read_json
 
 FORMAT = "enchtable-safety-vector"
 VERSION = 1
@@ -79,14 +79,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder}: no {MANIFEST}; not a finished safety vector (was distillation "
                                 "interrupted? resume it with `enchtable distill ... --resume`)")
     check_inside(folder, path)
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise EnchtableError(f"{path}: not a valid safety-vector manifest ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(manifest, dict):
-        raise EnchtableError(f"{path}: not a valid safety-vector manifest (a JSON {type(manifest).__name__}, "
-                             "expected an object)")
+    manifest = read_json(path)  # UTF-8, strict JSON, an object; errors name the file
     if manifest.get("format") != FORMAT:
         raise EnchtableError(f"{path}: not an enchtable safety-vector manifest (format {manifest.get('format')!r})")
     if type(manifest.get("version")) is not int or manifest["version"] != VERSION:
