@@ -1,6 +1,7 @@
 """`run_demo`: the miniature world end to end, through the same code paths as real models.
 
-Stages: write the world (tokenizer, data files) -> train base -> align -> fine-tune the task model ->
+Stages: write the world (tokenizer, data files) -> train base -> align -> fine-tune the task model (each
+`finetune`, every tensor) ->
 distil the safety vector (`distill`, scope ffn, linearized) -> merge it into the task model with every
 method of `METHODS` (`merge`) -> evaluate every model (`eval.generate`, the refusal judge, exact match)
 -> table, results.json and a plot. Every model is an HF folder written by `save` and read back by `load`.
@@ -19,15 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from tqdm.auto import tqdm
 
 from enchtable_jax import api
 from enchtable_jax.calibration import CalibrationOptions
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.demo import world as w
 from enchtable_jax.demo.report import acceptance, format_summary, format_table, plot_results, summarize
-from enchtable_jax.demo.train import TrainOptions, fine_tune
-from enchtable_jax.distillation.data import render
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.options import DEMO_OPTIONS, check_seeds
 from enchtable_jax.eval.generate import generate
@@ -36,6 +34,7 @@ from enchtable_jax.eval.metrics import exact_match, unsafe_rate
 from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.merging.report import alpha_text
+from enchtable_jax.training.finetune import FinetuneOptions, finetune
 from enchtable_jax.workflow import calibrated_merge
 from enchtable_jax.models.init import init_params, preset_config
 
@@ -46,6 +45,13 @@ CALIBRATED = "enchtable_calibrated"
 JUDGE = RefusalJudge(use_prompt=False)
 
 
+def stage_options(steps: int, lr: float) -> FinetuneOptions:
+    """One training stage of the demo: `finetune` of every tensor, AdamW (weight decay 0.01 towards the stage's
+    start), batches of 32 shuffled examples padded to 32 tokens (one compiled step), 20 warm-up steps."""
+    return FinetuneOptions(scope="all", steps=steps, lr=lr, batch_size=32, grad_accum=1, warmup_ratio=20 / steps,
+                           weight_decay=0.01, max_length=32, save_every=steps, group_by_length=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Sizes of the model, the data and each training stage."""
@@ -54,28 +60,25 @@ class Settings:
     layers: int = 2
     heads: int = 4
     sizes: w.Sizes = dataclasses.field(default_factory=w.Sizes)
-    base: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=1000, lr=3e-3))
-    aligned: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=600, lr=5e-4))
-    task: TrainOptions = dataclasses.field(default_factory=lambda: TrainOptions(steps=800, lr=1e-3))
-    distill: DistillOptions = dataclasses.field(default_factory=lambda: DistillOptions(
-        scope="ffn", linearized=True, steps=100, lr=1e-4, batch_size=16, grad_accum=1, warmup_ratio=0.1,
-        max_length=64, save_every=1000))
+    base: FinetuneOptions = stage_options(1000, 3e-3)
+    aligned: FinetuneOptions = stage_options(600, 5e-4)
+    task: FinetuneOptions = stage_options(800, 1e-3)
+    distill: DistillOptions = DistillOptions(scope="ffn", linearized=True, steps=100, lr=1e-4, batch_size=16,
+                                             grad_accum=1, warmup_ratio=0.1, max_length=64, save_every=1000)
     # Every merge method runs on its registry defaults (EnchTable: β = 0.1, α = β·‖τ_task‖/‖τ_safe‖); EnchTable
     # also runs at the β calibrated on the validation prompts (row `enchtable_calibrated`).
     # Tolerances of 10 points: one validation prompt in ten (the world's validation sets hold 40 prompts each);
     # a finer grid than the default where this world's refusals change fastest.
-    calibration: CalibrationOptions = dataclasses.field(default_factory=lambda: CalibrationOptions(
+    calibration: CalibrationOptions = CalibrationOptions(
         grid=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0), unsafe_tolerance=0.1, refusal_tolerance=0.1,
-        max_new_tokens=24, batch_size=64))
-    width: int = 32  # training sequences are padded to this many tokens (the longest example has 29)
+        max_new_tokens=24, batch_size=64)
     max_new_tokens: int = 24  # enough for every reference answer; the refusal sentence is 6 tokens
 
 
 FULL = Settings()
 # --quick: a smaller model and shorter training, for tests and a first look (same world, same evaluation).
-QUICK = Settings(hidden_size=64, base=TrainOptions(steps=500, lr=5e-3), aligned=TrainOptions(steps=150, lr=1e-3),
-                 task=TrainOptions(steps=200, lr=1e-3),
-                 distill=dataclasses.replace(FULL.distill, steps=40))
+QUICK = Settings(hidden_size=64, base=stage_options(500, 5e-3), aligned=stage_options(150, 1e-3),
+                 task=stage_options(200, 1e-3), distill=dataclasses.replace(FULL.distill, steps=40))
 
 
 def model_config(tokenizer, settings: Settings):
@@ -97,31 +100,9 @@ def _stage(log: Log, times: dict[str, float], index: int, total: int, name: str,
     log(f"[{index}/{total}] {name}: done in {times[name]:.1f}s")
 
 
-def _conversations(pairs: list[w.Pair]) -> list[list[dict[str, str]]]:
-    return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}] for p in pairs]
-
-
 def _write_jsonl(path: Path, pairs: list[w.Pair]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in w.records(pairs)))
     return path
-
-
-def _train_stage(start: api.Model, pairs: list[w.Pair], tokenizer, options: TrainOptions, settings: Settings,
-                 seed: int, name: str, progress: bool | None) -> tuple[api.Model, list[float]]:
-    """Fine-tune all tensors of `start` on `pairs`, chat-templated with the world's tokenizer."""
-    examples, _ = render(_conversations(pairs), tokenizer, settings.width)
-    bar = tqdm(total=options.steps, desc=f"train {name}", unit="step",
-               disable=None if progress is None else not progress)
-
-    def on_step(step: int, loss: jax.Array) -> None:
-        bar.update()
-        if step % 50 == 0 or step == options.steps:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-
-    with bar:
-        params, losses = fine_tune(start.params, start.config, examples, options, settings.width,
-                                   tokenizer.pad_token_id, seed, on_step)
-    return api.Model(start.config, params), losses
 
 
 def _merge_summary(folder: Path) -> str:
@@ -165,7 +146,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False, overwrite: boo
              progress: bool | None = None, log: Log = print, seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Run the whole demo into folder `out`; returns the results (also written to out/results.json).
 
-    out/ gets: tokenizer/, data/*.jsonl, base/, aligned/, task/ (HF folders), safety-vector/,
+    out/ gets: tokenizer/, data/*.jsonl, init/, base/, aligned/, task/ (HF folders), safety-vector/,
     merged/METHOD/ for every merge method and merged/enchtable_calibrated/ (with calibration.json),
     results.json, results.png. Same seed, same results. With `seeds`, the world is run once per seed into
     out/seed-N/, and out/ gets seeds.json (every seed's table, and per model the mean, standard deviation,
@@ -228,17 +209,17 @@ def _run_world(out: Path, seed: int, settings: Settings, quick: bool, overwrite:
             f"{config.hidden_size}; train {len(world.base)}/{len(world.aligned)}/{len(world.task)} examples; "
             f"held out {len(world.eval_harmful)} harmful, {len(world.eval_task)} task prompts")
     losses = {}
-    stages = (("base", "train a base model to answer everything, harmful requests included",
-               api.Model(config, init_params(config, seed=seed)), world.base, settings.base),
-              ("aligned", "align it: refuse harmful requests, stay helpful", None, world.aligned, settings.aligned),
-              ("task", "fine-tune the aligned model on list reversal (refusals erode)", None, world.task,
-               settings.task))
-    previous = None
-    for i, (name, what, start, pairs, options) in enumerate(stages, start=2):
+    api.save(api.Model(config, init_params(config, seed=seed)), out / "init", like=out / "tokenizer",
+             overwrite=overwrite, progress=False)
+    stages = (("base", "train a base model to answer everything, harmful requests included", settings.base),
+              ("aligned", "align it: refuse harmful requests, stay helpful", settings.aligned),
+              ("task", "fine-tune the aligned model on list reversal (refusals erode)", settings.task))
+    previous = "init"
+    for i, (name, what, options) in enumerate(stages, start=2):
         with _stage(log, times, i, n, name, what):
-            start = start if start is not None else api.load(out / previous)
-            model, losses[name] = _train_stage(start, pairs, tokenizer, options, settings, seed + i, name, progress)
-            api.save(model, out / name, like=out / "tokenizer", overwrite=overwrite, progress=False)
+            record = finetune(out / previous, out / "data" / f"{name}.jsonl", out / name,
+                              dataclasses.replace(options, seed=seed + i), overwrite=overwrite, progress=progress)
+            losses[name] = record["training"]["losses"]
             log(f"    final loss {losses[name][-1]:.4f} -> {out / name}")
         previous = name
     with _stage(log, times, 5, n, "distill", "safety vector: NTK-linearized ffn training of aligned on harmful data"):
