@@ -7,19 +7,26 @@ import subprocess
 import sys
 
 import pytest
+from threadpoolctl import threadpool_info
 
-from enchtable_jax.kernels.cpu_threads import DEVICE_COUNT_FLAG, _loaded_openblas, blas_threads, with_cpu_devices
+from enchtable_jax.kernels.cpu_threads import DEVICE_COUNT_FLAG, blas_threads, with_cpu_devices
+
+
+def openblas_threads() -> dict[str, int]:
+    """Threads of every OpenBLAS loaded in this process, by file, as the libraries report them."""
+    return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"}
 
 
 def test_blas_threads_limits_then_restores():
-    libraries = _loaded_openblas()
-    if not libraries:
-        pytest.skip("no OpenBLAS loaded in this process (not Linux, or another LAPACK)")
-    before = [get() for _, get in libraries]
+    with blas_threads(1):  # loads scipy's OpenBLAS, the one jaxlib calls
+        pass
+    before = openblas_threads()
+    if not before:
+        pytest.skip("no OpenBLAS loaded in this process (another LAPACK)")
     with blas_threads(1) as limited:
-        assert limited == len(libraries)
-        assert [get() for _, get in libraries] == [1] * len(libraries)
-    assert [get() for _, get in libraries] == before
+        assert limited == len(before)
+        assert openblas_threads() == dict.fromkeys(before, 1)
+    assert openblas_threads() == before
 
 
 def test_device_flag_is_added_unless_chosen():
@@ -32,7 +39,8 @@ def test_device_flag_is_added_unless_chosen():
 _FRESH = """
 import json
 import jax.numpy as jnp
-from enchtable_jax.kernels.cpu_threads import _loaded_openblas, blas_threads
+from threadpoolctl import threadpool_info
+from enchtable_jax.kernels.cpu_threads import blas_threads
 
 
 def openblas_names():
@@ -41,7 +49,7 @@ def openblas_names():
 
 with blas_threads(1):  # before JAX has compiled any decomposition
     inside = openblas_names()
-    threads = [get() for _, get in _loaded_openblas()]
+    threads = [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
 jnp.linalg.svd(jnp.ones((4, 4))).S.block_until_ready()  # now jaxlib's LAPACK is certainly loaded
 print(json.dumps({"inside": inside, "after": openblas_names(), "threads": threads}))
 """
