@@ -10,7 +10,7 @@ Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describ
 
 from enchtable_jax.api import Model, apply, describe, load, save, save_orbax
 from enchtable_jax.distillation.train import DistillOptions, distill
-from enchtable_jax.distillation.vector import SafetyVector, load_safety_vector
+from enchtable_jax.converters.safety_vector import SafetyVector, load_safety_vector
 from enchtable_jax.eval import evaluate, generate
 from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import merge

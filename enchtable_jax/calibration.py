@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enchtable_jax import api
 from enchtable_jax.converters.atomic import write_json
+from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
@@ -41,6 +41,7 @@ from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
 from enchtable_jax.merging.sources import SafetyDelta, open_model
+from enchtable_jax.models.model import Model
 from enchtable_jax.options import COUNT, OPTIONAL_COUNT, POSITIVE, RATE, check_fields, ranged
 
 RESULT_FILE = "calibration.json"
@@ -90,7 +91,7 @@ def strength_parameter(method: str) -> str:
     return "beta" if spec.adaptive_alpha else "alpha"
 
 
-def rates(model: api.Model, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], options: CalibrationOptions,
+def rates(model: Model, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], options: CalibrationOptions,
           judge: Judge) -> dict[str, Any]:
     """Unsafe rate on `harmful` and over-refusal (share judged refused) on `benign`, greedy decoding."""
     prompts = [*harmful, *benign]
@@ -142,7 +143,7 @@ class EnchtableSweep:
         scale = self.options["interference_scale"]
         return {n: float(np.exp(-scale * (abs(alpha) * p + q) / r**2)) for n, (p, q, r) in self.terms.items()}
 
-    def model(self, beta: float) -> api.Model:
+    def model(self, beta: float) -> Model:
         alpha = np.float32(beta * self.alpha_per_beta)
         weights = self.weights(beta)
         params = {}
@@ -156,7 +157,7 @@ class EnchtableSweep:
             tau = self.task.read(name).astype(np.float32) - merged
             merged += tau + np.float32(weights.get(name, 1.0)) * scaled
             params[name] = jnp.asarray(merged.astype(entry.dtype, copy=False))
-        return api.Model(self.task.config, params, self.task.folder)
+        return Model(self.task.config, params, self.task.folder)
 
 
 def choose(candidates: list[dict[str, Any]], reference: dict[str, float], options: CalibrationOptions,
@@ -202,7 +203,7 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
     start = time.perf_counter()
     safety = SafetyDelta(safety_vector, aligned, harmful)
     reference = reference if reference is not None else (aligned if aligned is not None else base)
-    reference_model = reference if isinstance(reference, api.Model) else api.load(reference, progress=progress)
+    reference_model = reference if isinstance(reference, Model) else load(reference, progress=progress)
     tokenizer = resolve_tokenizer(reference_model, tokenizer)
     reference_rates = rates(reference_model, tokenizer, harmful_prompts, benign_prompts, options, judge)
     del reference_model

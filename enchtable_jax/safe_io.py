@@ -6,7 +6,8 @@ inside the folder; otherwise it is refused with a message naming the file and th
 is the Hugging Face cache layout: in `.../snapshots/REV/` the files are symlinks into `.../blobs/`, which
 is part of the same downloaded repository.
 
-`read_json` reads a JSON file as UTF-8 and says which file is wrong and how, instead of a bare decoder error.
+`read_json` reads a JSON file as UTF-8 and says which file is wrong and how, instead of a bare decoder error;
+`read_json_or_jsonl` reads a file of records that is either one JSON value or JSON lines.
 """
 
 from __future__ import annotations
@@ -115,3 +116,51 @@ def read_json(path: str | Path, expect: type | None = dict) -> Any:
         kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
         raise JSONFileError(f"{path}: the file must hold a JSON {kind}, got {type(value).__name__}")
     return value
+
+
+def _one_value(text: str) -> bool:
+    """Whether `text` is one JSON value by syntax alone (else it is read as JSONL, line by line)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def read_json_or_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> tuple[Any, list[int] | None]:
+    """(content, line numbers): a JSON file's value and None, or a JSONL file's values and their line numbers.
+
+    A file starting with '[' is one JSON list; otherwise the whole file is tried as one JSON value (an
+    object, e.g. nested categories), then as JSONL (blank lines skipped). Errors, raised as `error`,
+    name the file and line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; give the JSON or JSONL file in it")
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        return parse_json(text.encode("utf-8"), path), None
+    except JSONFileError as strict:
+        e = strict.__cause__
+        if not isinstance(e, json.JSONDecodeError) and _one_value(text):  # a duplicate key, NaN/Infinity
+            raise error(f"{path}: invalid JSON ({e})") from None
+        if text.lstrip().startswith("["):
+            raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    values, lines = [], []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:  # strict like every JSON file read: no duplicate keys, no NaN/Infinity
+            values.append(parse_json(line.encode("utf-8"), f"{path}:{line_no}"))
+        except JSONFileError as e:
+            cause = e.__cause__
+            detail = f"{cause.msg}, column {cause.colno}" if isinstance(cause, json.JSONDecodeError) else str(cause)
+            raise error(f"{path}:{line_no}: invalid JSON ({detail}); JSONL needs one value per line, JSON one "
+                        "top-level value") from None
+        lines.append(line_no)
+    return values, lines

@@ -8,16 +8,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from enchtable_jax import api
 from enchtable_jax.calibration import CalibrationOptions, calibrate, write_calibration
 from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
+from enchtable_jax.converters.safety_vector import MANIFEST
 from enchtable_jax.distillation.train import DistillOptions, distill, resumable
-from enchtable_jax.distillation.vector import MANIFEST
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.judge import Judge
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
+from enchtable_jax.merging.sources import open_model
+from enchtable_jax.models.identity import WeightsDigest, config_digest
+from enchtable_jax.models.model import Model
 from enchtable_jax.options import check_values
 
 
@@ -102,10 +104,7 @@ def check_same_model(aligned: ModelLike, base: ModelLike) -> None:
     from it is merged onto that base, and the merge refuses a vector made from another model. So `enchant`
     checks this before distilling. Reads both models once (hashing, as the merge's own check does).
     """
-    from enchtable_jax.merging.sources import open_model
-    from enchtable_jax.models.identity import WeightsDigest, config_digest
-
-    if not isinstance(aligned, api.Model) and not isinstance(base, api.Model) and \
+    if not isinstance(aligned, Model) and not isinstance(base, Model) and \
             Path(aligned).expanduser().resolve() == Path(base).expanduser().resolve():
         return
     a, b = open_model(aligned, "aligned"), open_model(base, "base")

@@ -97,7 +97,7 @@ def byte_model(tmp_path_factory):
     """(model, tokenizer): a random tiny llama with the byte-level ChatML tokenizer saved beside it, as
     `enchtable init` writes it; weights large enough that greedy answers vary with the prompt."""
     import enchtable_jax
-    from enchtable_jax.api import Model
+    from enchtable_jax.models.model import Model
     from enchtable_jax.models.init import init_params, preset_config
     from enchtable_jax.models.tokenizer import byte_level_tokenizer
 
@@ -119,7 +119,7 @@ def _answering_model(text: str, after: str):
 
     import jax.numpy as jnp
 
-    from enchtable_jax.api import Model
+    from enchtable_jax.models.model import Model
     from enchtable_jax.models.init import init_params, preset_config
 
     config = preset_config("tiny", "llama")

@@ -22,8 +22,8 @@ import pytest
 import enchtable_jax
 from enchtable_jax.converters import safetensors_format as stf
 from enchtable_jax.converters.hf import index_weights, read_hf
-from enchtable_jax.distillation.vector import FORMAT as VECTOR_FORMAT
-from enchtable_jax.distillation.vector import MANIFEST, TENSORS, load_safety_vector, read_manifest
+from enchtable_jax.converters.safety_vector import FORMAT as VECTOR_FORMAT
+from enchtable_jax.converters.safety_vector import MANIFEST, TENSORS, load_safety_vector, read_manifest
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ConfigError, ModelConfig
 from enchtable_jax.models.tokenizer import byte_level_tokenizer, load_tokenizer

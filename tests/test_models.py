@@ -20,7 +20,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import enchtable_jax
-from enchtable_jax.api import Model
+from enchtable_jax.models.model import Model
 from enchtable_jax.models import ConfigError, ModelConfig, RopeScaling, expected_shapes
 from enchtable_jax.models.transformer import rope_inv_freq
 

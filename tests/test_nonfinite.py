@@ -15,7 +15,7 @@ import enchtable_jax as ej
 from enchtable_jax.cli import main
 from enchtable_jax.converters.hf import write_hf
 from enchtable_jax.converters.orbax_io import write_orbax
-from enchtable_jax.distillation.vector import write_vector
+from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.models import init_params, preset_config
@@ -208,7 +208,7 @@ def test_distill_with_allow_nonfinite_writes_a_finite_vector_or_nothing(world, t
     options = ej.DistillOptions(steps=1, max_length=128, batch_size=1, grad_accum=1, warmup_ratio=0.0)
     unused_row = _poisoned(world, "base", "model.embed_tokens.weight", NAN, tmp_path / "a")
     ej.distill(unused_row, data, tmp_path / "vector-a", options, allow_nonfinite=True)
-    from enchtable_jax.distillation.vector import load_safety_vector
+    from enchtable_jax.converters.safety_vector import load_safety_vector
 
     vector = load_safety_vector(tmp_path / "vector-a")
     assert vector.tensors and all(host_finite(v) for v in vector.tensors.values())

@@ -64,6 +64,8 @@ def no_work(monkeypatch):
     monkeypatch.setattr(loop, "train", reached)
     monkeypatch.setattr(pipeline, "open_model", reached)
     monkeypatch.setattr(ej.api, "load", reached)
+    monkeypatch.setattr("enchtable_jax.eval.pipeline.load", reached)  # the stages' own references to it
+    monkeypatch.setattr("enchtable_jax.calibration.load", reached)
     monkeypatch.setattr("enchtable_jax.eval.pipeline.generate", reached)
 
 
@@ -207,7 +209,7 @@ def test_eval_checks_its_output_before_generating(capsys, tmp_path, no_work):
 
 
 def test_distill_overwrite_keeps_the_old_vector_until_the_end(tmp_path):
-    from enchtable_jax.distillation.vector import MANIFEST, TENSORS
+    from enchtable_jax.converters.safety_vector import MANIFEST, TENSORS
     from enchtable_jax.models.init import init_params, preset_config
 
     old = tmp_path / "vector"

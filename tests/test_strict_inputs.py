@@ -15,8 +15,9 @@ import pytest
 
 import enchtable_jax
 from enchtable_jax.cli import main
-from enchtable_jax.distillation.data import DataError, read_records
-from enchtable_jax.distillation.vector import MANIFEST, read_manifest
+from enchtable_jax.converters.safety_vector import MANIFEST, read_manifest
+from enchtable_jax.models.chat import DataError
+from enchtable_jax.training.data import read_records
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ConfigError, ModelConfig
 from enchtable_jax.models.tokenizer import load_tokenizer

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from enchtable_jax.converters.hf import write_hf
-from enchtable_jax.distillation.vector import write_vector
+from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.identity import WeightsDigest, config_digest
 from enchtable_jax.models.tensors import expected_shapes

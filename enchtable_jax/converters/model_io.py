@@ -1,18 +1,11 @@
-"""The public Python API: load a model from any supported folder, run it, save it back.
-
-`Model` is a pytree (params are its leaves, config and source are static), so it passes through
-`jax.jit`, `jax.tree.map` and sharding utilities as it is.
-"""
+"""A `Model` from any supported folder and back: load an HF folder or orbax checkpoint, save either, describe
+one from its headers."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.converters.hf import (DEFAULT_SHARD_SIZE, Sharding, index_weights, read_hf, write_hf)
@@ -20,22 +13,9 @@ from enchtable_jax.converters.orbax_io import check_version, is_orbax_checkpoint
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.init import count_parameters
+from enchtable_jax.models.model import Model
 from enchtable_jax.models.tensors import check_shapes
-from enchtable_jax.models.transformer import forward
 from enchtable_jax.nonfinite import check_params, device_finite, output_error
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["config", "source"])
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """A causal LM: its resolved config and a flat dict of HF-named parameters in HF (out, in) layout.
-
-    `source` is the folder it was loaded from (its tokenizer files are copied when saving), or None.
-    """
-
-    config: ModelConfig
-    params: dict[str, jax.Array]
-    source: Path | None = None
 
 
 def _kind(path: Path) -> str:
@@ -93,24 +73,6 @@ def save_orbax(model: Model, path: str | Path, like: str | Path | None = None, o
         if not finite:
             raise output_error(str(path), name, model.params[name])
     return write_orbax(path, model.config, model.params, like=like, overwrite=overwrite)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def _forward(params, config, input_ids, attention_mask):
-    return forward(params, config, input_ids, attention_mask)
-
-
-def apply(model: Model, input_ids, attention_mask=None) -> jax.Array:
-    """Logits [B, T, vocab] for token ids [B, T] (jit-compiled; 1 = token, 0 = padding in `attention_mask`)."""
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids {input_ids.shape}")
-    return _forward(model.params, model.config, input_ids, attention_mask)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -20,10 +20,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from enchtable_jax import api
 from enchtable_jax.converters.atomic import OutputExistsError, publish
+from enchtable_jax.converters.model_io import save
 from enchtable_jax.converters.outputs import check_outputs, template_input
-from enchtable_jax.distillation.vector import versions, write_vector
+from enchtable_jax.converters.safety_vector import write_vector
+from enchtable_jax.models.identity import versions
+from enchtable_jax.models.model import Model
 from enchtable_jax.training import loop
 
 
@@ -195,5 +197,5 @@ def _distill(model: str | Path, data_path: str | Path, work: Path, options: Dist
     if export_harmful is not None and primary:
         harm = {**model0.params, **{n: (np.asarray(model0.params[n], np.float32) + delta[n])
                                     .astype(model0.params[n].dtype) for n in scope.params}}
-        api.save(api.Model(model0.config, harm, model0.source), export_harmful, overwrite=overwrite)
+        save(Model(model0.config, harm, model0.source), export_harmful, overwrite=overwrite)
     return manifest

@@ -23,7 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.models.chat import render_prompts
 from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.tokenizer import load_tokenizer
 from enchtable_jax.models.transformer import Params, forward_cached, init_cache
 from enchtable_jax.safe_io import check_inside, read_json
 
@@ -180,8 +182,6 @@ def generate_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
 def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     """`tokenizer` itself, or the tokenizer saved in the folder it names (None: the model's own folder)."""
-    from enchtable_jax.models.tokenizer import load_tokenizer
-
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         return load_tokenizer(tokenizer if tokenizer is not None else model.source,
                               "generation renders prompts with the model's tokenizer and chat template")
@@ -208,8 +208,6 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
     template: None for the tokenizer's chat template, a name in `models.tokenizer.TEMPLATES`, or a .jinja
     file. Stops at any eos id (see `eos_ids`) or after `max_new_tokens`; special tokens are not decoded.
     """
-    from enchtable_jax.distillation.data import render_prompts
-
     tokenizer = resolve_tokenizer(model, tokenizer)
     return complete(model, tokenizer, render_prompts(prompts, tokenizer, template), max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)

@@ -40,7 +40,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.eval.generate import complete
+from enchtable_jax.models.chat import render_prompts
+from enchtable_jax.models.tokenizer import load_tokenizer
 
 WINDOW = 400  # characters of a response searched for refusal phrases
 MIN_TOPICAL = 5  # distinct topical words a response needs before the off-topic rule may call it a refusal
@@ -217,19 +221,14 @@ class LLMJudge:
     @classmethod
     def from_folder(cls, folder: str | Path, recipe: str = "llama-guard", **kwargs: Any) -> LLMJudge:
         """Load a judge model and its tokenizer from an HF folder (or orbax checkpoint with tokenizer files)."""
-        from enchtable_jax import api
-        from enchtable_jax.models.tokenizer import load_tokenizer
-
         if recipe not in RECIPES:
             raise EnchtableError(f"unknown judge recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        model = api.load(folder)
+        model = load(folder)
         tokenizer = load_tokenizer(model.source, "the LLM judge renders its prompts with the judge's tokenizer")
         return cls(model, tokenizer, RECIPES[recipe], name=f"{recipe}:{Path(folder).name}", **kwargs)
 
     def prompt_ids(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of the judge's input for each pair."""
-        from enchtable_jax.distillation.data import render_prompts
-
         _check_lengths(prompts, responses)
         if self.recipe.conversation and getattr(self.tokenizer, "chat_template", None):
             return render_prompts([[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
@@ -240,8 +239,6 @@ class LLMJudge:
 
     def judge_details(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[bool, str]]:
         """(unsafe, the judge's raw answer) per pair."""
-        from enchtable_jax.eval.generate import complete
-
         answers = complete(self.model, self.tokenizer, self.prompt_ids(prompts, responses),
                            max_new_tokens=self.recipe.max_new_tokens, batch_size=self.batch_size, progress=False)
         return [(self.recipe.parse(a) is not False, a) for a in answers]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.converters.atomic import write_json
+from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.options import EVAL_OPTIONS, check_values
@@ -43,8 +44,6 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     `eval.json` (refused before any work if it exists there, unless `overwrite`, if the folder cannot be written,
     or if `eval.json` would be inside the model's or tokenizer's folder). Returns the result dict written there.
     """
-    from enchtable_jax import api
-
     check_values(EVAL_OPTIONS, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                  batch_size=batch_size, timeout=timeout)
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
@@ -59,7 +58,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
         out = check_output(Path(out) / RESULT_FILE, inputs, overwrite,
                            file=True).parent
     if isinstance(model, (str, Path)):
-        model = api.load(model, progress=progress)
+        model = load(model, progress=progress)
     tokenizer = resolve_tokenizer(model, tokenizer)
     judge = judge if judge is not None else RefusalJudge()
     options = {"max_new_tokens": max_new_tokens, "template": template, "temperature": temperature, "top_p": top_p,

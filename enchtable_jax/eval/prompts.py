@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from enchtable_jax.distillation.data import read_json_or_jsonl
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.options import EVAL_OPTIONS, check_values
+from enchtable_jax.safe_io import read_json_or_jsonl
 
 PROMPT_FIELDS = ("prompt", "question", "goal", "instruction", "behavior")
 

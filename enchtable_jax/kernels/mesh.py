@@ -66,3 +66,12 @@ def shard_tree(tree, mesh: Mesh):
 def tree_shardings(tree, mesh: Mesh):
     """The `param_sharding` of every leaf, as a pytree (for jit's in/out shardings)."""
     return jax.tree.map(lambda x: param_sharding(mesh, np.shape(x)), tree)
+
+
+def fully_replicated_numpy(x: jax.Array) -> np.ndarray:
+    """A host copy of a (possibly multi-process sharded) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

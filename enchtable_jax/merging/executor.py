@@ -30,13 +30,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from enchtable_jax.converters.safetensors_format import aligned_empty
-from enchtable_jax.distillation.vector import check_base, fully_replicated_numpy
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads
-from enchtable_jax.kernels.mesh import put
+from enchtable_jax.kernels.mesh import fully_replicated_numpy, put
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
-from enchtable_jax.models.identity import WeightsDigest, config_digest
+from enchtable_jax.models.identity import WeightsDigest, check_base, config_digest
 from enchtable_jax.nonfinite import check_output, host_finite, input_error, output_error
 
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -10,16 +10,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from enchtable_jax import api
-from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
+from enchtable_jax.converters.model_io import load
+from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
 from enchtable_jax.merging.sources import SafetyDelta, open_model
+from enchtable_jax.models.model import Model
 from enchtable_jax.options import check_values
 
-ModelLike = api.Model | str | Path
+ModelLike = Model | str | Path
 
 
 def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | None = None,
@@ -28,7 +29,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
           mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, return_model: bool = True,
           finish: Callable[[Path], None] | None = None, allow_nonfinite: bool = False,
-          **options: Any) -> api.Model | None:
+          **options: Any) -> Model | None:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
     The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
@@ -60,7 +61,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     if out is None:
         params = {name: np.asarray(arr) for name, arr in produced}
         params = {name: params[name] for name in task_src.specs if name in params}  # the task model's order
-        return api.Model(task_src.config, {n: jax.numpy.asarray(v) for n, v in params.items()}, task_src.folder)
+        return Model(task_src.config, {n: jax.numpy.asarray(v) for n, v in params.items()}, task_src.folder)
     if jax.process_index() != 0:  # the others compute their share of every group
         for _ in produced:
             pass
@@ -77,4 +78,4 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
     write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
              progress=progress, produce=produced, finish=report, check_finite=False)  # the executor checked them
-    return api.load(out) if return_model else None
+    return load(out) if return_model else None

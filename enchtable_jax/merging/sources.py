@@ -8,13 +8,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from enchtable_jax import api
 from enchtable_jax.converters import safetensors_format as stf
 from enchtable_jax.converters.hf import index_weights, iter_tensors
+from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
-from enchtable_jax.distillation.vector import TENSORS, read_manifest
+from enchtable_jax.converters.safety_vector import TENSORS, read_manifest
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.model import Model
 from enchtable_jax.nonfinite import host_finite
 from enchtable_jax.safe_io import check_inside
 
@@ -40,15 +41,15 @@ class TensorSource:
         return name in self.specs
 
 
-def open_model(model: api.Model | str | Path, what: str) -> TensorSource:
+def open_model(model: Model | str | Path, what: str) -> TensorSource:
     """A source over an HF folder (streamed from its files), an orbax checkpoint or a loaded `Model`."""
-    if isinstance(model, api.Model):
+    if isinstance(model, Model):
         params = model.params
         specs = {n: (tuple(v.shape), np.dtype(v.dtype)) for n, v in params.items()}
         return TensorSource(what, model.config, specs, lambda n: np.asarray(jax.device_get(params[n])), model.source)
     path = Path(model).expanduser().resolve()
     if is_orbax_checkpoint(path):  # orbax restores whole trees: loaded once, then served from memory
-        return open_model(api.load(path), what)
+        return open_model(load(path), what)
     config = ModelConfig.from_file(path / "config.json")
     return _folder_source(path, what, config)
 

@@ -26,7 +26,7 @@ import numpy as np
 from enchtable_jax.converters.atomic import OutputExistsError
 from enchtable_jax.converters.outputs import check_outputs, shared_staging_folder, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
-from enchtable_jax.distillation.vector import versions
+from enchtable_jax.models.identity import versions
 from enchtable_jax.models.tensors import OPTIONAL_TIED_HEAD
 from enchtable_jax.training import loop
 

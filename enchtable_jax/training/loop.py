@@ -25,19 +25,21 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from enchtable_jax import api
 from enchtable_jax.converters.hf import is_float
-from enchtable_jax.distillation import checkpoint, data
-from enchtable_jax.distillation.vector import fully_replicated_numpy
+from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.linearize import zero_delta
-from enchtable_jax.kernels.mesh import make_mesh, shard_tree
+from enchtable_jax.kernels.mesh import fully_replicated_numpy, make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import Scope, resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
+from enchtable_jax.models import chat
 from enchtable_jax.models.identity import identity
+from enchtable_jax.models.model import Model
+from enchtable_jax.models.tokenizer import load_tokenizer
 from enchtable_jax.nonfinite import check_output
 from enchtable_jax.options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEED, Range, check_fields, ranged
 from enchtable_jax.safe_io import check_tree
+from enchtable_jax.training import checkpoint, data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +80,10 @@ _FREE_ON_RESUME = ("save_every", "fsdp")
 class TrainResult:
     """A finished run: θ0, the trained Δ = θ − θ0 on the scope (host float32), and what records describe."""
 
-    model0: api.Model
+    model0: Model
     base: dict[str, str]  # identity of θ0 (models.identity)
     scope: Scope
-    stats: data.RenderStats
+    stats: chat.RenderStats
     data_sha256: str
     delta: dict[str, np.ndarray]
     losses: list[float]
@@ -137,14 +139,14 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     `on_step(step, metrics)` is called after every optimizer step. A model holding NaN or Inf is refused
     (naming the file and tensor) unless `allow_nonfinite`; the trained Δ is checked either way.
     """
-    model0 = api.load(model, progress=progress, allow_nonfinite=allow_nonfinite)
+    model0 = load(model, progress=progress, allow_nonfinite=allow_nonfinite)
     base = identity(model0.config, model0.params)
     scope = resolve_scope(model0.config, options.scope, options.layers)
     tokenizer = _tokenizer(model0.source, purpose)
     conversations = data.read_records(data_path)
-    examples, stats = data.render(conversations, tokenizer, options.max_length, options.template)
+    examples, stats = chat.render(conversations, tokenizer, options.max_length, options.template)
     if not examples:
-        raise data.DataError(f"{data_path}: no example has a response token left after rendering and truncation "
+        raise chat.DataError(f"{data_path}: no example has a response token left after rendering and truncation "
                              f"to {options.max_length} tokens")
     lengths = [len(e.input_ids) for e in examples]
     # Padding is masked out of attention and loss, so any id serves: the pad token, else (Llama-2/3 ship without
@@ -275,8 +277,6 @@ def check_resume(meta: Any, run_key: dict[str, Any], ckpt_dir: Path, step: int |
 
 
 def _tokenizer(folder: Path | None, purpose: str):
-    from enchtable_jax.models.tokenizer import load_tokenizer
-
     return load_tokenizer(folder, f"{purpose} renders the data with the model folder's own tokenizer")
 
 

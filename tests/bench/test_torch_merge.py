@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 import enchtable_jax as ej
 from enchtable_jax.bench.optional import reference_module
-from enchtable_jax.distillation.vector import write_vector
+from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.models import init_params, preset_config
 from enchtable_jax.models.identity import identity
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 import torch
 
-from enchtable_jax.api import Model, apply
+from enchtable_jax.models.model import Model, apply
 from enchtable_jax.bench.optional import reference_module
 from enchtable_jax.kernels.linearize import linearized_forward, zero_delta
 from enchtable_jax.kernels.scopes import resolve_scope

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from enchtable_jax.demo import world as w
-from enchtable_jax.distillation.data import render
+from enchtable_jax.models.chat import render
 from enchtable_jax.eval.judge import is_refusal
 
 

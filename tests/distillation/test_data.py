@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import transformers
 
-from enchtable_jax.distillation.data import (DataError, Example, collate, data_hash, epoch_batches, read_records,
-                                        render, resolve_template)
+from enchtable_jax.models.chat import DataError, Example, render, resolve_template
+from enchtable_jax.training.data import collate, data_hash, epoch_batches, read_records
 from enchtable_jax.models.tokenizer import TEMPLATES, byte_level_tokenizer
 
 SINGLE = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Sure: first…"}]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import enchtable_jax as ej
-from enchtable_jax.distillation.data import DataError
+from enchtable_jax.models.chat import DataError
 from enchtable_jax.models import init_params, preset_config
 from enchtable_jax.models.tokenizer import byte_level_tokenizer
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from enchtable_jax.api import Model, apply
+from enchtable_jax.models.model import Model, apply
 from enchtable_jax.kernels.linearize import linearized_forward, linearized_logits
 from enchtable_jax.kernels.scopes import resolve_scope, unit_params
 from enchtable_jax.models import init_params, preset_config

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from enchtable_jax.api import Model
+from enchtable_jax.models.model import Model
 from enchtable_jax.kernels.ntk import empirical_ntk, kernel_overlap, last_token_logits, ntk_overlap, response_logprob
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.models import init_params, preset_config

@@ -11,7 +11,7 @@ from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, loss_fn, make_train_step, token_cross_entropy
-from enchtable_jax.api import Model
+from enchtable_jax.models.model import Model
 from enchtable_jax.models import init_params, preset_config
 
 CONFIG = preset_config("tiny", "llama", num_hidden_layers=2, vocab_size=64, hidden_size=32, intermediate_size=48)

@@ -17,7 +17,7 @@ import pytest
 
 import enchtable_jax as ej
 from enchtable_jax.cli import main
-from enchtable_jax.distillation.vector import write_vector
+from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.merging.executor import merge_mesh, tensor_key
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.pipeline import merge

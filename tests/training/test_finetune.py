@@ -20,7 +20,8 @@ from oracles import raw_tensors
 import enchtable_jax as ej
 from enchtable_jax.cli import _distill_options, build_parser, main
 from enchtable_jax.converters.atomic import OutputExistsError
-from enchtable_jax.distillation.data import read_records, render
+from enchtable_jax.models.chat import render
+from enchtable_jax.training.data import read_records
 from enchtable_jax.kernels.scopes import ScopeError
 from enchtable_jax.models import init_params, preset_config
 from enchtable_jax.models.identity import identity

@@ -53,8 +53,8 @@ from enchtable_jax.bench.optional import optional_module
 from enchtable_jax.bench.studies import safety_data as sd
 from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.calibration import CalibrationOptions
+from enchtable_jax.converters.safety_vector import MANIFEST
 from enchtable_jax.distillation.train import DistillOptions, distill
-from enchtable_jax.distillation.vector import MANIFEST
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate
 from enchtable_jax.eval.pipeline import evaluate

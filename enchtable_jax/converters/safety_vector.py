@@ -11,14 +11,12 @@ Layout of SAFETY_DIR (manifest.json is written last: a folder without it is inco
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -38,17 +36,6 @@ class SafetyVector:
 
     tensors: dict[str, np.ndarray]
     manifest: dict[str, Any]
-
-
-def versions() -> dict[str, str]:
-    """Package versions recorded with every artefact."""
-    found = {}
-    for package in ("enchtable-jax", "jax", "jaxlib", "optax", "orbax-checkpoint", "transformers", "numpy"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def write_vector(folder: Path, tensors: Mapping[str, np.ndarray], manifest: dict[str, Any],
@@ -99,23 +86,3 @@ def load_safety_vector(folder: str | Path) -> SafetyVector:
     with open(Path(folder) / TENSORS, "rb") as f:
         tensors = {name: stf.read_tensor(f, info) for name, info in infos.items()}
     return SafetyVector(tensors, manifest)
-
-
-def check_base(manifest: Mapping[str, Any], base_identity: Mapping[str, str], what: str) -> None:
-    """Refuse a safety vector made from another base model than `base_identity` describes."""
-    made_from = manifest.get("base_model", {})
-    for key in ("model_type", "config_sha256", "weights_blake2b"):
-        if made_from.get(key) != base_identity.get(key):
-            raise EnchtableError(f"{what}: safety vector was distilled from another model ({key} "
-                                 f"{str(made_from.get(key))[:16]} != {str(base_identity.get(key))[:16]}); a safety "
-                                 "vector applies only to models fine-tuned from the model it was distilled from: distill "
-                                 "one from this base model (enchtable distill --model BASE)")
-
-
-def fully_replicated_numpy(x: jax.Array) -> np.ndarray:
-    """A host copy of a (possibly multi-process sharded) array."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
