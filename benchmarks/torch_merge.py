@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-SAFETY_TENSORS = "safety_vector.safetensors"  # = distillation.vector.TENSORS
+SAFETY_TENSORS = "safety_vector.safetensors"  # = converters.safety_vector.TENSORS
 INDEX = "model.safetensors.index.json"
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 

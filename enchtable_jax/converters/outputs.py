@@ -26,7 +26,7 @@ def input_paths(value: Any) -> list[Path]:
         return [Path(value).expanduser().resolve()]
     if isinstance(value, (list, tuple, set, frozenset)):
         return [p for item in value for p in input_paths(item)]
-    for attribute in ("source", "folder"):  # api.Model, merging.sources.Source
+    for attribute in ("source", "folder"):  # models.model.Model, merging.sources.Source
         if isinstance(getattr(value, attribute, None), (str, os.PathLike)):
             return input_paths(getattr(value, attribute))
     return []

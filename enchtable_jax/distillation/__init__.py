@@ -1,2 +1,2 @@
-"""Distillation of the safety vector: data (records -> chat-templated token batches with response-only
-targets), then NTK-linearized fine-tuning of the aligned model on them."""
+"""Distillation of the safety vector: NTK-linearized fine-tuning of the aligned model on harmful records
+(through the shared training loop), written as a safety-vector folder (converters/safety_vector.py)."""

@@ -1,4 +1,5 @@
-"""Configs, tensor tables and forward passes of the supported causal-LM families."""
+"""Configs, tensor tables and forward passes of the supported causal-LM families; `Model` (model.py), chat
+rendering (chat.py) and model identity (identity.py)."""
 
 from enchtable_jax.models.config import ConfigError, ModelConfig, RopeScaling, SUPPORTED_MODEL_TYPES
 from enchtable_jax.models.init import init_params, preset_config
