@@ -33,7 +33,7 @@ from safetensors import safe_open
 import enchtable_jax
 from enchtable_jax.converters import OutputExistsError, SafetensorsError, UnsafeCheckpointError
 from enchtable_jax.converters import safetensors_format as stf
-from enchtable_jax.converters.hf import parse_size
+from enchtable_jax.converters.hf import parse_size, write_hf
 
 TOKENIZER_FILES = {
     "tokenizer_config.json": json.dumps({"model_max_length": 256, "chat_template": None}) + "\n",
@@ -225,6 +225,39 @@ def test_sharded_write(models, tmp_path, shard_size):
     back = enchtable_jax.load(out)
     assert list(back.params) == list(model.params)
     assert params_raw(back.params) == original
+
+
+@pytest.mark.parametrize("shard_size", [100_000, 20_000])
+def test_shards_are_those_save_pretrained_writes(models, tmp_path, shard_size):
+    """Same files, weight map and total size as transformers' `save_pretrained` given the tensors in the same
+    order. At 20 kB the projections (24.6 kB) are each larger than a shard: each gets a shard of its own, numbered
+    before the shard that was filling when it came."""
+    folder, torch_model = models["llama-f32"]
+    model = enchtable_jax.load(folder)
+    out = enchtable_jax.save(model, tmp_path / "out", shard_size=shard_size)
+    state = torch_model.state_dict()
+    torch_model.save_pretrained(tmp_path / "hf", max_shard_size=shard_size,
+                                state_dict={name: state[name] for name in model.params})
+    ours, theirs = (json.loads((f / "model.safetensors.index.json").read_text()) for f in (out, tmp_path / "hf"))
+    assert ours["weight_map"] == theirs["weight_map"]
+    assert ours["metadata"]["total_size"] == theirs["metadata"]["total_size"]
+    files = [sorted(p.name for p in folder.glob("*.safetensors")) for folder in (out, tmp_path / "hf")]
+    assert files[0] == files[1]
+    assert raw_tensors(out) == raw_tensors(tmp_path / "hf")
+
+
+def test_a_producer_streams_into_shards_numbered_out_of_order(f32, tmp_path):
+    """write_hf's streaming path: tensors come in the descriptors' order while a shard of their own for large
+    tensors keeps an earlier-begun shard open; the files hold exactly the produced bytes."""
+    src, _ = f32
+    model = enchtable_jax.load(src)
+    descriptors = {name: jax.ShapeDtypeStruct(arr.shape, arr.dtype) for name, arr in model.params.items()}
+    produced = ((name, np.asarray(arr)) for name, arr in model.params.items())
+    out = write_hf(tmp_path / "out", model.config, descriptors, shard_size=20_000, produce=produced)
+    files = [json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][n] for n in model.params]
+    assert files != sorted(files)  # some tensor went to a file numbered before the previous tensor's file
+    assert raw_tensors(out) == raw_tensors(src)
+    assert next(produced, None) is None
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -663,17 +696,18 @@ def test_output_exists(f32, tmp_path):
 
 
 def failing_on_second_call(monkeypatch):
-    real = stf.write_file
+    """The second safetensors file opened for writing fails after a few bytes, as on a full disk."""
+    real = stf.FileWriter
     calls = []
 
-    def write_file(path, *args, **kwargs):
+    def open_writer(path, *args, **kwargs):
         calls.append(Path(path).name)
         if len(calls) == 2:
             Path(path).write_bytes(b"partial")
             raise OSError("disk full (simulated)")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(stf, "write_file", write_file)
+    monkeypatch.setattr(stf, "FileWriter", open_writer)
     return calls
 
 

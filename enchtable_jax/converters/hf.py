@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
 from tqdm.auto import tqdm
 
 from enchtable_jax.converters import safetensors_format as stf
@@ -207,18 +208,12 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def plan_shards(params: Mapping[str, jax.Array], shard_size: int) -> list[list[str]]:
-    """Split names, in order, into shards of at most `shard_size` bytes (a larger tensor gets its own)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, arr in params.items():
-        nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
-        if shards[-1] and used + nbytes > shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += nbytes
-    return shards
+def plan_shards(params: Mapping[str, jax.Array], shard_size: int) -> StateDictSplit:
+    """Files and their tensors as transformers' `save_pretrained` splits them (huggingface_hub's planner): names in
+    order fill a shard up to `shard_size` bytes; a larger tensor gets a shard of its own."""
+    return split_state_dict_into_shards_factory(
+        dict(params), get_storage_size=lambda arr: int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=shard_size)
 
 
 def copy_companion_files(src: Path | None, dst: Path) -> list[str]:
@@ -245,6 +240,28 @@ def hf_config_dict(config: ModelConfig, params: Mapping[str, jax.Array]) -> dict
     return raw
 
 
+def _write_shards(folder: Path, split: StateDictSplit, params: Mapping[str, jax.Array],
+                  fetch: Callable[[jax.Array], np.ndarray]) -> None:
+    """Write every shard of `split`, taking tensors in the order of `params` (a producer's order).
+
+    A tensor larger than the shard size has a shard of its own, numbered before the shard that was filling when
+    it came, so that shard stays open while the large one is written: at most two files are open at once.
+    """
+    writers: dict[str, stf.FileWriter] = {}
+    try:
+        for name, arr in params.items():
+            file = split.tensor_to_filename[name]
+            if file not in writers:
+                writers[file] = stf.FileWriter(folder / file, [(n, params[n]) for n in split.filename_to_tensors[file]],
+                                               {"format": "pt"})
+            writers[file].add(name, fetch(arr))
+            if writers[file].done:
+                writers.pop(file).close()
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
 def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array], like: str | Path | None = None,
              shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool | None = None,
              produce: Iterator[tuple[str, np.ndarray]] | None = None,
@@ -261,10 +278,8 @@ def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Arr
     if like is not None and not Path(like).is_dir():
         raise FileNotFoundError(f"{like}: reference folder (like=) not found")
     check_shapes(config, {n: tuple(a.shape) for n, a in params.items()}, "params")
-    shards = plan_shards(params, limit)
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    total = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in params.values())
+    split = plan_shards(params, limit)
+    total = split.metadata["total_size"]
     with atomic_folder(path, overwrite) as tmp:
         copied = copy_companion_files(Path(like) if like is not None else None, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, params), indent=2) + "\n")
@@ -292,11 +307,9 @@ def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Arr
             return host
 
         with bar:
-            for file, names in zip(files, shards):
-                stf.write_file(tmp / file, [(name, params[name]) for name in names], fetch, {"format": "pt"})
-        if n > 1:
-            weight_map = {name: file for file, names in zip(files, shards) for name in names}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            _write_shards(tmp, split, params, fetch)
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if finish is not None:
             finish(tmp)

@@ -198,15 +198,46 @@ def header_bytes(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metad
     return struct.pack("<Q", len(raw)) + raw
 
 
+class FileWriter:
+    """One safetensors file written tensor by tensor: the header first (shapes and dtypes are known up front),
+    then each tensor's bytes as it arrives, in header order, so no tensor waits on the host for the others."""
+
+    def __init__(self, path: str | Path, tensors: Iterable[tuple[str, object]], metadata: Mapping[str, str]):
+        specs = [(name, np.dtype(arr.dtype), tuple(arr.shape)) for name, arr in tensors]
+        for name, dtype, _ in specs:
+            if dtype not in DTYPE_NAMES:
+                raise TypeError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        self.path = Path(path)
+        self._expected = [(name, dtype, shape) for name, dtype, shape in reversed(specs)]
+        self._file = open(path, "wb")
+        self._file.write(header_bytes(specs, metadata))
+
+    @property
+    def done(self) -> bool:
+        return not self._expected
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor, which must be the one the header lists next."""
+        expected = self._expected.pop() if self._expected else None
+        if expected is None or (name, array.dtype, tuple(array.shape)) != expected:
+            raise RuntimeError(f"{self.path}: got tensor {name} {array.dtype} {tuple(array.shape)}, expected "
+                               f"{'none' if expected is None else ' '.join(map(str, expected))}")
+        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+
+    def close(self) -> None:
+        """Close the file, synced to disk if every tensor was written."""
+        if self.done and not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._file.close()
+
+
 def write_file(path: str | Path, tensors: list[tuple[str, object]], fetch, metadata: Mapping[str, str]) -> None:
     """Write `tensors` [(name, array-like with .shape/.dtype)] to `path`, pulling each array's bytes through
     `fetch(array) -> np.ndarray` only when it is written, so a shard never needs all its tensors on the host."""
-    for name, arr in tensors:
-        if np.dtype(arr.dtype) not in DTYPE_NAMES:
-            raise TypeError(f"tensor {name}: dtype {arr.dtype} cannot be stored in safetensors")
-    with open(path, "wb") as f:
-        f.write(header_bytes([(n, np.dtype(a.dtype), tuple(a.shape)) for n, a in tensors], metadata))
-        for _, arr in tensors:
-            f.write(memoryview(np.ascontiguousarray(fetch(arr)).reshape(-1).view(np.uint8)))
-        f.flush()
-        os.fsync(f.fileno())
+    writer = FileWriter(path, tensors, metadata)
+    try:
+        for name, arr in tensors:
+            writer.add(name, fetch(arr))
+    finally:
+        writer.close()
