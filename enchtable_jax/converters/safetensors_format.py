@@ -2,9 +2,10 @@
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}}, then raw little-endian bytes. Doing it here (about a page of code) gives what the
-`safetensors` package's numpy path does not: bfloat16 and float8 through `ml_dtypes`, streaming reads
-and writes of a single tensor, exact bytes kept, and errors that name the file and tensor when a file
-is truncated or corrupt. Files written here load with `safetensors` and transformers.
+`safetensors` package's numpy path does not (DESIGN.md, Files): float8 through `ml_dtypes`, a header check
+that refuses what numpy cannot hold with errors naming the file and tensor, arrays aligned for JAX to adopt
+without a copy, and writes that take one tensor at a time. Files written here load with `safetensors` and
+transformers.
 """
 
 from __future__ import annotations
