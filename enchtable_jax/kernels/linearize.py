@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from enchtable_jax.kernels.scopes import Scope, resolve_scope, unit_params
+from enchtable_jax.kernels.scopes import Scope, check_reached, resolve_scope, unit_params
 from enchtable_jax.models.config import ModelConfig
-from enchtable_jax.models.transformer import Params, call_unit, forward
+from enchtable_jax.models.transformer import Params, Unit, call_unit, forward
 
 
 def tangent(params0: Params, delta: Params, names) -> dict[str, jax.Array]:
@@ -39,6 +39,24 @@ def linearized_unit(params0: Params, delta: Params, owned: Mapping[str, tuple[st
     return unit
 
 
+def scope_forward(params: Params, config: ModelConfig, scope: Scope, input_ids: jax.Array,
+                  attention_mask: jax.Array | None = None, unit: Unit = call_unit) -> jax.Array:
+    """`forward` through `unit`, refusing a scope with a unit the forward never passed to its seam.
+
+    The seam calls are recorded while the forward is traced, so under jit the check runs once per
+    compilation and costs nothing per step.
+    """
+    reached: set[str] = set()
+
+    def recording(name: str, fn: Callable[[Params], jax.Array], current: Params) -> jax.Array:
+        reached.add(name)
+        return unit(name, fn, current)
+
+    logits = forward(params, config, input_ids, attention_mask, unit=recording)
+    check_reached(scope, reached)
+    return logits
+
+
 def linearized_forward(params0: Params, delta: Params, config: ModelConfig, scope: Scope, input_ids: jax.Array,
                        attention_mask: jax.Array | None = None) -> jax.Array:
     """Logits of the model linearized in `scope` around `params0`, displaced by `delta` (pure)."""
@@ -48,7 +66,7 @@ def linearized_forward(params0: Params, delta: Params, config: ModelConfig, scop
                             (primal,), (tangent(params0, delta, scope.params),))
         return out + dout
     unit = linearized_unit(params0, delta, unit_params(scope))
-    return forward(params0, config, input_ids, attention_mask, unit=unit)
+    return scope_forward(params0, config, scope, input_ids, attention_mask, unit)
 
 
 _linearized_forward = jax.jit(linearized_forward, static_argnames=("config", "scope"))

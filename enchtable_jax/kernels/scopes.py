@@ -6,11 +6,17 @@ parameters are the HF tensors under those names. Each unit is linearized on its 
 its actual input (the prototype's per-module linearization); the `model` scope linearizes the whole
 backbone at once, and `all` the whole network, embeddings and head included (plain fine-tuning's
 default). Scopes combine with '+', e.g. "attn_block+ffn".
+
+The unit names here are a selection of those the forward passes to its seam (`models.transformer.Unit`),
+which stays their one source: the linearized forward refuses, when it is traced, a scope naming a unit
+the forward never reached (`check_reached`), since such a unit would train nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Collection
 
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.tensors import expected_shapes, layer_prefix
@@ -111,3 +117,15 @@ def resolve_scope(config: ModelConfig, scope: str, layers: str | None = None) ->
 def unit_params(scope: Scope) -> dict[str, tuple[str, ...]]:
     """For each unit of the scope, the tensor names it owns."""
     return {u: tuple(n for n in scope.params if n.startswith(u + ".")) for u in scope.units}
+
+
+def check_reached(scope: Scope, reached: Collection[str]) -> None:
+    """Refuse a scope with a unit the forward never passed to its seam (`reached`, recorded while tracing):
+    its tensors would get no gradient and the safety vector would be zero there."""
+    missing = [u for u in scope.units if u not in reached]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        per_layer = sorted({re.sub(r"^model\.layers\.\d+\.", "", name) for name in reached})
+        raise ScopeError(f"scope {scope.name!r} names unit(s) {', '.join(missing[:5])}{more} that the forward never "
+                         f"passes to its seam, so they would train nothing; the forward's units are "
+                         f"model.layers.N.{{{', '.join(per_layer)}}}")

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from enchtable_jax.kernels.linearize import linearized_forward
+from enchtable_jax.kernels.linearize import linearized_forward, scope_forward
 from enchtable_jax.kernels.mesh import batch_sharding, put_tree, tree_shardings
 from enchtable_jax.kernels.scopes import Scope
 from enchtable_jax.models.config import ModelConfig
-from enchtable_jax.models.transformer import Params, forward
+from enchtable_jax.models.transformer import Params
 
 Batch = Mapping[str, jax.Array]
 Step = Callable[[Params, Params, optax.OptState, Batch], tuple[Params, optax.OptState, dict[str, jax.Array]]]
@@ -39,7 +39,7 @@ def scope_logits(delta: Params, params0: Params, config: ModelConfig, scope: Sco
     if linearized:
         return linearized_forward(params0, delta, config, scope, batch["input_ids"], batch["attention_mask"])
     moved = {n: (params0[n].astype(d.dtype) + d).astype(params0[n].dtype) for n, d in delta.items()}
-    return forward({**params0, **moved}, config, batch["input_ids"], batch["attention_mask"])
+    return scope_forward({**params0, **moved}, config, scope, batch["input_ids"], batch["attention_mask"])
 
 
 def loss_sums(delta: Params, params0: Params, config: ModelConfig, scope: Scope, batch: Batch,

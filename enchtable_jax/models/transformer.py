@@ -29,9 +29,11 @@ from enchtable_jax.models.config import ModelConfig, RopeScaling
 from enchtable_jax.models.tensors import layer_prefix
 
 Params = Mapping[str, jax.Array]
-# unit(name, fn, params) evaluates the sub-network `name` (e.g. "model.layers.3.mlp",
-# "model.layers.3.self_attn", "model.layers.3.self_attn.q_proj") as fn(params). It is the one seam
-# through which the kernels replace a unit by its linearization; the model itself just calls fn.
+# unit(name, fn, params) evaluates the sub-network `name` as fn(params). It is the one seam through which
+# the kernels replace a unit by its linearization; the model itself just calls fn. Each decoder layer i
+# passes "model.layers.{i}." + self_attn, self_attn.{q,k,v,o}_proj, mlp, mlp.{gate,up,down}_proj: every
+# block and every projection, so each tensor under those names is reachable by a scope. The kernels check
+# at trace time that the forward really reached every unit a scope names.
 Unit = Callable[[str, Callable[[Params], jax.Array], Params], jax.Array]
 
 
@@ -96,6 +98,11 @@ def linear(x: jax.Array, params: Params, name: str) -> jax.Array:
     return y if bias is None else y + bias
 
 
+def projection(x: jax.Array, params: Params, name: str, unit: Unit = call_unit) -> jax.Array:
+    """`linear` evaluated through the seam as the unit `name` (e.g. "model.layers.3.mlp.up_proj")."""
+    return unit(name, lambda p: linear(x, p, name), params)
+
+
 def attention_masks(attention_mask: jax.Array, config: ModelConfig,
                     query_slots: jax.Array | None = None) -> dict[int | None, jax.Array]:
     """Boolean [B, 1, Q, S] masks (query, key) for each distinct window size among the layers.
@@ -125,7 +132,7 @@ def self_attention(x: jax.Array, params: Params, prefix: str, config: ModelConfi
     h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
     def proj(name: str, inp: jax.Array) -> jax.Array:
-        return unit(prefix + name, lambda p: linear(inp, p, prefix + name), params)
+        return projection(inp, params, prefix + name, unit)
 
     q = apply_rope(proj("q_proj", x).reshape(b, t, h, d), cos, sin)
     key = apply_rope(proj("k_proj", x).reshape(b, t, k, d), cos, sin)
@@ -149,11 +156,11 @@ def attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, co
     return self_attention(x, params, prefix, config, cos, sin, mask, unit)[0]
 
 
-def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig) -> jax.Array:
-    """Gated MLP: down(act(gate(x)) * up(x))."""
+def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig, unit: Unit = call_unit) -> jax.Array:
+    """Gated MLP: down(act(gate(x)) * up(x)), each projection through the seam."""
     act = _ACTIVATIONS[config.hidden_act]
-    return linear(act(linear(x, params, prefix + "gate_proj")) * linear(x, params, prefix + "up_proj"),
-                  params, prefix + "down_proj")
+    gated = act(projection(x, params, prefix + "gate_proj", unit)) * projection(x, params, prefix + "up_proj", unit)
+    return projection(gated, params, prefix + "down_proj", unit)
 
 
 def decoder_layer(x: jax.Array, params: Params, i: int, config: ModelConfig, cos: jax.Array, sin: jax.Array,
@@ -173,7 +180,7 @@ def decoder_layer(x: jax.Array, params: Params, i: int, config: ModelConfig, cos
         out, keys, values = self_attention(h, params, p + "self_attn.", config, cos, sin, mask, unit, cache)
         x, kv = x + out, (keys, values)
     h = rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config), params), kv
+    return x + unit(p + "mlp", lambda q: mlp(h, q, p + "mlp.", config, unit), params), kv
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
