@@ -161,7 +161,10 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _method_options(args: argparse.Namespace) -> dict:
-    """The --set NAME=VALUE options of a merge, parsed as JSON values where possible."""
+    """The method options given: --set NAME=VALUE (parsed as JSON values where possible) and the flags that
+    `_add_method_flags` made from the registry."""
+    from enchtable_jax.merging.methods import flag_options
+
     options = {}
     for item in args.set or []:
         name, sep, value = item.partition("=")
@@ -171,11 +174,9 @@ def _method_options(args: argparse.Namespace) -> dict:
             options[name.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             options[name.replace("-", "_")] = value
-    for flag in ("keep", "interference_scale", "density", "gamma", "threshold"):
-        if getattr(args, flag, None) is not None:
-            options[flag] = getattr(args, flag)
-    if getattr(args, "learnable", False):
-        options["learnable"] = True
+    for name in flag_options():  # a flag not given (None, or False for a switch): each method's default
+        if getattr(args, name, None) not in (None, False):
+            options[name] = getattr(args, name)
     return options
 
 
@@ -421,22 +422,43 @@ def _add_nonfinite_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
-    from enchtable_jax.merging.methods import MERGE_OPTIONS, option_range
+    from enchtable_jax.merging.methods import MERGE_OPTIONS
 
     _ranged(p, "--alpha", MERGE_OPTIONS["alpha"], "fixed scale of the safety delta")
     _ranged(p, "--beta", MERGE_OPTIONS["beta"], "adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
-    _ranged(p, "--keep", option_range("keep"), "enchtable/tsv: fraction γ of singular triplets kept (0.5)")
-    _ranged(p, "--interference-scale", option_range("interference_scale"), "enchtable: scale of ι (200)")
-    p.add_argument("--learnable", action="store_true", help="enchtable: learn the safety weight")
-    _ranged(p, "--density", option_range("density"), "ties/dare/breadcrumbs: fraction of entries kept")
-    _ranged(p, "--gamma", option_range("gamma"), "breadcrumbs: fraction of largest outliers dropped")
-    _ranged(p, "--threshold", option_range("threshold"), "safelora: similarity threshold (0.5)")
+    _add_method_flags(p)
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="any other method option (repeatable; checked against the method's declared ranges)")
     _ranged(p, "--seed", MERGE_OPTIONS["seed"], "seed of random methods (dare)", default=0)
     p.add_argument("--shard-size", type=_shard_size, default=DEFAULT_SHARD_SIZE,
                    help="largest safetensors shard of the output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per method option declared with a flag (merging.methods), shared by the methods declaring it.
+    Not given, it is None (a switch: False) and every method takes its own declared default, which the help
+    names; given, it parses with the declared range or choices."""
+    from enchtable_jax.merging.methods import flag_options
+
+    for name, by_method in flag_options().items():
+        flag, option = "--" + name.replace("_", "-"), next(iter(by_method.values()))
+        text = "; ".join(f"{method}: {o.help}{_default_note(o.default)}" for method, o in by_method.items())
+        if option.type is bool:
+            if any(o.default for o in by_method.values()):
+                raise AssertionError(f"method option {name} defaults to True: a --{name} switch could not turn it off")
+            p.add_argument(flag, action="store_true", help=text)
+        elif option.range is not None:
+            _ranged(p, flag, option.range, text)
+        else:
+            p.add_argument(flag, choices=option.choices, help=text)
+
+
+def _default_note(default: object) -> str:
+    """' (default D)' for --help; nothing for a switch that is off or an option that is unset by default."""
+    if default is None or isinstance(default, bool):
+        return ""
+    return f" (default {default:g})" if isinstance(default, (int, float)) else f" (default {default})"
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:

@@ -70,7 +70,7 @@ def _declared():
     for method in METHODS.values():
         for name, option in method.options.items():
             if option.range is not None:
-                command = "merge" if name in ("keep", "interference_scale", "density", "gamma", "threshold") else None
+                command = "merge" if option.flag else None
                 rows.append((f"{method.name}.{name}", lambda n, v, m=method.name: method_options(m, {n: v}), command,
                              name, option.range))
     for name, r in MERGE_OPTIONS.items():

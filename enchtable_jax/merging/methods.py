@@ -10,6 +10,8 @@ a method over them on every device.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -33,16 +35,26 @@ MERGE_OPTIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A method option: default value, one line of help, and its valid values (a numeric `Range`, or `choices`).
+    """A method option, declared once: default, one line of help, valid values (a numeric `Range`, or `choices`),
+    and whether `enchtable merge`/`enchant` give it a flag of its own (`flag`; the others are set with --set).
 
-    `method_options` checks given values against them, and the CLI's flags (--keep, --density, ...) parse
-    with the same `Range`.
+    The method's function takes the option as a keyword-only parameter without a default (`register` fills it in
+    from here); `method_options` checks given values against the range or choices, and the CLI's flag parses with
+    the same `Range`.
     """
 
     default: Any
     help: str
     range: Range | None = None
     choices: tuple | None = None
+    flag: bool = False
+
+    @property
+    def type(self) -> type:
+        """The Python type of the option's values."""
+        if self.choices is not None:
+            return type(self.choices[0])
+        return int if self.range is not None and self.range.integer else float
 
     def check(self, name: str, value: Any) -> Any:
         if self.choices is not None and (isinstance(value, (list, dict)) or value not in self.choices):
@@ -81,13 +93,34 @@ def check_strength(method: str, alpha: float | None, beta: float | None, names: 
 
 
 def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: bool = True, **options: Option):
-    """Decorator adding a method to `METHODS`."""
+    """Decorator adding a method to `METHODS`; its options are the keyword-only parameters of the function, whose
+    values `Method.fn` fills in from `options` when a call leaves them out."""
 
     def add(fn):
-        METHODS[name] = Method(name, fn, summary, options, adaptive_alpha, uses_alpha)
+        METHODS[name] = Method(name, _with_declared_defaults(name, fn, options), summary, options, adaptive_alpha,
+                               uses_alpha)
         return fn
 
     return add
+
+
+def _with_declared_defaults(name: str, fn: Callable, options: dict[str, Option]) -> Callable:
+    """`fn` with every option not given taken from its declaration. The function itself declares no default, so
+    there is no second copy to drift: its keyword-only parameters must be exactly the declared options."""
+    signature = inspect.signature(fn)
+    keywords = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    if {p.name for p in keywords} != set(options) or any(p.default is not p.empty for p in keywords):
+        raise TypeError(f"merge method {name}: its keyword-only parameters {[p.name for p in keywords]} must be its "
+                        f"declared options {list(options)}, without defaults (register declares them)")
+    defaults = {option: o.default for option, o in options.items()}
+
+    @functools.wraps(fn)
+    def method(task, safety, alpha, key, **given):
+        return fn(task, safety, alpha, key, **{**defaults, **given})
+
+    method.__signature__ = signature.replace(parameters=[
+        p.replace(default=defaults[p.name]) if p.name in defaults else p for p in signature.parameters.values()])
+    return method
 
 
 def _stats(interference_value=NAN, weight=NAN) -> Stats:
@@ -96,17 +129,17 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
 
 @register("enchtable", "θ_base + τ_task + w·α·τ_safe, w = exp(−ι(τ_task, α·τ_safe)) per matrix (EnchTable, "
                        "Wu et al. 2025)", adaptive_alpha=True,
-          keep=Option(DEFAULT_KEEP, "γ: fraction of singular triplets kept per delta", FRACTION),
-          interference_scale=Option(DEFAULT_SCALE, "scale of ι", POSITIVE),
+          keep=Option(DEFAULT_KEEP, "fraction γ of singular triplets kept per delta", FRACTION, flag=True),
+          interference_scale=Option(DEFAULT_SCALE, "scale of ι", POSITIVE, flag=True),
           solver=Option("svd", "top triplets by 'svd' (exact) or 'gram' (eigh of the smaller Gram matrix: faster "
                                "on CPU, accurate to ~ε·(σ1/σk)²)", choices=("svd", "gram")),
           learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι) "
-                                  "(experimental: ι is linear in |m0 + m|, see DESIGN.md)", choices=(False, True)),
+                                  "(experimental: ι is linear in |m0 + m|, see DESIGN.md)", choices=(False, True),
+                           flag=True),
           m_init=Option(0.5, "learnable: initial m", Range()), m0=Option(0.5, "learnable: offset m0", Range()),
           lr=Option(1e3, "learnable: SGD learning rate", POSITIVE),
           steps=Option(40, "learnable: SGD steps", Range(0, 10_000, integer=True)))
-def enchtable(task, safety, alpha, key, keep=DEFAULT_KEEP, interference_scale=DEFAULT_SCALE, solver="svd",
-              learnable=False, m_init=0.5, m0=0.5, lr=1e3, steps=40):
+def enchtable(task, safety, alpha, key, *, keep, interference_scale, solver, learnable, m_init, m0, lr, steps):
     scaled = alpha * safety
     if task.ndim != 2:
         return task + scaled, _stats(weight=1.0)
@@ -171,8 +204,8 @@ def _top_magnitude_mask(x: jax.Array, fraction: float, skip: float = 0.0) -> jax
 
 @register("ties", "trim each delta to its top `density` magnitudes, elect the sign of the weighted sum, average the "
                   "agreeing entries (TIES-Merging, Yadav et al. 2023); weights 1 (task) and α (safety)",
-          density=Option(0.5, "fraction of entries kept per delta", FRACTION))
-def ties(task, safety, alpha, key, density=0.5):
+          density=Option(0.5, "fraction of entries kept per delta", FRACTION, flag=True))
+def ties(task, safety, alpha, key, *, density):
     weights = jnp.stack([jnp.float32(1.0), alpha]).reshape(2, *([1] * task.ndim))
     trimmed = jnp.stack([d * _top_magnitude_mask(d, density) for d in (task, safety)])
     weighted = weights * trimmed
@@ -185,8 +218,8 @@ def ties(task, safety, alpha, key, density=0.5):
 
 @register("dare", "drop each delta entry with probability 1 − density, rescale the kept by 1/density, then "
                   "θ_base + τ_task' + α·τ_safe' (DARE, Yu et al. 2024)",
-          density=Option(0.5, "probability of keeping an entry", FRACTION))
-def dare(task, safety, alpha, key, density=0.5):
+          density=Option(0.5, "probability of keeping an entry", FRACTION, flag=True))
+def dare(task, safety, alpha, key, *, density):
     k1, k2 = jax.random.split(key)
     keep_task = jax.random.bernoulli(k1, density, task.shape)
     keep_safety = jax.random.bernoulli(k2, density, safety.shape)
@@ -195,9 +228,9 @@ def dare(task, safety, alpha, key, density=0.5):
 
 @register("breadcrumbs", "drop each delta's largest `gamma` and smallest magnitudes, keeping `density`, then "
                          "θ_base + τ_task' + α·τ_safe' (Model Breadcrumbs, Davari & Belilovsky 2024)",
-          density=Option(0.9, "fraction of entries kept per delta", FRACTION),
-          gamma=Option(0.01, "fraction of largest-magnitude outliers removed", Range(0, 1, high_open=True)))
-def breadcrumbs(task, safety, alpha, key, density=0.9, gamma=0.01):
+          density=Option(0.9, "fraction of entries kept per delta", FRACTION, flag=True),
+          gamma=Option(0.01, "fraction of largest-magnitude outliers removed", Range(0, 1, high_open=True), flag=True))
+def breadcrumbs(task, safety, alpha, key, *, density, gamma):
     kept_task = task * _top_magnitude_mask(task, density, gamma)
     kept_safety = safety * _top_magnitude_mask(safety, density, gamma)
     return kept_task + alpha * kept_safety, _stats(weight=alpha)
@@ -215,8 +248,8 @@ def model_stock(task, safety, alpha, key):
 
 @register("tsv", "top `keep` singular triplets of τ_task and α·τ_safe stacked, U and V replaced by their orthogonal "
                  "polar factors, delta = U⊥ S V⊥ᵀ; other tensors averaged (TSV-Merge, Gargiulo et al. 2025)",
-          keep=Option(0.5, "fraction of singular triplets kept per delta (1/number of deltas)", FRACTION))
-def tsv(task, safety, alpha, key, keep=0.5):
+          keep=Option(0.5, "fraction of singular triplets kept per delta, 1/number of deltas", FRACTION, flag=True))
+def tsv(task, safety, alpha, key, *, keep):
     scaled = alpha * safety
     if task.ndim != 2:
         return (task + scaled) / 2, _stats()
@@ -229,8 +262,9 @@ def tsv(task, safety, alpha, key, keep=0.5):
 
 @register("safelora", "per matrix, C = V Vᵀ/‖V‖_F with V = τ_safe; if cos(τ_task, C τ_task) < threshold then "
                       "τ_task ← C τ_task; θ_base + τ_task (Safe LoRA, Hsu et al. 2024)", uses_alpha=False,
-          threshold=Option(0.5, "similarity below which the task delta is projected (a cosine)", Range(-1, 1)))
-def safelora(task, safety, alpha, key, threshold=0.5):
+          threshold=Option(0.5, "similarity below which the task delta is projected (a cosine)", Range(-1, 1),
+                           flag=True))
+def safelora(task, safety, alpha, key, *, threshold):
     if task.ndim != 2:
         return task, _stats()
     norm_v = jnp.linalg.norm(safety)
@@ -253,9 +287,15 @@ def method_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return {k: o.check(k, given[k]) if k in given else o.default for k, o in valid.items()}
 
 
-def option_range(name: str) -> Range | None:
-    """The one Range that every method declaring option `name` gives it (for a CLI flag shared by methods)."""
-    ranges = {m.options[name].range for m in METHODS.values() if name in m.options}
-    if len(ranges) != 1:
-        raise AssertionError(f"merge methods declare option {name} with different ranges: {ranges}")
-    return ranges.pop()
+def flag_options() -> dict[str, dict[str, Option]]:
+    """{option: {method: Option}} of the options declared with `flag=True`: one CLI flag per option name, shared by
+    the methods that declare it, which must agree on its range and choices (the flag parses with them)."""
+    shared: dict[str, dict[str, Option]] = {}
+    for method in METHODS.values():
+        for name, option in method.options.items():
+            if option.flag:
+                shared.setdefault(name, {})[method.name] = option
+    for name, by_method in shared.items():
+        if len({(o.range, o.choices) for o in by_method.values()}) != 1:
+            raise AssertionError(f"merge methods declare option {name} with different ranges or choices: {by_method}")
+    return shared
