@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
@@ -189,7 +190,7 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
 
     Inputs as for `merge` (a safety vector, or aligned − harmful). `reference` is the aligned model whose
     rates are the target (default: `aligned`, else `base`, which EnchTable takes to be the aligned model).
-    Returns the record written by `write_calibration`: parameter, grid, reference rates, one entry per
+    Returns the record (`calibration_files` renders it): parameter, grid, reference rates, one entry per
     candidate (strength, unsafe_rate, over_refusal, meets, per-matrix weights summary), chosen, met, why.
     """
     parameter = strength_parameter(method)
@@ -245,14 +246,17 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
             "seconds": {"decompositions": decomposed, "total": time.perf_counter() - start}}
 
 
-def write_calibration(record: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
-    """`calibration.json` and `calibration.png` (unsafe rate and over-refusal against strength) in `folder`."""
-    folder = Path(folder)
-    return write_json(folder / RESULT_FILE, record), plot_calibration(record, folder / PLOT_FILE)
+def calibration_files(record: dict[str, Any]) -> dict[str, str | bytes]:
+    """`calibration.json` and `calibration.png` (unsafe rate and over-refusal against strength), by name, for the
+    merged model's folder."""
+    png = io.BytesIO()
+    plot_calibration(record, png)
+    return {RESULT_FILE: json.dumps(record, indent=2, ensure_ascii=False) + "\n", PLOT_FILE: png.getvalue()}
 
 
-def plot_calibration(record: dict[str, Any], path: Path) -> Path:
-    """Unsafe rate and over-refusal of every candidate against strength, the targets as dashed lines."""
+def plot_calibration(record: dict[str, Any], path: Path | BinaryIO) -> None:
+    """Unsafe rate and over-refusal of every candidate against strength, the targets as dashed lines (a PNG file
+    or buffer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,4 +279,3 @@ def plot_calibration(record: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path

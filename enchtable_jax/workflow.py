@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from enchtable_jax.calibration import CalibrationOptions, calibrate, write_calibration
+from enchtable_jax.calibration import CalibrationOptions, calibrate, calibration_files
 from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE
 from enchtable_jax.converters.safety_vector import MANIFEST
@@ -43,7 +43,7 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
     strength = {record["parameter"]: record["chosen"]}
     merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector, out=out, seed=seed,
           overwrite=overwrite, shard_size=shard_size, progress=progress, return_model=False,
-          finish=lambda folder: write_calibration(record, folder), **strength, **method_options)
+          extra_files=calibration_files(record), **strength, **method_options)
     return record
 
 

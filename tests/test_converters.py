@@ -7,6 +7,7 @@ Models are tiny (about 100k parameters) and built once per module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -33,7 +34,8 @@ from safetensors import safe_open
 import enchtable_jax
 from enchtable_jax.converters import OutputExistsError, SafetensorsError, UnsafeCheckpointError
 from enchtable_jax.converters import safetensors_format as stf
-from enchtable_jax.converters.hf import parse_size, write_hf
+from enchtable_jax.converters.hf import HFWriter, parse_size, write_hf
+from enchtable_jax.models import init_params, preset_config
 
 TOKENIZER_FILES = {
     "tokenizer_config.json": json.dumps({"model_max_length": 256, "chat_template": None}) + "\n",
@@ -247,17 +249,101 @@ def test_shards_are_those_save_pretrained_writes(models, tmp_path, shard_size):
 
 
 def test_a_producer_streams_into_shards_numbered_out_of_order(f32, tmp_path):
-    """write_hf's streaming path: tensors come in the descriptors' order while a shard of their own for large
-    tensors keeps an earlier-begun shard open; the files hold exactly the produced bytes."""
+    """HFWriter: tensors added in the declared order while a shard of their own for large tensors keeps an
+    earlier-begun shard open; the files hold exactly the added bytes."""
     src, _ = f32
     model = enchtable_jax.load(src)
     descriptors = {name: jax.ShapeDtypeStruct(arr.shape, arr.dtype) for name, arr in model.params.items()}
-    produced = ((name, np.asarray(arr)) for name, arr in model.params.items())
-    out = write_hf(tmp_path / "out", model.config, descriptors, shard_size=20_000, produce=produced)
+    with HFWriter(tmp_path / "out", model.config, descriptors, shard_size=20_000) as writer:
+        for name, arr in model.params.items():
+            writer.add(name, np.asarray(arr))
+    out = writer.path
     files = [json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][n] for n in model.params]
     assert files != sorted(files)  # some tensor went to a file numbered before the previous tensor's file
     assert raw_tensors(out) == raw_tensors(src)
-    assert next(produced, None) is None
+
+
+# sha256 over (name, bytes) of every file of the folder `_golden_inputs` gives, as write_hf wrote it before HFWriter
+# existed (commit 96503f6: config and tokenizer file, five shards, one a tensor larger than the shard size, index).
+GOLDEN_SHA256 = "d6e14a852e3c7735403d417973f6e0262a8f36503376ddbed54455aa5637a5fa"
+
+
+def _golden_inputs(root: Path):
+    """A 2-layer model of float32 and (MLP) bfloat16 tensors with fixed values, and a reference folder."""
+    config = preset_config("tiny", num_hidden_layers=2, hidden_size=32, intermediate_size=48, vocab_size=300)
+    rng = np.random.default_rng(7)
+    params = {}
+    for name, value in init_params(config, seed=0).items():
+        arr = rng.standard_normal(value.shape, np.float32)
+        params[name] = jnp.asarray(arr.astype(ml_dtypes.bfloat16) if "mlp" in name else arr)
+    (root / "like").mkdir()
+    (root / "like" / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return config, params, root / "like"
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        h.update(file.name.encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()
+
+
+def test_writer_writes_the_bytes_written_before_it_in_any_order(tmp_path):
+    config, params, like = _golden_inputs(tmp_path)
+    whole = write_hf(tmp_path / "whole", config, params, like=like, shard_size=20_000, progress=False)
+    specs = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in params.items()}
+    with HFWriter(tmp_path / "streamed", config, specs, like=like, shard_size=20_000, progress=False) as writer:
+        for name in reversed(params):  # the last tensor of each shard first: written at its offset all the same
+            writer.add(name, params[name])
+    assert _digest(whole) == _digest(writer.path) == GOLDEN_SHA256
+
+
+def test_writer_adds_files_and_refuses_its_own(f32, tmp_path):
+    src, _ = f32
+    model = enchtable_jax.load(src)
+    with HFWriter(tmp_path / "out", model.config, model.params, shard_size=20_000, progress=False) as writer:
+        for name in ("config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "../x",
+                     ".hidden", ""):
+            with pytest.raises(enchtable_jax.errors.EnchtableError, match="cannot add a file"):
+                writer.add_file(name, b"x")
+        writer.add_file("notes.txt", "héllo\n")
+        writer.add_file("generation_config.json", b'{"do_sample": true}')
+        for name, arr in model.params.items():
+            writer.add(name, arr)
+        assert not writer.path.exists()  # published at the end only
+    assert (writer.path / "notes.txt").read_text(encoding="utf-8") == "héllo\n"
+    assert (writer.path / "generation_config.json").read_bytes() == b'{"do_sample": true}'  # not replaced
+    assert raw_tensors(writer.path) == raw_tensors(src)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (lambda w, p: w.add("model.nope", np.zeros(3, np.float32)), "tensor model.nope was not declared"),
+    (lambda w, p: [w.add(n, p[n]) for n in list(p)[:1] * 2], "already written"),
+    (lambda w, p: w.add("model.norm.weight", np.zeros(5, np.float32)), "declared as float32 \\(64,\\)"),
+    (lambda w, p: w.add("model.norm.weight", np.asarray(p["model.norm.weight"], np.float64)), "declared as"),
+    (lambda w, p: [w.add(n, a) for n, a in list(p.items())[:-1]], "1 declared tensor\\(s\\) were never added"),
+    (lambda w, p: w.add("model.norm.weight", np.full(64, np.nan, np.float32)), "NaN"),
+])
+def test_writer_mistakes_publish_nothing(f32, tmp_path, mistake, message):
+    src, _ = f32
+    model = enchtable_jax.load(src)
+    before = snapshot(tmp_path)
+    with pytest.raises(enchtable_jax.errors.EnchtableError, match=message):
+        with HFWriter(tmp_path / "out", model.config, model.params, shard_size=20_000, progress=False) as writer:
+            mistake(writer, model.params)
+    assert snapshot(tmp_path) == before  # no folder, no staging folder
+    with pytest.raises(enchtable_jax.errors.EnchtableError, match="closed"):
+        writer.add("model.norm.weight", model.params["model.norm.weight"])
+
+
+def test_writer_abort_removes_its_staging_folder(f32, tmp_path):
+    src, _ = f32
+    model = enchtable_jax.load(src)
+    writer = HFWriter(tmp_path / "out", model.config, model.params, progress=False)
+    writer.add("model.norm.weight", model.params["model.norm.weight"])
+    assert [p.name.startswith(".out.tmp-") for p in tmp_path.glob(".out*")] == [True]
+    writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -324,23 +324,30 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path, monkeypatch):
     assert json.loads(write_json(tmp_path / "x.json", {"a": 1}).read_text()) == {"a": 1}
 
 
-def test_merge_adds_extra_files_before_publishing(tmp_path):
-    """`merge(finish=...)` (what calibrated_merge writes calibration.json with) runs inside the staging folder."""
+def test_merge_adds_extra_files_before_publishing(tmp_path, monkeypatch):
+    """`merge(extra_files=...)` (what calibrated_merge adds calibration.json with) writes them into the staging
+    folder, which is published with them."""
+    from enchtable_jax.converters import hf
     from enchtable_jax.models.init import init_params, preset_config
 
     config = preset_config("tiny")
     paths = {name: ej.save(ej.Model(config, init_params(config, seed=seed)), tmp_path / name)
              for seed, name in enumerate(("base", "task", "aligned", "harmful"))}
     seen = []
+    real_publish = hf.publish
 
-    def finish(folder: Path) -> None:
-        seen.append(folder)
-        (folder / "extra.json").write_text("{}")
+    def publish(tmp: Path, path: Path, overwrite: bool) -> None:
+        seen.append((tmp, sorted(p.name for p in tmp.iterdir())))
+        real_publish(tmp, path, overwrite)
 
+    monkeypatch.setattr(hf, "publish", publish)
     ej.merge("task_arithmetic", paths["base"], paths["task"], aligned=paths["aligned"], harmful=paths["harmful"],
-             out=tmp_path / "out", return_model=False, progress=False, finish=finish)
-    assert seen[0].name.startswith(".out.tmp-") and not seen[0].exists()
-    assert (tmp_path / "out" / "extra.json").is_file() and (tmp_path / "out" / "merge_report.json").is_file()
+             out=tmp_path / "out", return_model=False, progress=False, extra_files={"extra.json": "{}"})
+    (staging, names), = seen
+    assert staging.name.startswith(".out.tmp-") and not staging.exists()
+    assert "extra.json" in names and "merge_report.json" in names
+    assert (tmp_path / "out" / "extra.json").read_text() == "{}"
+    assert (tmp_path / "out" / "merge_report.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from enchtable_jax.converters.hf import write_hf
+from enchtable_jax.converters.hf import HFWriter
 from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.identity import WeightsDigest, config_digest
@@ -62,8 +62,10 @@ def write_model(path: Path, config: ModelConfig, make: TensorFn = base_tensor, s
     """An HF folder (float32) at `path` whose tensors are `make(name, shape)`, streamed into shards."""
     shapes = shapes_of(config)
     specs = {n: jax.ShapeDtypeStruct(s, np.float32) for n, s in shapes.items()}
-    return write_hf(path, config, specs, shard_size=shard_size, progress=False, overwrite=True,
-                    produce=((n, make(n, s)) for n, s in shapes.items()))
+    with HFWriter(path, config, specs, shard_size=shard_size, progress=False, overwrite=True) as writer:
+        for name, shape in shapes.items():
+            writer.add(name, make(name, shape))
+    return writer.path
 
 
 def folder_bytes(folder: Path) -> int:

@@ -4,7 +4,8 @@ Reading streams one tensor at a time from single or sharded safetensors (or, thr
 `.bin`), keeps the stored dtype and checks every name and shape against the config before any tensor
 data is read. Writing produces what `transformers.AutoModelForCausalLM.from_pretrained` expects:
 config.json, generation_config.json, tokenizer and chat-template files copied from a reference folder,
-sharded safetensors with an index, metadata `format: pt`, all written atomically.
+sharded safetensors with an index, metadata `format: pt`, all written atomically by `HFWriter`, one tensor at a
+time as a producer computes it (`write_hf` for a complete dict).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
 from tqdm.auto import tqdm
 
 from enchtable_jax.converters import safetensors_format as stf
-from enchtable_jax.converters.atomic import atomic_folder, check_destination
+from enchtable_jax.converters.atomic import check_destination, publish, staging_folder
 from enchtable_jax.safe_io import MissingFileError, check_inside, contained, read_json
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.converters.torch_bin import load_bin
@@ -240,77 +241,143 @@ def hf_config_dict(config: ModelConfig, params: Mapping[str, jax.Array]) -> dict
     return raw
 
 
-def _write_shards(folder: Path, split: StateDictSplit, params: Mapping[str, jax.Array],
-                  fetch: Callable[[jax.Array], np.ndarray]) -> None:
-    """Write every shard of `split`, taking tensors in the order of `params` (a producer's order).
+class HFWriter:
+    """An HF model folder written tensor by tensor, atomically: `add(name, array)` each declared tensor (in any order;
+    in declaration order at most two shard files are open), `add_file` any extra file, then `close()`, which writes
+    the config and the shard index and publishes the folder at `path` (`atomic.publish`). Until then everything is
+    in a hidden staging sibling, removed by `abort()` or by an error inside a `with` block: the folder appears
+    complete or not at all, and only the tensor being added is held here.
 
-    A tensor larger than the shard size has a shard of its own, numbered before the shard that was filling when
-    it came, so that shard stays open while the large one is written: at most two files are open at once.
+    `tensors` declares every tensor to come (anything with .shape and .dtype): their order is the order shards are
+    planned in (huggingface_hub's planner, as `save_pretrained`) and the order of each file's header. Every tensor
+    is checked to be finite when added (a NaN or Inf is an error naming it) unless `check_finite=False`, for a
+    producer that checked it itself.
     """
-    writers: dict[str, stf.FileWriter] = {}
-    try:
-        for name, arr in params.items():
-            file = split.tensor_to_filename[name]
-            if file not in writers:
-                writers[file] = stf.FileWriter(folder / file, [(n, params[n]) for n in split.filename_to_tensors[file]],
-                                               {"format": "pt"})
-            writers[file].add(name, fetch(arr))
-            if writers[file].done:
-                writers.pop(file).close()
-    finally:
-        for writer in writers.values():
-            writer.close()
+
+    def __init__(self, path: str | Path, config: ModelConfig, tensors: Mapping[str, object],
+                 like: str | Path | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+                 progress: bool | None = None, check_finite: bool = True):
+        self.path = check_destination(path, overwrite)
+        limit = parse_size(shard_size)
+        if like is not None and not Path(like).is_dir():
+            raise FileNotFoundError(f"{like}: reference folder (like=) not found")
+        check_shapes(config, {n: tuple(a.shape) for n, a in tensors.items()}, "params")
+        self._specs = {n: (tuple(a.shape), np.dtype(a.dtype)) for n, a in tensors.items()}
+        self._config_json = hf_config_dict(config, tensors)
+        self._generation = {k: config.hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                            if config.hf.get(k) is not None}
+        self._split = plan_shards(tensors, limit)
+        self._overwrite, self._check_finite = overwrite, check_finite
+        self._shards: dict[str, stf.FileWriter] = {}  # the files begun and not yet complete
+        self._added: set[str] = set()
+        self._tmp: Path | None = staging_folder(self.path)
+        self._bar = tqdm(total=self._split.metadata["total_size"], unit="B", unit_scale=True,
+                         desc=f"write {self.path.name}", disable=_disable(progress))
+        try:
+            copy_companion_files(Path(like) if like is not None else None, self._tmp)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> HFWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._tmp is None:  # closed or aborted inside the block
+            return
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, name: str, array) -> None:
+        """Write one declared tensor (a JAX or numpy array of its declared shape and dtype) into its shard."""
+        staging = self._staging()
+        if name not in self._specs:
+            raise EnchtableError(f"{self.path}: tensor {name} was not declared to the writer")
+        if name in self._added:
+            raise EnchtableError(f"{self.path}: tensor {name} was already written")
+        host = np.asarray(jax.device_get(array))
+        if (tuple(host.shape), host.dtype) != self._specs[name]:
+            shape, dtype = self._specs[name]
+            raise EnchtableError(f"{self.path}: tensor {name} is {host.dtype} {tuple(host.shape)}, declared as "
+                                 f"{dtype} {shape}")
+        if self._check_finite:
+            check_output(host, str(self.path), name)
+        file = self._split.tensor_to_filename[name]
+        if file not in self._shards:
+            self._shards[file] = stf.FileWriter(staging / file, [(n, jax.ShapeDtypeStruct(*self._specs[n]))
+                                                                for n in self._split.filename_to_tensors[file]],
+                                                {"format": "pt"})
+        self._shards[file].add(name, host)
+        self._added.add(name)
+        if self._shards[file].done:
+            self._shards.pop(file).close()
+        self._bar.update(host.nbytes)
+
+    def add_file(self, name: str, data: bytes | str) -> None:
+        """Add a top-level file (a record, a plot) to the folder; text is written as UTF-8. The config, the index
+        and the weight files are the writer's own."""
+        staging = self._staging()
+        if not name or Path(name).name != name or name.startswith(".") or name == "config.json" \
+                or name.endswith((".safetensors", ".index.json")):
+            raise EnchtableError(f"{self.path}: cannot add a file named {name!r} (a plain name, not the config, an "
+                                 "index or a weight file)")
+        (staging / name).write_bytes(data.encode() if isinstance(data, str) else data)
+
+    def close(self) -> Path:
+        """Check that every declared tensor was added, write config.json, generation_config.json (unless the
+        reference folder or `add_file` gave one) and the index, and publish; returns the folder's absolute path.
+        On any error nothing is published and the staging folder is removed."""
+        staging = self._staging()
+        try:
+            missing = [n for n in self._specs if n not in self._added]
+            if missing:
+                raise EnchtableError(f"{self.path}: {len(missing)} declared tensor(s) were never added "
+                                     f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); nothing "
+                                     "was published")
+            self._write_metadata(staging)
+            self._bar.close()
+            publish(staging, self.path, self._overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self._tmp = None
+        return self.path
+
+    def abort(self) -> None:
+        """Stop without publishing: close the open shards and delete the staging folder."""
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+        self._bar.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _staging(self) -> Path:
+        if self._tmp is None:
+            raise EnchtableError(f"{self.path}: the writer is closed")
+        return self._tmp
+
+    def _write_metadata(self, folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(self._config_json, indent=2) + "\n")
+        if not (folder / "generation_config.json").exists():
+            generation = {**self._generation, "_from_model_config": True}
+            (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if self._split.is_sharded:
+            index = {"metadata": self._split.metadata, "weight_map": self._split.tensor_to_filename}
+            (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def write_hf(path: str | Path, config: ModelConfig, params: Mapping[str, jax.Array], like: str | Path | None = None,
              shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool | None = None,
-             produce: Iterator[tuple[str, np.ndarray]] | None = None,
-             finish: Callable[[Path], None] | None = None, check_finite: bool = True) -> Path:
-    """Write an HF folder at `path` (atomically); returns its absolute path.
-
-    With `produce`, `params` only describes the tensors (anything with .shape and .dtype, in write
-    order) and `produce` yields (name, array) in that order as they are computed: a streaming write
-    that never holds the model. Every tensor is checked to be finite before it is written (a NaN or Inf is an
-    error and nothing is written) unless `check_finite=False`, for a producer that checked them itself.
-    """
-    path = check_destination(path, overwrite)
-    limit = parse_size(shard_size)
-    if like is not None and not Path(like).is_dir():
-        raise FileNotFoundError(f"{like}: reference folder (like=) not found")
-    check_shapes(config, {n: tuple(a.shape) for n, a in params.items()}, "params")
-    split = plan_shards(params, limit)
-    total = split.metadata["total_size"]
-    with atomic_folder(path, overwrite) as tmp:
-        copied = copy_companion_files(Path(like) if like is not None else None, tmp)
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, params), indent=2) + "\n")
-        if "generation_config.json" not in copied:
-            keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-            gen = {k: config.hf[k] for k in keys if config.hf.get(k) is not None}
-            (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2))
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"write {path.name}", disable=_disable(progress))
-
-        order = iter(list(params))
-        produced = iter(produce) if produce is not None else None
-
-        def fetch(arr):
-            name = next(order)
-            if produced is None:
-                host = np.asarray(jax.device_get(arr))
-            else:
-                got, host = next(produced)
-                if got != name or host.shape != tuple(arr.shape) or host.dtype != np.dtype(arr.dtype):
-                    raise RuntimeError(f"producer gave {got} {host.shape} {host.dtype}, expected {name} "
-                                       f"{tuple(arr.shape)} {np.dtype(arr.dtype)}")
-            if check_finite:
-                check_output(host, str(path), name)
-            bar.update(host.nbytes)
-            return host
-
-        with bar:
-            _write_shards(tmp, split, params, fetch)
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if finish is not None:
-            finish(tmp)
-    return path
+             extra_files: Mapping[str, bytes | str] | None = None, check_finite: bool = True) -> Path:
+    """Write a complete parameter dict as an HF folder at `path` (atomically, through `HFWriter`), with
+    `extra_files` (name -> bytes or text) beside the weights; returns its absolute path."""
+    with HFWriter(path, config, params, like, shard_size, overwrite, progress, check_finite) as writer:
+        for name, arr in params.items():
+            writer.add(name, arr)
+        for name, data in (extra_files or {}).items():
+            writer.add_file(name, data)
+    return writer.path

@@ -201,7 +201,8 @@ def header_bytes(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metad
 
 class FileWriter:
     """One safetensors file written tensor by tensor: the header first (shapes and dtypes are known up front),
-    then each tensor's bytes as it arrives, in header order, so no tensor waits on the host for the others."""
+    then each tensor's bytes at its place as it arrives, in any order, so no tensor waits on the host for the
+    others."""
 
     def __init__(self, path: str | Path, tensors: Iterable[tuple[str, object]], metadata: Mapping[str, str]):
         specs = [(name, np.dtype(arr.dtype), tuple(arr.shape)) for name, arr in tensors]
@@ -209,20 +210,29 @@ class FileWriter:
             if dtype not in DTYPE_NAMES:
                 raise TypeError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
         self.path = Path(path)
-        self._expected = [(name, dtype, shape) for name, dtype, shape in reversed(specs)]
+        header = header_bytes(specs, metadata)
+        self._pending: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        offset = len(header)
+        for name, dtype, shape in specs:
+            self._pending[name] = (dtype, shape, offset)
+            offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self._file = open(path, "wb")
-        self._file.write(header_bytes(specs, metadata))
+        self._file.write(header)
 
     @property
     def done(self) -> bool:
-        return not self._expected
+        return not self._pending
 
     def add(self, name: str, array: np.ndarray) -> None:
-        """Append the next tensor, which must be the one the header lists next."""
-        expected = self._expected.pop() if self._expected else None
-        if expected is None or (name, array.dtype, tuple(array.shape)) != expected:
-            raise RuntimeError(f"{self.path}: got tensor {name} {array.dtype} {tuple(array.shape)}, expected "
-                               f"{'none' if expected is None else ' '.join(map(str, expected))}")
+        """Write one tensor of the header, not yet written, at its offset."""
+        dtype, shape, offset = self._pending.get(name, (None, None, None))
+        if offset is None or (array.dtype, tuple(array.shape)) != (dtype, shape):
+            raise RuntimeError(f"{self.path}: got tensor {name} {array.dtype} {tuple(array.shape)}, expected one of "
+                               f"the {len(self._pending)} tensor(s) not yet written "
+                               f"({', '.join(f'{n} {d} {s}' for n, (d, s, _) in list(self._pending.items())[:3])})")
+        del self._pending[name]
+        if self._file.tell() != offset:
+            self._file.seek(offset)
         self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
 
     def close(self) -> None:

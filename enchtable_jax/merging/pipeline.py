@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
+from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, HFWriter
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
-from enchtable_jax.merging.report import peak_rss_bytes, report_dict, write_report
+from enchtable_jax.merging.report import peak_rss_bytes, report_dict, report_files
 from enchtable_jax.merging.sources import SafetyDelta, open_model
 from enchtable_jax.models.model import Model
 from enchtable_jax.options import check_values
@@ -28,7 +28,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
           alpha: float | None = None, beta: float | None = None, seed: int = 0, overwrite: bool = False,
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
           mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, return_model: bool = True,
-          finish: Callable[[Path], None] | None = None, allow_nonfinite: bool = False,
+          extra_files: Mapping[str, bytes | str] | None = None, allow_nonfinite: bool = False,
           **options: Any) -> Model | None:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
@@ -37,7 +37,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     with `beta` (default 0.1) for adaptive methods, else 1. With `out`, the result is streamed into an
     HF folder (tokenizer files from the task model) with `merge_report.json` and `merge_report.png`,
     and returned loaded unless `return_model=False`; without it, the merged Model is returned. `out` may
-    not be, contain or lie inside an input; `finish(folder)` adds files to the output before it is published.
+    not be, contain or lie inside an input; `extra_files` (name -> bytes or text) are added to the output folder
+    before it is published.
     On CPU devices LAPACK runs single-threaded for the merge, one decomposition per device at once: the
     bytes written then do not depend on the device count, and a busy machine does not stall it (see
     `kernels.cpu_threads`; give the process one CPU device per core to use them all).
@@ -66,16 +67,15 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         for _ in produced:
             pass
         return None
-    def report(folder: Path) -> None:  # the report goes into the folder before it is renamed into place
+    specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
+    with HFWriter(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
+                  progress=progress, check_finite=False) as writer:  # the executor checked them
+        for name, arr in produced:
+            writer.add(name, arr)
         summary = {"inputs": {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
                    "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
                    "seconds": time.perf_counter() - start,
                    "peak_rss_bytes": peak_rss_bytes()}
-        write_report(folder, report_dict(plan, method, options, summary))
-        if finish is not None:
-            finish(folder)
-
-    specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
-    write_hf(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
-             progress=progress, produce=produced, finish=report, check_finite=False)  # the executor checked them
+        for name, data in {**report_files(report_dict(plan, method, options, summary)), **(extra_files or {})}.items():
+            writer.add_file(name, data)
     return load(out) if return_model else None

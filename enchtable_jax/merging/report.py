@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from enchtable_jax.merging.executor import MergePlan
 from enchtable_jax.merging.methods import METHODS
@@ -47,14 +48,16 @@ def alpha_text(report: dict[str, Any], digits: int = 4) -> str:
     return "no α" if report["alpha"] is None else f"α = {report['alpha']:.{digits}g}"
 
 
-def write_report(folder: Path, report: dict[str, Any]) -> None:
-    """merge_report.json and merge_report.png into `folder`."""
-    (folder / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, folder / "merge_report.png")
+def report_files(report: dict[str, Any]) -> dict[str, str | bytes]:
+    """merge_report.json and merge_report.png, by name, for the output folder."""
+    png = io.BytesIO()
+    plot(report, png)
+    return {"merge_report.json": json.dumps(report, indent=2) + "\n", "merge_report.png": png.getvalue()}
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Safety weight and interference of every merged matrix, by layer, one line per module."""
+def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:
+    """Safety weight and interference of every merged matrix, by layer, one line per module (a PNG file or
+    buffer)."""
     import matplotlib
 
     matplotlib.use("Agg")

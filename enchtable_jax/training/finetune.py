@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import re
 import shutil
@@ -90,12 +91,12 @@ def finetune(model: str | Path, data_path: str | Path, out: str | Path, options:
         "versions": versions(),
     }
     if jax.process_index() == 0:
-        def finish(folder: Path) -> None:  # inside the temporary folder: the output appears complete or not at all
-            (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-            loop.plot_losses(run.losses, folder / "loss.png", f"fine-tuning, scope {run.scope.name}")
-
+        loss_png = io.BytesIO()
+        loop.plot_losses(run.losses, loss_png, f"fine-tuning, scope {run.scope.name}")
+        files = {RECORD: json.dumps(record, indent=2, default=str) + "\n", "loss.png": loss_png.getvalue()}
+        # written into the staging folder: the output appears complete or not at all
         write_hf(out, model0.config, params, like=model0.source, shard_size=shard_size, overwrite=overwrite,
-                 progress=progress, finish=finish)
+                 progress=progress, extra_files=files)
         for folder in {work, ckpt_dir}:
             shutil.rmtree(folder, ignore_errors=True)
     return record

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -280,8 +280,8 @@ def _tokenizer(folder: Path | None, purpose: str):
     return load_tokenizer(folder, f"{purpose} renders the data with the model folder's own tokenizer")
 
 
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    """The loss curve per optimizer step, as a PNG."""
+def plot_losses(losses: list[float], path: Path | BinaryIO, title: str) -> None:
+    """The loss curve per optimizer step, as a PNG (a file, or a binary buffer)."""
     import matplotlib
 
     matplotlib.use("Agg")
