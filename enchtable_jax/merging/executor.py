@@ -7,7 +7,8 @@ merged tensors' τ_task = task − base and τ_safe by (shape, dtype) into group
 `group_bytes`, maps the method over each group with `jax.shard_map` (the group split over a 1-D mesh
 of all devices, every device running one tensor at a time with `lax.map`, so results do not depend
 on the device count; the deltas overwrite the donated τ_task stack), adds each delta to its base
-tensor on the host (re-read, one tensor at a time) and yields the results in write order. Two stacks
+tensor on the host (re-read, one tensor at a time) and yields the results as `MergedTensor` records (name,
+array, the method's statistics). Two stacks
 per group, not four (base, task, safety, merged): peak memory stays near two groups in flight.
 Copied tensors keep their bytes.
 """
@@ -19,7 +20,7 @@ import dataclasses
 import functools
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +45,7 @@ DEFAULT_GROUP_BYTES = 512 * 2**20
 GROUP_AXIS = "groups"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TensorPlan:
     """What happens to one tensor of the task model."""
 
@@ -53,10 +54,19 @@ class TensorPlan:
     dtype: np.dtype
     merge: bool
     reason: str | None = None  # why it is copied unchanged
-    stats: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class MergedTensor:
+    """One tensor of the merged model as pass 2 yields it: name, host array in the task model's dtype (finite), and
+    the method's statistics for a merged tensor (empty for one copied from the task model)."""
+
+    name: str
+    array: np.ndarray
+    stats: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
 class MergePlan:
     """Outcome of pass 1."""
 
@@ -127,24 +137,12 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
             if name not in task:
                 continue
             shape, dtype = task.specs[name]
-            entry = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=False)
-            tensors[name] = entry
-            if tuple(base_arr.shape) != tuple(shape):
-                entry.reason = f"shape {tuple(shape)} differs from the base's {tuple(base_arr.shape)} (resized vocabulary?)"
-            elif name not in safety_names:
-                entry.reason = "no safety delta for this tensor (outside the safety vector's scope)"
-            elif tuple(safety.shape(name)) != tuple(shape):
-                entry.reason = f"safety delta shape {tuple(safety.shape(name))} differs from {tuple(shape)}"
-            else:
-                safe = safety.read(name)
-                if not np.any(safe):
-                    entry.reason = "safety delta is zero"
-                else:
-                    entry.merge = True
-                    if adaptive:  # a fixed α needs no norms: spare the read of the task model
-                        task_arr = task.read(name)
-                        sums["task"] += _finite_sum_squares(allow_nonfinite, name, task_arr, task, base_arr, base)
-                        sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
+            reason, safe = _copy_reason(name, tuple(shape), base_arr, safety, safety_names)
+            tensors[name] = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason)
+            if reason is None and adaptive:  # a fixed α needs no norms: spare the read of the task model
+                task_arr = task.read(name)
+                sums["task"] += _finite_sum_squares(allow_nonfinite, name, task_arr, task, base_arr, base)
+                sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
         if hashing is not None:
             hashing.result()
     if nonfinite_base and not allow_nonfinite:  # before the identity check, which it would fail less clearly
@@ -160,6 +158,19 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         beta = 0.1 if beta is None else beta
         alpha = beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0
     return MergePlan(tensors, 1.0 if alpha is None else float(alpha), norms)
+
+
+def _copy_reason(name: str, shape: tuple[int, ...], base_arr: np.ndarray, safety: SafetyDelta,
+                 safety_names: set[str]) -> tuple[str | None, np.ndarray | None]:
+    """Why tensor `name` is copied unchanged from the task model (None: it is merged), and τ_safe when it was read."""
+    if tuple(base_arr.shape) != shape:
+        return f"shape {shape} differs from the base's {tuple(base_arr.shape)} (resized vocabulary?)", None
+    if name not in safety_names:
+        return "no safety delta for this tensor (outside the safety vector's scope)", None
+    if tuple(safety.shape(name)) != shape:
+        return f"safety delta shape {tuple(safety.shape(name))} differs from {shape}", None
+    safe = safety.read(name)
+    return (None if np.any(safe) else "safety delta is zero"), safe
 
 
 def _finite_sum_squares(allow: bool, name: str, x: np.ndarray, x_source, minus: np.ndarray | None = None,
@@ -244,9 +255,10 @@ def merge_mesh(devices: list | None = None) -> Mesh:
 
 def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
         options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
-        progress: bool | None = None, allow_nonfinite: bool = False) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]],
-                                                                          Iterator[tuple[str, np.ndarray]]]:
-    """Pass 2: (write order as [(name, shape, dtype)], a generator of (name, merged array) in that order).
+        progress: bool | None = None, allow_nonfinite: bool = False
+        ) -> tuple[dict[str, jax.ShapeDtypeStruct], Iterator[MergedTensor]]:
+    """Pass 2: (the layout: every tensor of the merged model as {name: shape and dtype}, in the order they come;
+    a generator of `MergedTensor` records, copied tensors first, then group by group).
 
     Every yielded tensor is finite: a NaN or Inf in an input is refused naming its file and tensor (unless
     `allow_nonfinite`), and a non-finite result is refused always (a NonFiniteError from the generator, before
@@ -257,8 +269,8 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     n = mesh.size
     copied = [name for name in task.specs if name in plan_.tensors and not plan_.tensors[name].merge]
     groups = plan_.groups(group_bytes, n)
-    order = [(name, plan_.tensors[name].shape, plan_.tensors[name].dtype) for name in copied]
-    order += [(name, plan_.tensors[name].shape, plan_.tensors[name].dtype) for group in groups for name in group]
+    layout = {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
+              for name in copied + [name for group in groups for name in group]}
     sharding = NamedSharding(mesh, P(GROUP_AXIS))
     replicated = NamedSharding(mesh, P())
     alpha = put(np.float32(plan_.alpha), replicated)
@@ -282,13 +294,13 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
 
     what = f"merge {method} (α = {plan_.alpha:.4g})"
 
-    def produce() -> Iterator[tuple[str, np.ndarray]]:
+    def produce() -> Iterator[MergedTensor]:
         for name in copied:
             arr = task.read(name)
             if not host_finite(arr):
                 raise input_error(task.where(name), name, arr) if not allow_nonfinite else \
                     output_error(what, name, arr, "; it is copied unchanged from the task model")
-            yield name, arr
+            yield MergedTensor(name, arr, {})
         bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
                    disable=_disable(progress))
         # One decomposition per CPU device at once, each single-threaded: the bytes do not depend on the
@@ -309,15 +321,15 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                     running = merge_group(*following, alpha)
                 del following
                 for i, name in enumerate(group):
-                    plan_.tensors[name].stats = {k: float(v[i]) for k, v in stats.items()}
                     merged = base.read(name).astype(np.float32)
                     merged += deltas[i]
                     merged = merged.astype(plan_.tensors[name].dtype, copy=False)
-                    yield name, check_output(merged, what, name, " (overflow in the output dtype, or a non-finite "
-                                                                 "base tensor let through by allow_nonfinite)")
+                    check_output(merged, what, name, " (overflow in the output dtype, or a non-finite base tensor "
+                                                     "let through by allow_nonfinite)")
+                    yield MergedTensor(name, merged, {k: float(v[i]) for k, v in stats.items()})
                 bar.update(len(group))
 
-    return order, produce()
+    return layout, produce()
 
 
 def _check_group(group: list[str], finite: np.ndarray, base: TensorSource, task: TensorSource, safety: SafetyDelta,

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, HFWriter
 from enchtable_jax.converters.model_io import load
@@ -57,25 +56,31 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     safety = SafetyDelta(safety_vector, aligned, harmful)
     plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
     mesh = mesh or executor.merge_mesh()
-    order, produced = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
-                                   group_bytes, progress, allow_nonfinite)
-    if out is None:
-        params = {name: np.asarray(arr) for name, arr in produced}
-        params = {name: params[name] for name in task_src.specs if name in params}  # the task model's order
-        return Model(task_src.config, {n: jax.numpy.asarray(v) for n, v in params.items()}, task_src.folder)
-    if jax.process_index() != 0:  # the others compute their share of every group
-        for _ in produced:
-            pass
-        return None
-    specs = {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in order}
-    with HFWriter(out, task_src.config, specs, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
-                  progress=progress, check_finite=False) as writer:  # the executor checked them
-        for name, arr in produced:
-            writer.add(name, arr)
+    layout, records = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh, group_bytes,
+                                   progress, allow_nonfinite)
+    stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
+
+    def report() -> dict[str, Any]:
         summary = {"inputs": {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
                    "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
-                   "seconds": time.perf_counter() - start,
-                   "peak_rss_bytes": peak_rss_bytes()}
-        for name, data in {**report_files(report_dict(plan, method, options, summary)), **(extra_files or {})}.items():
+                   "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
+        return report_dict(plan, stats, method, options, summary)
+
+    if out is None:
+        params = {}
+        for record in records:
+            params[record.name], stats[record.name] = record.array, record.stats
+        return Model(task_src.config, {n: jax.numpy.asarray(params[n]) for n in task_src.specs if n in params},
+                     task_src.folder)  # the task model's order
+    if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
+        for record in records:
+            stats[record.name] = record.stats
+        return None
+    with HFWriter(out, task_src.config, layout, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
+                  progress=progress, check_finite=False) as writer:  # the executor checked every tensor
+        for record in records:
+            writer.add(record.name, record.array)
+            stats[record.name] = record.stats
+        for name, data in {**report_files(report()), **(extra_files or {})}.items():
             writer.add_file(name, data)
     return load(out) if return_model else None

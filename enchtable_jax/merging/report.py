@@ -8,6 +8,7 @@ import math
 import re
 import resource
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,8 +28,10 @@ def peak_rss_bytes() -> int:
         return (1 if sys.platform == "darwin" else 1024) * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def report_dict(plan: MergePlan, method: str, options: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """Everything about a merge: settings, α and norms, and per tensor what happened and why."""
+def report_dict(plan: MergePlan, stats: Mapping[str, Mapping[str, float]], method: str, options: dict[str, Any],
+                summary: dict[str, Any]) -> dict[str, Any]:
+    """Everything about a merge: settings, α and norms, and per tensor what happened and why (with the method's
+    `stats` of each merged tensor, as pass 2 yielded them)."""
     alpha = plan.alpha if METHODS[method].uses_alpha else None  # None: the method's formula has no α
     tensors = []
     for t in plan.tensors.values():
@@ -36,7 +39,7 @@ def report_dict(plan: MergePlan, method: str, options: dict[str, Any], summary: 
                                  "merged": t.merge, "skipped": t.reason}
         if t.merge:
             entry.update({"method": method, "alpha": alpha,
-                          **{k: (None if math.isnan(v) else v) for k, v in t.stats.items()}})
+                          **{k: (None if math.isnan(v) else v) for k, v in stats[t.name].items()}})
         tensors.append(entry)
     return {"method": method, "options": options, "alpha": alpha, "norms": plan.norms,
             "merged": sum(t.merge for t in plan.tensors.values()),
