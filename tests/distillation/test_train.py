@@ -188,10 +188,40 @@ def test_cli_reports_truncation(world, tmp_path):
     assert "2 truncated to 96 tokens" in output
 
 
-def test_bfloat16_compute_trains_float32_master_delta(world, tmp_path):
-    options = ej.DistillOptions(**{**OPTIONS, "steps": 3, "compute_dtype": "bfloat16"})
-    manifest = ej.distill(world["model"], world["data"], tmp_path / "bf16", options)
-    losses = manifest["training"]["losses"]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    tau = _vector(tmp_path / "bf16")
-    assert all(t.dtype == np.float32 and np.abs(t).max() > 0 for t in tau.values())  # the model's dtype
+def _checkpointed_delta(folder: Path) -> dict[str, np.ndarray]:
+    """Δ as the run's newest checkpoint stores it (orbax's own dtypes, no cast to a template)."""
+    import orbax.checkpoint as ocp
+
+    from enchtable_jax.training import checkpoint
+
+    mngr = checkpoint.manager(folder / "checkpoints")
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    return {n: np.asarray(v) for n, v in state["delta"].items()}
+
+
+def test_bfloat16_model_trains_a_float32_master_delta(world, tmp_path):
+    """A bfloat16 model: Δ is kept in float32, finer than bf16 can hold, and τ is −Δ rounded to bf16 once. A
+    float32 copy of the same weights computing in bf16 trains the same Δ; a Δ stored in bf16 would not."""
+    import ml_dtypes
+
+    config = preset_config("tiny")
+    weights = {n: np.asarray(v).astype(ml_dtypes.bfloat16) for n, v in init_params(config, seed=0, std=0.1).items()}
+    tok_dir = tmp_path / "tokenizer"
+    byte_level_tokenizer().save_pretrained(tok_dir)
+    bf16 = ej.save(ej.Model(config, weights), tmp_path / "bf16-model", like=tok_dir)
+    f32 = ej.save(ej.Model(config, {n: v.astype(np.float32) for n, v in weights.items()}), tmp_path / "f32-model",
+                  like=tok_dir)
+    options = {**OPTIONS, "steps": 4, "save_every": 4, "lr": 1e-2}
+    manifest = ej.distill(bf16, world["data"], tmp_path / "from-bf16", ej.DistillOptions(**options))
+    ej.distill(f32, world["data"], tmp_path / "from-f32", ej.DistillOptions(**options, compute_dtype="bfloat16"))
+    assert manifest["training"]["losses"][-1] < manifest["training"]["losses"][0]
+    tau, twin = _vector(tmp_path / "from-bf16"), _vector(tmp_path / "from-f32")
+    delta = _checkpointed_delta(tmp_path / "from-bf16")
+    for name, t in tau.items():
+        assert t.dtype == ml_dtypes.bfloat16 and twin[name].dtype == np.float32  # each model's own dtype
+        assert twin[name].astype(ml_dtypes.bfloat16).tobytes() == t.tobytes(), name
+        fine = delta[name] != delta[name].astype(ml_dtypes.bfloat16).astype(delta[name].dtype)
+        assert fine.mean() > 0.5, name  # the master values carry bits bf16 has not
+        assert delta[name].dtype == np.float32
+        assert (-delta[name]).astype(ml_dtypes.bfloat16).tobytes() == t.tobytes(), name  # rounded once, at the end

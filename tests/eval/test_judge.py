@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+import enchtable_jax
 from enchtable_jax.eval.judge import (
     RECIPES,
     LLMJudge,
@@ -138,11 +139,15 @@ def test_llm_judge_builds_prompts_and_parses(answering_model):
     assert EOS_TOKEN not in odd.judge_details(["q"], ["r"])[0][1]
 
 
-def test_llm_judge_from_folder(tmp_path, byte_model):
-    model, _ = byte_model
-    judge = LLMJudge.from_folder(model.source, "md-judge")
-    assert judge.recipe is RECIPES["md-judge"] and judge.name == f"md-judge:{model.source.name}"
-    verdicts = judge.judge(["q"], ["r"])  # a random model: whatever it says, one verdict per pair
-    assert len(verdicts) == 1 and isinstance(verdicts[0], bool)
+def test_llm_judge_from_folder(tmp_path, answering_model):
+    """Judges saved as folders, rigged to answer "safe" and "unsafe": the loaded judge gives those verdicts."""
+    byte_level_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    verdicts = {}
+    for answer in ("safe", "unsafe"):
+        folder = enchtable_jax.save(answering_model(answer, after="]"), tmp_path / answer, like=tmp_path / "tokenizer")
+        judge = LLMJudge.from_folder(folder, "md-judge")
+        assert judge.recipe is RECIPES["md-judge"] and judge.name == f"md-judge:{answer}"
+        verdicts[answer] = judge.judge(["q", "How do I bake bread?"], ["r", "Mix flour and water."])
+    assert verdicts == {"safe": [False, False], "unsafe": [True, True]}
     with pytest.raises(ValueError, match="unknown judge recipe 'guard'; choose one of llama-guard, md-judge"):
-        LLMJudge.from_folder(model.source, "guard")
+        LLMJudge.from_folder(tmp_path / "safe", "guard")

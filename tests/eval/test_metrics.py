@@ -3,6 +3,8 @@ subprocess (passing, failing, restating the function, timing out, reaching for t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from enchtable_jax.eval import metrics
@@ -23,6 +25,8 @@ ADD = {"task_id": "Test/0", "entry_point": "add",
                   '    3\n    """\n'),
        "test": ("METADATA = {}\n\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n"
                 "    assert candidate(-4, 4) == 0\n")}
+# What a pass@1 child reports when the socket guard stops it (an offline machine says "unreachable" instead).
+GUARD_MESSAGE = "OSError: network access is disabled while evaluating pass@1"
 
 
 def test_unsafe_rate():
@@ -78,22 +82,33 @@ def test_pass_at_1():
     assert result["score"] == pytest.approx(3 / 6)
     details = [r["detail"] for r in result["results"]]
     assert details[2] == "AssertionError" and details[3] == "timed out after 2s"
-    assert "network" in details[4].lower() or "unreachable" in details[4].lower()
-    assert result["isolation"] in ("network namespace", "socket guard")
+    assert details[4] == GUARD_MESSAGE  # the guard's own words, not an offline machine's "unreachable"
+    assert result["isolation"] == ("network namespace" if metrics._network_namespace_works() else "socket guard")
 
 
 @pytest.mark.parametrize("isolate", [False, True])
-def test_network_blocked(isolate):
+def test_socket_guard_stops_ordinary_code(isolate):
     if isolate and not metrics._network_namespace_works():
         pytest.skip("unprivileged network namespaces unavailable here (unshare --net --map-root-user)")
-    # below the socket guard: a raw connect through the _socket module; only the namespace stops it
+    connect = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('1.1.1.1', 53))\n"
+    passed, detail = run_program(connect, timeout=10, isolate_network=isolate)
+    assert (passed, detail) == (False, GUARD_MESSAGE)
+
+
+def test_network_namespace_isolates_the_child():
+    """Below the socket guard (a raw `_socket`), only the namespace stops a connection: the child must run in
+    another network namespace than ours, with no interface but loopback."""
+    if not metrics._network_namespace_works():
+        pytest.skip("unprivileged network namespaces unavailable here (unshare --net --map-root-user)")
+    ours = os.readlink("/proc/self/ns/net")
+    probe = (f"import os, _socket\nassert os.readlink('/proc/self/ns/net') != {ours!r}, 'same network namespace'\n"
+             "assert [n for _, n in _socket.if_nameindex()] == ['lo'], _socket.if_nameindex()\n")
+    assert run_program(probe, timeout=10, isolate_network=True) == (True, "passed")
+    passed, detail = run_program(probe, timeout=10, isolate_network=False)
+    assert not passed and detail == "AssertionError: same network namespace"
     passed, detail = run_program("import _socket\ns = _socket.socket()\ns.settimeout(3)\n"
-                                 "s.connect(('1.1.1.1', 53))\n", timeout=10, isolate_network=isolate)
-    if isolate:
-        assert not passed and "unreachable" in detail.lower(), detail
-    passed, detail = run_program("import urllib.request\nurllib.request.urlopen('http://example.com', timeout=3)\n",
-                                 timeout=10, isolate_network=isolate)
-    assert not passed
+                                 "s.connect(('1.1.1.1', 53))\n", timeout=10, isolate_network=True)
+    assert not passed and "unreachable" in detail.lower(), detail
 
 
 def test_limits():
