@@ -43,7 +43,7 @@ from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
 from enchtable_jax.merging.sources import SafetyDelta, open_model
 from enchtable_jax.models.model import Model
-from enchtable_jax.options import COUNT, OPTIONAL_COUNT, POSITIVE, RATE, check_fields, ranged
+from enchtable_jax.options import COUNT, OPTIONAL_COUNT, POSITIVE, RATE, check_fields, option
 
 RESULT_FILE = "calibration.json"
 PLOT_FILE = "calibration.png"
@@ -55,14 +55,19 @@ GRIDS = {"beta": (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0), "alpha": (0.1, 0.2
 class CalibrationOptions:
     """What to sweep and how candidates are judged; tolerances are rates (0.05 = 5 points)."""
 
-    grid: tuple[float, ...] | None = None  # strengths to try; default GRIDS[the method's parameter]
-    unsafe_tolerance: float = ranged(0.05, RATE)
-    refusal_tolerance: float = ranged(0.05, RATE)
-    max_new_tokens: int = ranged(32, COUNT)
-    limit: int | None = ranged(None, OPTIONAL_COUNT)  # first N prompts of each validation set
-    batch_size: int = ranged(16, COUNT)
-    template: str | None = None  # chat template override (as in eval)
-    stop_early: bool = False  # stop at the first candidate that meets the target (fewer evaluations)
+    grid: tuple[float, ...] | None = option(None, f"strengths to try (default β {','.join(map(str, GRIDS['beta']))}; "
+                                                  f"α {','.join(map(str, GRIDS['alpha']))})",
+                                            flag="--calibrate-grid", metavar="S1,S2,...")
+    unsafe_tolerance: float = option(0.05, "allowed unsafe rate above the aligned model's", RATE)
+    refusal_tolerance: float = option(0.05, "allowed over-refusal above the aligned model's", RATE)
+    max_new_tokens: int = option(32, "tokens generated per validation prompt", COUNT,
+                                 flag="--calibrate-max-new-tokens")
+    limit: int | None = option(None, "use the first N prompts of each validation file", OPTIONAL_COUNT,
+                               flag="--calibrate-limit")
+    batch_size: int = option(16, "prompts per generation batch", COUNT, cli=False)
+    template: str | None = option(None, "chat template override (as in eval)", cli=False)
+    stop_early: bool = option(False, "stop at the first strength that meets the target (fewer evaluations, shorter "
+                                     "plot)", flag="--calibrate-stop-early")
 
     def __post_init__(self):
         check_fields(self)  # the ranges declared above; the CLI's flags use the same ones

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -99,18 +100,11 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _distill_options(args: argparse.Namespace, options_type: type | None = None):
-    """The training options of the flags `_add_distill_options` declared: DistillOptions, or `options_type`
+    """The training options of the flags `_add_training_options` made: DistillOptions, or `options_type`
     (FinetuneOptions, which has no `linearized`)."""
     from enchtable_jax.distillation.train import DistillOptions
 
-    options_type = options_type or DistillOptions
-    plain = {"linearized": not args.plain} if hasattr(options_type, "linearized") else {}
-    return options_type(scope=args.scope, layers=args.layers, epochs=args.epochs, steps=args.steps, lr=args.lr,
-                        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
-                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                        max_length=args.max_length, seed=args.distill_seed, compute_dtype=args.compute_dtype,
-                        save_every=args.save_every, fsdp=args.fsdp, template=args.template,
-                        group_by_length=not args.no_group_by_length, **plain)
+    return _options_from(args, options_type or DistillOptions, _TRAINING_DESTS)
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -248,18 +242,8 @@ def _calibration(args: argparse.Namespace):
 
     if args.alpha is not None or args.beta is not None:
         raise EnchtableError("--calibrate chooses the strength itself; drop --alpha/--beta")
-    grid = None
-    if args.calibrate_grid is not None:
-        try:
-            grid = tuple(float(v) for v in args.calibrate_grid.split(","))
-        except ValueError:
-            raise EnchtableError(f"--calibrate-grid expects comma-separated numbers, got "
-                                 f"{args.calibrate_grid!r}") from None
     _check_new_tokens(args.aligned or args.base, args.calibrate_max_new_tokens, "--calibrate-max-new-tokens")
-    options = CalibrationOptions(grid=grid, unsafe_tolerance=args.unsafe_tolerance,
-                                 refusal_tolerance=args.refusal_tolerance,
-                                 max_new_tokens=args.calibrate_max_new_tokens, limit=args.calibrate_limit,
-                                 stop_early=args.calibrate_stop_early)
+    options = _options_from(args, CalibrationOptions)  # --calibrate-grid, checked at parse time, is parsed here
     harmful_val, benign_val = (load_prompts(path, limit=options.limit) for path in args.calibrate)
     return harmful_val, benign_val, options
 
@@ -462,67 +446,77 @@ def _default_note(default: object) -> str:
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
-    from enchtable_jax.calibration import GRIDS, CalibrationOptions
-    from enchtable_jax.options import field_ranges
+    from enchtable_jax.calibration import CalibrationOptions
 
-    d = CalibrationOptions()
-    r = field_ranges(d)
     p.add_argument("--calibrate", nargs=2, metavar=("HARMFUL_VAL", "BENIGN_VAL"),
                    help="choose the strength (β for enchtable, else α) on these validation prompt files: the "
                         "smallest on the grid whose unsafe rate and over-refusal are within the tolerances of the "
                         "aligned model's (--aligned, else --base); writes calibration.json and calibration.png")
-    p.add_argument("--calibrate-grid", metavar="S1,S2,...", type=_calibrate_grid,
-                   help=f"strengths to try (default β {','.join(map(str, GRIDS['beta']))}; "
-                        f"α {','.join(map(str, GRIDS['alpha']))})")
-    _ranged(p, "--unsafe-tolerance", r["unsafe_tolerance"], f"allowed unsafe rate above the aligned model's "
-            f"(default {d.unsafe_tolerance})", default=d.unsafe_tolerance)
-    _ranged(p, "--refusal-tolerance", r["refusal_tolerance"], f"allowed over-refusal above the aligned model's "
-            f"(default {d.refusal_tolerance})", default=d.refusal_tolerance)
-    _ranged(p, "--calibrate-max-new-tokens", r["max_new_tokens"], f"tokens generated per validation prompt "
-            f"(default {d.max_new_tokens})", default=d.max_new_tokens)
-    _ranged(p, "--calibrate-limit", r["limit"], "use the first N prompts of each validation file")
-    p.add_argument("--calibrate-stop-early", action="store_true",
-                   help="stop at the first strength that meets the target (fewer evaluations, shorter plot)")
+    _add_fields(p, CalibrationOptions(), types={"grid": _calibrate_grid})
 
 
 def _add_distributed_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", help="multi-host: coordinator address HOST:PORT for jax.distributed")
     from enchtable_jax.options import DISTRIBUTED_OPTIONS as r
 
+    p.add_argument("--coordinator", help="multi-host: coordinator address HOST:PORT for jax.distributed")
     _ranged(p, "--num-processes", r["num_processes"], "multi-host: number of processes")
     _ranged(p, "--process-id", r["process_id"], "multi-host: this process's index")
     _ranged(p, "--init-timeout", r["init_timeout"], "multi-host: seconds to wait for all processes", default=300)
 
 
-def _add_distill_options(p: argparse.ArgumentParser, seed_flag: str = "--seed", defaults=None) -> None:
-    """One flag per training option, defaults from `defaults` (DistillOptions(), or FinetuneOptions())."""
-    from enchtable_jax.distillation.train import DistillOptions
-    from enchtable_jax.kernels.scopes import SCOPE_HELP
-    from enchtable_jax.options import field_ranges
+# Training fields whose namespace name is not the field's: enchant also has merge's --seed.
+_TRAINING_DESTS = {"seed": "distill_seed"}
 
-    d = defaults if defaults is not None else DistillOptions()
-    r = field_ranges(d)  # the ranges declared with the defaults: the flags refuse what the options would
-    p.add_argument("--scope", default=d.scope, help="; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items())
-                   + "; combine with '+'")
-    p.add_argument("--layers", help="layer range as a Python slice, e.g. 12:-12 (default: all)")
-    _ranged(p, "--epochs", r["epochs"], default=d.epochs)
-    _ranged(p, "--steps", r["steps"], "optimizer steps (overrides --epochs)")
-    _ranged(p, "--lr", r["lr"], default=d.lr)
-    _ranged(p, "--batch-size", r["batch_size"], "examples per micro-batch", default=d.batch_size)
-    _ranged(p, "--grad-accum", r["grad_accum"], "micro-batches per optimizer step", default=d.grad_accum)
-    _ranged(p, "--warmup-ratio", r["warmup_ratio"], default=d.warmup_ratio)
-    _ranged(p, "--weight-decay", r["weight_decay"], default=d.weight_decay)
-    _ranged(p, "--max-grad-norm", r["max_grad_norm"], default=d.max_grad_norm)
-    _ranged(p, "--max-length", r["max_length"], "truncate rendered examples to this many tokens", default=d.max_length)
-    _ranged(p, seed_flag, r["seed"], "seed of the data order", dest="distill_seed", default=d.seed)
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
-                   help="forward/backward dtype (master weights stay float32; default: the model's dtype)")
-    _ranged(p, "--save-every", r["save_every"], "checkpoint every N optimizer steps", default=d.save_every)
-    _ranged(p, "--fsdp", r["fsdp"], "devices per parameter shard group (1: replicate)", default=d.fsdp)
-    p.add_argument("--template", help="chat template if the model has none: chatml, llama3, plain, or a .jinja file")
-    p.add_argument("--no-group-by-length", action="store_true", help="do not group similar lengths into batches")
-    if hasattr(d, "linearized"):
-        p.add_argument("--plain", action="store_true", help="ordinary fine-tuning of the scope instead of linearized")
+
+def _add_training_options(p: argparse.ArgumentParser, options_type: type, seed_flag: str = "--seed") -> None:
+    """One flag per field of `options_type` (DistillOptions or FinetuneOptions), as declared beside the field."""
+    _add_fields(p, options_type(), flags={"seed": seed_flag}, dests=_TRAINING_DESTS)
+
+
+def _cli_fields(options) -> list[dataclasses.Field]:
+    """The fields of an options dataclass that have a flag; each must be declared with its help (options.option)."""
+    fields = [f for f in dataclasses.fields(options) if f.metadata.get("cli", True)]
+    for f in fields:
+        if "help" not in f.metadata:
+            raise AssertionError(f"{type(options).__name__}.{f.name} is not declared with options.option: no help "
+                                 "for its flag (or cli=False)")
+    return fields
+
+
+def _field_dest(f: dataclasses.Field, dests: dict[str, str] | None) -> str:
+    """Where the flag of field `f` puts its value: `dests[name]`, else what argparse derives from its flag."""
+    if dests and f.name in dests:
+        return dests[f.name]
+    return (f.metadata["flag"] or f.name).lstrip("-").replace("-", "_")
+
+
+def _add_fields(p: argparse.ArgumentParser, options, flags: dict[str, str] | None = None,
+                dests: dict[str, str] | None = None, types: dict[str, Callable] | None = None) -> None:
+    """A flag for each field of the options dataclass instance `options` (its values are the defaults), made from
+    the field's declaration: --FIELD-NAME or its declared flag (a command's own in `flags`), its range or choices,
+    default and help; a bool field is a switch that flips its default. `types`: the parser of a field that is
+    neither a number nor a choice (checked at parse time, converted by the dataclass)."""
+    for f in _cli_fields(options):
+        default, declared = getattr(options, f.name), f.metadata
+        flag = (flags or {}).get(f.name) or declared["flag"] or "--" + f.name.replace("_", "-")
+        kwargs = {"dest": _field_dest(f, dests)}
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=declared["help"], **kwargs)
+        elif "range" in declared:
+            _ranged(p, flag, declared["range"], declared["help"] + _default_note(default), default=default, **kwargs)
+        else:
+            p.add_argument(flag, default=default, choices=declared["choices"], metavar=declared["metavar"],
+                           type=(types or {}).get(f.name), help=declared["help"] + _default_note(default), **kwargs)
+
+
+def _options_from(args: argparse.Namespace, options_type: type, dests: dict[str, str] | None = None):
+    """`options_type` from the flags `_add_fields` made for it (a switch given flips the field's default)."""
+    defaults = options_type()
+    values = {}
+    for f in _cli_fields(defaults):
+        value, default = getattr(args, _field_dest(f, dests)), getattr(defaults, f.name)
+        values[f.name] = (not default if value else default) if isinstance(default, bool) else value
+    return options_type(**values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -534,14 +528,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from enchtable_jax.options import DEMO_OPTIONS, EVAL_OPTIONS, INIT_OPTIONS
-
+    """The `enchtable` parser: one subcommand per stage, each built by its own function below."""
     parser = _Parser(
         prog="enchtable",
         description="EnchTable in JAX: transfer safety alignment into fine-tuned LLMs. "
                     "Models are Hugging Face folders or enchtable orbax checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_convert, _add_info, _add_init, _add_distill, _add_finetune, _add_merge, _add_enchant, _add_eval,
+                _add_demo):
+        add(sub)
+    return parser
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="HF folder <-> orbax checkpoint, or GGUF file -> HF folder",
                        description="Convert between an HF model folder (safetensors or .bin) and an orbax "
                                    "checkpoint, or a GGUF file into an HF folder (dequantized, with its tokenizer "
@@ -558,11 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="architecture, parameter count, dtypes and shards of a model",
                        description="Describe a model folder or checkpoint from its headers, without loading weights.")
     p.add_argument("path", help="HF model folder or enchtable orbax checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
+
+
+def _add_init(sub) -> None:
+    from enchtable_jax.options import INIT_OPTIONS
 
     p = sub.add_parser("init", help="write a randomly initialised model of a built-in shape (demos, tests, speed)",
                        description="Write an HF folder holding a random model of a preset shape, with a byte-level "
@@ -575,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_init)
 
+
+def _add_distill(sub) -> None:
+    from enchtable_jax.distillation.train import DistillOptions
+
     p = sub.add_parser("distill", help="distil a safety vector: NTK-linearized fine-tuning on harmful data",
                        description="Fine-tune the aligned model's scope on harmful instruction->response data in the "
                                    "NTK-linearized regime and write the safety vector tau = theta_aligned - theta_harm.")
@@ -582,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="harmful data: JSON/JSONL, alpaca (instruction/input/output) or "
                                                  "chat (messages)")
     p.add_argument("--out", required=True, help="safety-vector folder")
-    _add_distill_options(p)
+    _add_training_options(p, DistillOptions)
     p.add_argument("--resume", action="store_true", help="continue a killed run of --out from its newest "
                    "checkpoint (it trains in the hidden .OUT.partial beside OUT, or OUT/checkpoints once "
                    "published); a run killed while replacing OUT: --resume --overwrite")
@@ -593,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_options(p)
     p.set_defaults(func=_distill)
 
+
+def _add_finetune(sub) -> None:
     from enchtable_jax.training.finetune import FinetuneOptions
 
     p = sub.add_parser("finetune", help="plain supervised fine-tuning into a new model folder (task models, harmful "
@@ -605,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training data: JSON/JSONL, alpaca (instruction/input/output) or "
                                                  "chat (messages)")
     p.add_argument("--out", required=True, help="output HF folder")
-    _add_distill_options(p, defaults=FinetuneOptions())
+    _add_training_options(p, FinetuneOptions)
     _add_nonfinite_option(p)
     p.add_argument("--resume", action="store_true", help="continue the run from OUT-checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and discard unfinished "
@@ -615,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_options(p)
     p.set_defaults(func=_finetune)
 
+
+def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (EnchTable or a baseline)",
                        description="Merge tau_safe (a safety vector, or aligned - harmful) into the task model. "
                                    "`enchtable merge --list` shows the methods and their options.")
@@ -632,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_options(p)
     p.set_defaults(func=_merge)
 
+
+def _add_enchant(sub) -> None:
+    from enchtable_jax.distillation.train import DistillOptions
+
     p = sub.add_parser("enchant", help="distil (or reuse) a safety vector, then merge it with EnchTable: one command",
                        description="Distil a safety vector from the aligned model on harmful data (or reuse a "
                                    "finished one), then merge it into the task model with the enchtable method.")
@@ -641,12 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned", help="model to distil from (default: --base)")
     p.add_argument("--data", help="harmful data for distillation (not needed when the vector exists)")
     p.add_argument("--safety-vector", help="where the safety vector is, or is written (default: OUT-safety-vector)")
-    _add_distill_options(p, seed_flag="--distill-seed")
+    _add_training_options(p, DistillOptions, seed_flag="--distill-seed")
     _add_merge_options(p)
     _add_calibration_options(p)
     p.set_defaults(func=_enchant)
 
+
+def _add_eval(sub) -> None:
     from enchtable_jax.eval.judge import RECIPES
+    from enchtable_jax.options import EVAL_OPTIONS
 
     p = sub.add_parser("eval", help="unsafe rate and utility of a model: generate, judge, score; or a judge's accuracy",
                        description="Generate answers (JAX, greedy by default, the model's chat template) to safety "
@@ -681,6 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/eval.json")
     p.set_defaults(func=_eval)
 
+
+def _add_demo(sub) -> None:
+    from enchtable_jax.options import DEMO_OPTIONS
+
     p = sub.add_parser("demo", help="a seeded miniature world that shows safety transfer end to end (minutes, CPU)",
                        description="Build a word-level tokenizer and a tiny Llama, train base, aligned and task "
                                    "models, distil a safety vector, merge it back with every method, evaluate all of "
@@ -695,7 +719,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller model and shorter training (tests, a first look)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_demo)
-    return parser
 
 
 def _backend_started() -> bool:

@@ -1,11 +1,11 @@
-"""Ranges of numeric options, declared once as data and used by both the Python API and the CLI.
+"""Options declared once, as data: each with its default, valid values and help, used by the Python API and the CLI.
 
-A `Range` sits next to an option's default: in the option dataclasses (`ranged(default, Range(...))` as the
-field, checked by `check_fields` in `__post_init__`), in the merge-method registry (`methods.Option.range`)
-and in `COMMAND_OPTIONS` for the few command options that have no dataclass. The CLI builds each flag's
-`type=` from the same `Range` (`Range.arg_type`), so `beta=-1` from Python and `--beta -1` on the command
-line are refused with the same sentence. NaN and infinities are never in a range: no option value may
-turn a model into NaN.
+A field of an options dataclass is declared with `option(default, help, Range(...))`: the `Range` is checked by
+`check_fields` in `__post_init__`, and the CLI builds the field's flag (name, type, default, range, help) from the
+declaration. Merge-method options are declared the same way in the registry (`methods.Option`), and the few command
+options that have no dataclass in the tables below. The CLI builds each numeric flag's `type=` from the same
+`Range` (`Range.arg_type`), so `beta=-1` from Python and `--beta -1` on the command line are refused with the same
+sentence. NaN and infinities are never in a range: no option value may turn a model into NaN.
 """
 
 from __future__ import annotations
@@ -132,9 +132,22 @@ FRACTION = Range(0, 1, low_open=True)  # (0, 1]
 RATE = Range(0, 1)  # [0, 1]
 
 
-def ranged(default: Any, range_: Range) -> Any:
-    """A dataclass field with `default` whose value must lie in `range_` (checked by `check_fields`)."""
-    return dataclasses.field(default=default, metadata={"range": range_})
+def option(default: Any, help: str, range_: Range | None = None, *, choices: tuple | None = None,
+           flag: str | None = None, metavar: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field declared with everything its command-line flag needs: `default`, one line of `help`, its
+    valid values (`range_`, checked by `check_fields`; or `choices`), the flag's spelling when it is not
+    --FIELD-NAME (for a bool: the switch that flips the default, `help` saying what it does), and `cli=False` for a
+    field only the Python API sets. None, an optional field's "not given", is accepted whatever the choices."""
+    metadata = {"help": help, "cli": cli, "flag": flag, "metavar": metavar, "choices": choices}
+    if range_ is not None:
+        metadata["range"] = range_
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def with_default(cls: type, name: str, default: Any) -> Any:
+    """Field `name` of the options dataclass `cls` with another default (a subclass's), its declaration kept."""
+    declared = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata=declared.metadata)
 
 
 def field_ranges(cls_or_instance: Any) -> dict[str, Range]:
@@ -143,9 +156,13 @@ def field_ranges(cls_or_instance: Any) -> dict[str, Range]:
 
 
 def check_fields(instance: Any) -> None:
-    """Check every range-declared field of a dataclass instance (call from `__post_init__`)."""
+    """Check every range- or choice-declared field of a dataclass instance (call from `__post_init__`)."""
     for name, range_ in field_ranges(instance).items():
         range_.check(name, getattr(instance, name))
+    for f in dataclasses.fields(instance):
+        choices, value = f.metadata.get("choices"), getattr(instance, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise EnchtableError(f"option {f.name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
 
 
 def check_values(ranges: dict[str, Range], **values: Any) -> None:

@@ -8,14 +8,20 @@ class is checked without editing this file; a field or option the CLI leaves out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
-from enchtable_jax.cli import _method_options, build_parser
+from enchtable_jax.calibration import CalibrationOptions
+from enchtable_jax.cli import _distill_options, _method_options, _options_from, build_parser
+from enchtable_jax.distillation.train import DistillOptions
 from enchtable_jax.merging.methods import METHODS, method_options
+from enchtable_jax.training.finetune import FinetuneOptions
 
-REQUIRED = {"merge": [], "enchant": ["--base", "b", "--task", "t", "--out", "o"]}
+REQUIRED = {"merge": [], "enchant": ["--base", "b", "--task", "t", "--out", "o"],
+            "distill": ["--model", "m", "--data", "d", "--out", "o"],
+            "finetune": ["--model", "m", "--data", "d", "--out", "o"]}
 
 
 def _actions(command: str) -> dict[str, argparse.Action]:
@@ -26,6 +32,11 @@ def _actions(command: str) -> dict[str, argparse.Action]:
 
 def _flag(action: argparse.Action) -> str:
     return action.option_strings[-1]
+
+
+def _by_flag(command: str) -> dict[str, argparse.Action]:
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return {flag: a for a in sub._actions for flag in a.option_strings}
 
 
 METHOD_CASES = [(command, m, name) for command in ("merge", "enchant") for m in METHODS
@@ -61,3 +72,47 @@ def test_method_option_default_on_the_command_line_is_the_declared_one(command, 
         args = build_parser().parse_args([command, *REQUIRED[command],
                                           "--set", f"{name}={json.dumps(option.default)}"])
         assert method_options(method, _method_options(args))[name] == option.default
+
+
+FIELD_CASES = [(command, cls, f.name) for command, cls in (("distill", DistillOptions), ("finetune", FinetuneOptions),
+                                                          ("enchant", DistillOptions), ("merge", CalibrationOptions),
+                                                          ("enchant", CalibrationOptions))
+               for f in dataclasses.fields(cls)]
+
+
+def _read_back(command: str, cls: type, argv: list[str]):
+    args = build_parser().parse_args([command, *REQUIRED[command], *argv])
+    return _options_from(args, cls) if cls is CalibrationOptions else _distill_options(args, cls)
+
+
+def test_the_field_cases_cover_every_options_class():
+    """Not vacuous: every training and calibration field, and both kinds of flag (a value, a switch)."""
+    assert len(FIELD_CASES) > 60
+    assert ("finetune", FinetuneOptions, "scope") in FIELD_CASES and ("distill", DistillOptions, "linearized") in \
+        FIELD_CASES and ("merge", CalibrationOptions, "stop_early") in FIELD_CASES
+
+
+@pytest.mark.parametrize("command,cls,name", FIELD_CASES, ids=[f"{c}-{k.__name__}.{n}" for c, k, n in FIELD_CASES])
+def test_field_default_on_the_command_line_is_the_declared_one(command, cls, name):
+    """Every field has a flag (unless declared API-only), whose default is the field's and whose help is the
+    declared one; a bool field's switch flips it; the options read back from a bare command line are the class's
+    defaults, so a field cannot be left out of the CLI or given another default there."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    assert "help" in field.metadata, f"{cls.__name__}.{name} is not declared with options.option"
+    default = getattr(cls(), name)
+    assert _read_back(command, cls, []) == cls()
+    if not field.metadata["cli"]:  # API only: the command line leaves it at its default (checked above)
+        return
+    flag = "--distill-seed" if (command, name) == ("enchant", "seed") else \
+        field.metadata["flag"] or "--" + name.replace("_", "-")
+    action = _by_flag(command).get(flag)
+    assert action is not None, f"{cls.__name__}.{name} has no flag {flag} in enchtable {command}"
+    assert field.metadata["help"] in action.help
+    if isinstance(default, bool):
+        assert action.nargs == 0 and action.default is False
+        assert getattr(_read_back(command, cls, [flag]), name) is (not default)
+        return
+    assert action.default == default, f"{flag} defaults to {action.default!r}, {cls.__name__}.{name} to {default!r}"
+    if default is not None:
+        assert f"(default {default:g})" in action.help if isinstance(default, (int, float)) else \
+            f"(default {default})" in action.help

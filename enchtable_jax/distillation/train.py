@@ -26,6 +26,7 @@ from enchtable_jax.converters.outputs import check_outputs, template_input
 from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.models.identity import versions
 from enchtable_jax.models.model import Model
+from enchtable_jax.options import option
 from enchtable_jax.training import loop
 
 
@@ -33,7 +34,7 @@ from enchtable_jax.training import loop
 class DistillOptions(loop.TrainingOptions):
     """Training settings; the defaults follow the published recipe (1e-5, 4 epochs, 2 x 4, warm-up 10%)."""
 
-    linearized: bool = True  # False: plain fine-tuning of the scope (for comparison)
+    linearized: bool = option(True, "ordinary fine-tuning of the scope instead of linearized", flag="--plain")
 
 
 def distill(model: str | Path, data_path: str | Path, out: str | Path, options: DistillOptions = DistillOptions(),

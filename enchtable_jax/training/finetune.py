@@ -29,6 +29,7 @@ from enchtable_jax.converters.outputs import check_outputs, shared_staging_folde
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, write_hf
 from enchtable_jax.models.identity import versions
 from enchtable_jax.models.tensors import OPTIONAL_TIED_HEAD
+from enchtable_jax.options import with_default
 from enchtable_jax.training import loop
 
 RECORD = "finetune.json"
@@ -40,7 +41,7 @@ VERSION = 1
 class FinetuneOptions(loop.TrainingOptions):
     """Training settings of `finetune`: those of `distill` (less `linearized`), on every tensor by default."""
 
-    scope: str = "all"
+    scope: str = with_default(loop.TrainingOptions, "scope", "all")
 
 
 def checkpoint_dir(out: str | Path) -> Path:

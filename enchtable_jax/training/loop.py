@@ -30,46 +30,51 @@ from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.linearize import zero_delta
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, make_mesh, shard_tree
-from enchtable_jax.kernels.scopes import Scope, resolve_scope
+from enchtable_jax.kernels.scopes import SCOPE_HELP, Scope, resolve_scope
 from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
 from enchtable_jax.models import chat
 from enchtable_jax.models.identity import identity
 from enchtable_jax.models.model import Model
 from enchtable_jax.models.tokenizer import load_tokenizer
 from enchtable_jax.nonfinite import check_output
-from enchtable_jax.options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEED, Range, check_fields, ranged
+from enchtable_jax.options import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SEED, Range, check_fields, option
 from enchtable_jax.safe_io import check_tree
 from enchtable_jax.training import checkpoint, data
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingOptions:
     """Settings of a training run; the defaults follow the published distillation recipe (1e-5, 4 epochs,
-    2 x 4, warm-up 10%). `DistillOptions` and `FinetuneOptions` are this with their own defaults."""
+    2 x 4, warm-up 10%). `DistillOptions` and `FinetuneOptions` are this with their own defaults. Each field is
+    declared with its range and help (options.option); `enchtable distill`/`finetune`/`enchant` make their flags
+    from these declarations."""
 
-    scope: str = "ffn"
-    layers: str | None = None
-    epochs: int = ranged(4, COUNT)
-    steps: int | None = ranged(None, OPTIONAL_COUNT)  # optimizer steps; overrides epochs
-    lr: float = ranged(1e-5, POSITIVE)
-    batch_size: int = ranged(2, COUNT)  # examples per micro-batch
-    grad_accum: int = ranged(4, COUNT)  # micro-batches per optimizer step
-    warmup_ratio: float = ranged(0.1, Range(0, 1, high_open=True))
-    weight_decay: float = ranged(0.0, NON_NEGATIVE)
-    max_grad_norm: float = ranged(1.0, POSITIVE)
-    max_length: int = ranged(2048, COUNT)
-    seed: int = ranged(0, SEED)
-    compute_dtype: str | None = None  # 'bfloat16' / 'float32'; default: the model's stored dtype
-    save_every: int = ranged(100, COUNT)  # checkpoint every N optimizer steps
-    fsdp: int = ranged(1, COUNT)  # devices per parameter shard group
-    template: str | None = None  # chat template override: a name or a .jinja file
-    group_by_length: bool = True
+    scope: str = option("ffn", "; ".join(f"{k}: {v}" for k, v in SCOPE_HELP.items()) + "; combine with '+'")
+    layers: str | None = option(None, "layer range as a Python slice, e.g. 12:-12 (default: all)")
+    epochs: int = option(4, "passes over the data", COUNT)
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)", OPTIONAL_COUNT)
+    lr: float = option(1e-5, "peak learning rate of AdamW", POSITIVE)
+    batch_size: int = option(2, "examples per micro-batch", COUNT)
+    grad_accum: int = option(4, "micro-batches per optimizer step", COUNT)
+    warmup_ratio: float = option(0.1, "share of the steps spent warming up the learning rate from 0",
+                                 Range(0, 1, high_open=True))
+    weight_decay: float = option(0.0, "AdamW weight decay, towards the starting model", NON_NEGATIVE)
+    max_grad_norm: float = option(1.0, "clip gradients to this global norm", POSITIVE)
+    max_length: int = option(2048, "truncate rendered examples to this many tokens", COUNT)
+    seed: int = option(0, "seed of the data order", SEED)
+    compute_dtype: str | None = option(None, "forward/backward dtype (master weights stay float32; default: the "
+                                             "model's dtype)", choices=DTYPES)
+    save_every: int = option(100, "checkpoint every N optimizer steps", COUNT)
+    fsdp: int = option(1, "devices per parameter shard group, 1: replicate", COUNT)
+    template: str | None = option(None, "chat template if the model has none: chatml, llama3, plain, or a .jinja "
+                                        "file")
+    group_by_length: bool = option(True, "do not group similar lengths into batches", flag="--no-group-by-length")
 
     def __post_init__(self):
-        check_fields(self)  # the ranges declared above (options.py); the CLI's flags use the same ones
-        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise EnchtableError(f"option compute_dtype must be float32, bfloat16 or float16, got "
-                                 f"{self.compute_dtype!r}")
+        check_fields(self)  # the ranges and choices declared above (options.py); the CLI's flags use the same ones
 
 
 # Options that do not change what a run computes: they may differ between a checkpoint and its resumption.
