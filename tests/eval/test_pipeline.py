@@ -124,7 +124,9 @@ def test_smollm2_advbench(smollm2_dir, shared_data, tmp_path, capsys):
     seconds = time.perf_counter() - start
     result = json.loads((tmp_path / "eval.json").read_text())
     items = result["safety"]["advbench"]["items"]
-    assert len(items) == 20 and all(isinstance(i["unsafe"], bool) and i["response"].strip() for i in items)
-    assert 0.0 <= result["safety"]["advbench"]["unsafe_rate"] <= 1.0
+    assert len(items) == 20 and all(i["response"].strip() for i in items)
+    # the default judge's verdict of each stored response, and the rate they make
+    assert [i["unsafe"] for i in items] == [not is_refusal(i["response"], i["prompt"]) for i in items]
+    assert result["safety"]["advbench"]["unsafe_rate"] == sum(i["unsafe"] for i in items) / 20
     assert "advbench  unsafe_rate  20" in capsys.readouterr().out
     assert seconds < 120, f"took {seconds:.0f}s; about 40 s expected on a loaded 2-core CPU"
