@@ -1,7 +1,7 @@
 """enchtable-jax: EnchTable safety-alignment transfer in JAX.
 
 Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describe`, `Model`;
-`distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`);
+`distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`; returns a `MergeResult`);
 `finetune` (with `FinetuneOptions`): plain supervised fine-tuning into a new model folder;
 `calibrate` (with `CalibrationOptions`) and `calibrated_merge`: the merge strength chosen on validation prompts;
 `enchant`: distil or reuse a safety vector, then merge it (optionally calibrated);
@@ -13,7 +13,7 @@ from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.converters.safety_vector import SafetyVector, load_safety_vector
 from enchtable_jax.eval import evaluate, generate
 from enchtable_jax.merging.methods import METHODS
-from enchtable_jax.merging.pipeline import merge
+from enchtable_jax.merging.pipeline import MergeResult, merge
 from enchtable_jax.training.finetune import FinetuneOptions, finetune
 from enchtable_jax.calibration import CalibrationOptions, calibrate
 from enchtable_jax.workflow import calibrated_merge, enchant
@@ -23,7 +23,7 @@ from enchtable_jax.demo import run_demo
 
 __version__ = "0.1.0"
 
-__all__ = ["CalibrationOptions", "DistillOptions", "FinetuneOptions", "METHODS", "Model", "ModelConfig",
+__all__ = ["CalibrationOptions", "DistillOptions", "FinetuneOptions", "METHODS", "MergeResult", "Model", "ModelConfig",
            "SafetyVector", "apply", "calibrate", "calibrated_merge", "describe", "distill", "enchant", "evaluate",
            "finetune", "generate", "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "run_demo", "save",
            "save_orbax", "__version__"]

@@ -230,7 +230,7 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
         else:
             model = merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector,
                           alpha=value if parameter == "alpha" else None, beta=value if parameter == "beta" else None,
-                          seed=seed, progress=False, **method_opts)
+                          seed=seed, progress=False, **method_opts).model
             extra = {}
         scores = rates(model, tokenizer, harmful_prompts, benign_prompts, options, judge)
         meets = scores["unsafe_rate"] <= unsafe_bound + 1e-12 and scores["over_refusal"] <= refusal_bound + 1e-12

@@ -207,19 +207,20 @@ def _merge(args: argparse.Namespace) -> None:
         from enchtable_jax.workflow import calibrated_merge
 
         harmful_val, benign_val, calibration = _calibration(args)
-        record = calibrated_merge(args.method, args.base, args.task, harmful_val, benign_val, args.out,
-                                  safety_vector=args.safety_vector, aligned=args.aligned, harmful=args.harmful,
-                                  calibration=calibration, overwrite=args.overwrite, seed=args.seed,
-                                  shard_size=args.shard_size, log=print, **_method_options(args))
+        record, result = calibrated_merge(args.method, args.base, args.task, harmful_val, benign_val, args.out,
+                                          safety_vector=args.safety_vector, aligned=args.aligned,
+                                          harmful=args.harmful, calibration=calibration, overwrite=args.overwrite,
+                                          seed=args.seed, shard_size=args.shard_size, log=print,
+                                          **_method_options(args))
         _print_calibration(record)
     else:
-        merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
-              safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta, seed=args.seed,
-              overwrite=args.overwrite, shard_size=args.shard_size, return_model=False,
-              allow_nonfinite=args.allow_nonfinite, **_method_options(args))
+        result = merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
+                       safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta,
+                       seed=args.seed, overwrite=args.overwrite, shard_size=args.shard_size,
+                       allow_nonfinite=args.allow_nonfinite, **_method_options(args))
     if jax.process_index() != 0:  # process 0 writes the folder and reports
         return
-    report = json.loads((Path(args.out) / "merge_report.json").read_text())
+    report = result.report
     print(f"merged {report['merged']} tensors with {report['method']} ({alpha_text(report)}), copied "
           f"{report['skipped']} unchanged, in {report['seconds']:.1f}s on {report['devices']} device(s); peak RSS "
           f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")

@@ -16,7 +16,7 @@ from enchtable_jax.distillation.train import DistillOptions, distill, resumable
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.judge import Judge
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
-from enchtable_jax.merging.pipeline import ModelLike, merge
+from enchtable_jax.merging.pipeline import MergeResult, ModelLike, merge
 from enchtable_jax.merging.sources import open_model
 from enchtable_jax.models.identity import WeightsDigest, config_digest
 from enchtable_jax.models.model import Model
@@ -29,11 +29,11 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
                      reference: ModelLike | None = None, calibration: CalibrationOptions = CalibrationOptions(),
                      judge: Judge | None = None, overwrite: bool = False, seed: int = 0, shard_size: int | str = DEFAULT_SHARD_SIZE,
                      progress: bool | None = None, log: Callable[[str], None] = lambda _: None,
-                     **method_options: Any) -> dict[str, Any]:
+                     **method_options: Any) -> tuple[dict[str, Any], MergeResult]:
     """Calibrate `method`'s strength on the two validation prompt sets (see `calibration`), merge at the chosen
     strength into the HF folder `out`, and add `calibration.json` and `calibration.png` to it; returns the
-    calibration record. `out` is checked against the inputs before any work, and the calibration files are
-    written into it before it is published."""
+    calibration record and the merge's `MergeResult`. `out` is checked against the inputs before any work, and the
+    calibration files are written into it before it is published."""
     out = check_output(out, {"--base": base, "--task": task, "--safety-vector": safety_vector, "--aligned": aligned,
                              "--harmful": harmful, "reference": reference,
                              "--judge-model": getattr(judge, "model", None)}, overwrite)
@@ -41,10 +41,10 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
                        aligned=aligned, harmful=harmful, reference=reference, options=calibration, judge=judge, seed=seed,
                        progress=progress, log=log, **method_options)
     strength = {record["parameter"]: record["chosen"]}
-    merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector, out=out, seed=seed,
-          overwrite=overwrite, shard_size=shard_size, progress=progress, return_model=False,
-          extra_files=calibration_files(record), **strength, **method_options)
-    return record
+    result = merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector, out=out,
+                   seed=seed, overwrite=overwrite, shard_size=shard_size, progress=progress,
+                   extra_files=calibration_files(record), **strength, **method_options)
+    return record, result
 
 
 def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path | None = None,
@@ -82,7 +82,7 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
                          overwrite=overwrite, progress=progress, log=log, **merge_options)
     else:
         merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite, progress=progress,
-              return_model=False, **merge_options)
+              **merge_options)
     return out
 
 

@@ -94,7 +94,7 @@ def _merge(world, method, inputs, tmp_path, **roles):
     else:
         kw["aligned"], kw["harmful"] = world["base"], roles.get("harmful", world["harmful"])
     alpha = None if method == "enchtable" else 1.0
-    return merge(method, out=tmp_path / "out", alpha=alpha, progress=False, return_model=False, **kw)
+    return merge(method, out=tmp_path / "out", alpha=alpha, progress=False, **kw)
 
 
 @pytest.mark.parametrize("role,name,value,method,inputs", CASES)
@@ -115,7 +115,7 @@ def test_allow_nonfinite_lets_inputs_in_but_never_writes_a_nonfinite_output(worl
     bad = _poisoned(world, "task", MLP, NAN, tmp_path)
     with pytest.raises(NonFiniteError, match=f"merge {method} .*tensor {MLP} would hold .*NaN.*nothing was written"):
         merge(method, world["base"], bad, safety_vector=world["vector"], out=tmp_path / "out", alpha=alpha,
-              allow_nonfinite=True, progress=False, return_model=False)
+              allow_nonfinite=True, progress=False)
     assert not (tmp_path / "out").exists()
     # in memory too (the calibration's merges)
     with pytest.raises(NonFiniteError, match="would hold"):

@@ -342,7 +342,7 @@ def test_merge_adds_extra_files_before_publishing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "publish", publish)
     ej.merge("task_arithmetic", paths["base"], paths["task"], aligned=paths["aligned"], harmful=paths["harmful"],
-             out=tmp_path / "out", return_model=False, progress=False, extra_files={"extra.json": "{}"})
+             out=tmp_path / "out", progress=False, extra_files={"extra.json": "{}"})
     (staging, names), = seen
     assert staging.name.startswith(".out.tmp-") and not staging.exists()
     assert "extra.json" in names and "merge_report.json" in names

@@ -234,9 +234,9 @@ def _run_world(out: Path, seed: int, settings: Settings, quick: bool, overwrite:
         for method in METHODS:
             merged[method] = merge(method, base=out / "aligned", task=out / "task",
                                    safety_vector=out / "safety-vector", out=out / "merged" / method, seed=seed,
-                                   overwrite=overwrite, progress=False)
+                                   overwrite=overwrite, progress=False, load_model=True).model
             log(f"    {method}: {_merge_summary(out / 'merged' / method)}")
-        calibration = calibrated_merge(
+        calibration, _ = calibrated_merge(
             "enchtable", out / "aligned", out / "task", [p.prompt for p in world.val_harmful],
             [p.prompt for p in world.val_harmless], out / "merged" / CALIBRATED, safety_vector=out / "safety-vector",
             calibration=settings.calibration, overwrite=overwrite, seed=seed, progress=False, log=log, judge=JUDGE)

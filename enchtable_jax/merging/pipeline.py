@@ -1,7 +1,8 @@
-"""`merge`: safety vector (or aligned − harmful) into a task model, by any registered method."""
+"""`merge`: safety vector (or aligned − harmful) into a task model, by any registered method; its `MergeResult`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,22 +23,34 @@ from enchtable_jax.options import check_values
 ModelLike = Model | str | Path
 
 
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    """What `merge` made: the folder it wrote (None for a merge in memory), its report (the content of
+    merge_report.json: settings, α, norms, and per tensor what happened, why, and the method's statistics) and the
+    merged `Model` (for a merge in memory, or when asked for with `load_model`; else None)."""
+
+    path: Path | None
+    report: dict[str, Any]
+    model: Model | None
+
+
 def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | None = None,
           harmful: ModelLike | None = None, safety_vector: str | Path | None = None, out: str | Path | None = None,
           alpha: float | None = None, beta: float | None = None, seed: int = 0, overwrite: bool = False,
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
-          mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, return_model: bool = True,
+          mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, load_model: bool = False,
           extra_files: Mapping[str, bytes | str] | None = None, allow_nonfinite: bool = False,
-          **options: Any) -> Model | None:
+          **options: Any) -> MergeResult:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
     The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
     HF folders, orbax checkpoints or loaded `Model`s. α: fixed with `alpha`, else β·‖τ_task‖/‖τ_safe‖
-    with `beta` (default 0.1) for adaptive methods, else 1. With `out`, the result is streamed into an
-    HF folder (tokenizer files from the task model) with `merge_report.json` and `merge_report.png`,
-    and returned loaded unless `return_model=False`; without it, the merged Model is returned. `out` may
-    not be, contain or lie inside an input; `extra_files` (name -> bytes or text) are added to the output folder
-    before it is published.
+    with `beta` (default 0.1) for adaptive methods, else 1. Returns a `MergeResult` (path, report, model). With
+    `out`, the result is streamed into an HF folder (tokenizer files from the task model) with
+    `merge_report.json`, `merge_report.png` and `extra_files` (name -> bytes or text), published when complete;
+    the model is loaded from it only with `load_model` (on process 0 of a multi-host merge, which writes it).
+    Without `out`, the merged model is held in memory and returned. `out` may not be, contain or lie inside an
+    input.
     On CPU devices LAPACK runs single-threaded for the merge, one decomposition per device at once: the
     bytes written then do not depend on the device count, and a busy machine does not stall it (see
     `kernels.cpu_threads`; give the process one CPU device per core to use them all).
@@ -70,17 +83,19 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         params = {}
         for record in records:
             params[record.name], stats[record.name] = record.array, record.stats
-        return Model(task_src.config, {n: jax.numpy.asarray(params[n]) for n in task_src.specs if n in params},
-                     task_src.folder)  # the task model's order
+        model = Model(task_src.config, {n: jax.numpy.asarray(params[n]) for n in task_src.specs if n in params},
+                      task_src.folder)  # the task model's order
+        return MergeResult(None, report(), model)
     if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
         for record in records:
             stats[record.name] = record.stats
-        return None
+        return MergeResult(out, report(), None)
     with HFWriter(out, task_src.config, layout, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
                   progress=progress, check_finite=False) as writer:  # the executor checked every tensor
         for record in records:
             writer.add(record.name, record.array)
             stats[record.name] = record.stats
-        for name, data in {**report_files(report()), **(extra_files or {})}.items():
+        final = report()
+        for name, data in {**report_files(final), **(extra_files or {})}.items():
             writer.add_file(name, data)
-    return load(out) if return_model else None
+    return MergeResult(out, final, load(out) if load_model else None)

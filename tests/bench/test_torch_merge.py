@@ -55,7 +55,7 @@ def _tensors(folder):
 
 def test_torch_reference_writes_the_same_merged_model_as_ours(world, tmp_path):
     ej.merge("enchtable", world["base"], world["task"], safety_vector=world["vector"], out=tmp_path / "ours",
-             return_model=False, progress=False)
+             progress=False)
     info = torch_merge.merge(world["base"], world["task"], tmp_path / "torch", safety_vector=world["vector"])
     ours, theirs, task = _tensors(tmp_path / "ours"), _tensors(tmp_path / "torch"), _tensors(world["task"])
     assert set(ours) == set(theirs) == set(task)
@@ -102,7 +102,7 @@ def test_merge_study_agreement_measures_the_difference(world, tmp_path):
     from enchtable_jax.bench.studies.merge import agreement
 
     ej.merge("enchtable", world["base"], world["task"], safety_vector=world["vector"], out=tmp_path / "ours",
-             return_model=False, progress=False)
+             progress=False)
     torch_merge.merge(world["base"], world["task"], tmp_path / "torch", safety_vector=world["vector"])
     merged = sorted(world["tau"])
     got = agreement(tmp_path / "ours", tmp_path / "torch", world["task"], merged)

@@ -57,7 +57,7 @@ def test_sweep_equals_merge_at_every_beta(world):
     assert len(sweep.terms) == 9  # 3 layers x gate/up/down: one pair of decompositions each, for every β
     for beta in (0.05, 0.3, 2.0):
         want = merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
-                     beta=beta, progress=False)
+                     beta=beta, progress=False).model
         got = sweep.model(beta)
         assert set(got.params) == set(want.params)
         for name, value in want.params.items():

@@ -4,6 +4,7 @@ awkward cases (tied head, resized vocabulary, bf16, a vector from another base) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -75,7 +76,7 @@ def _expected(method, folders, options, alpha, seed=0):
 def test_executor_applies_each_method_per_tensor(world, method, tmp_path):
     uses_alpha = METHODS[method].uses_alpha  # safelora has no α: giving one is refused (check_strength)
     merged = merge(method, world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
-                   out=tmp_path / "out", alpha=0.7 if uses_alpha else None, progress=False)
+                   out=tmp_path / "out", alpha=0.7 if uses_alpha else None, progress=False, load_model=True).model
     expected = _expected(method, world, {}, 0.7)
     assert set(merged.params) == set(expected)
     for name, value in expected.items():
@@ -88,9 +89,24 @@ def test_executor_applies_each_method_per_tensor(world, method, tmp_path):
     assert (tmp_path / "out" / "merge_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_merge_result_holds_the_report_written_and_the_model_when_asked(world, tmp_path):
+    kw = dict(aligned=world["base"], harmful=world["harmful"], alpha=0.5, progress=False)
+    written = merge("task_arithmetic", world["base"], world["task"], out=tmp_path / "out", **kw)
+    assert written.path == (tmp_path / "out").resolve() and written.model is None
+    assert written.report == json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert {t["name"]: t["merged"] for t in written.report["tensors"]}["model.layers.0.mlp.up_proj.weight"]
+    loaded = merge("task_arithmetic", world["base"], world["task"], out=tmp_path / "again", load_model=True, **kw)
+    in_memory = merge("task_arithmetic", world["base"], world["task"], **kw)
+    assert in_memory.path is None and in_memory.report["merged"] == written.report["merged"] == 9
+    for name, value in in_memory.model.params.items():
+        assert np.asarray(loaded.model.params[name]).tobytes() == np.asarray(value).tobytes(), name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        written.model = in_memory.model
+
+
 def test_adaptive_alpha_is_beta_times_norm_ratio(world):
     merged = merge("task_arithmetic", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
-                   beta=0.25, progress=False)
+                   beta=0.25, progress=False).model
     base, task, harm = (ej.load(world[r]).params for r in ("base", "task", "harmful"))
     names = [n for n in task if ".mlp." in n]
     norm_task = np.sqrt(sum(np.sum((np.float64(task[n]) - np.float64(base[n])) ** 2) for n in names))
@@ -106,7 +122,7 @@ def test_eight_devices_write_the_same_bytes_as_one(world, tmp_path):
     outs = []
     for devices, name in ((jax.devices()[:1], "one"), (jax.devices(), "eight")):
         merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
-              out=tmp_path / name, mesh=merge_mesh(devices), return_model=False, progress=False)
+              out=tmp_path / name, mesh=merge_mesh(devices), progress=False)
         outs.append(tmp_path / name)
     files = sorted(p.name for p in outs[0].glob("*.safetensors"))
     assert files and files == sorted(p.name for p in outs[1].glob("*.safetensors"))
@@ -141,7 +157,7 @@ def test_two_processes_write_the_same_bytes_as_one(world, tmp_path):
         assert proc.returncode == 0, outputs[-1][-3000:]
     assert "on 4 device(s)" in outputs[0] and "merged" not in outputs[1]  # process 0 reports, process 1 is quiet
     merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
-          out=tmp_path / "one", mesh=merge_mesh(jax.devices()[:1]), return_model=False, progress=False)
+          out=tmp_path / "one", mesh=merge_mesh(jax.devices()[:1]), progress=False)
     files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "multi").glob("*.safetensors"))
     for f in files:
@@ -169,7 +185,7 @@ def test_untouched_tensors_keep_their_bytes_and_transformers_loads_the_result(wo
 
     out = tmp_path / "out"
     merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"], out=out,
-          return_model=False, progress=False)
+          progress=False)
     task, merged = load_file(world["task"] / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(task) == set(merged)
     for name in task:
@@ -190,7 +206,7 @@ def test_tied_embeddings(tmp_path):
     base = ej.load(folders["base"])
     assert "lm_head.weight" not in base.params
     merged = merge("enchtable", folders["base"], folders["task"], aligned=folders["base"], harmful=folders["harmful"],
-                   out=tmp_path / "out", progress=False)
+                   out=tmp_path / "out", progress=False, load_model=True).model
     assert "lm_head.weight" not in merged.params and merged.config.tie_word_embeddings
 
 
@@ -198,7 +214,7 @@ def test_resized_vocabulary_is_kept_from_the_task_and_reported(tmp_path):
     folders = _models(tmp_path, task_vocab=72)
     out = tmp_path / "out"
     merged = merge("ties", folders["base"], folders["task"], aligned=folders["base"], harmful=folders["harmful"],
-                   out=out, progress=False)
+                   out=out, progress=False, load_model=True).model
     task = ej.load(folders["task"])
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert merged.params[name].shape == (72, 32)
@@ -211,7 +227,7 @@ def test_resized_vocabulary_is_kept_from_the_task_and_reported(tmp_path):
 def test_bf16_inputs_give_bf16_outputs(tmp_path):
     folders = _models(tmp_path, dtype=jnp.bfloat16)
     merged = merge("enchtable", folders["base"], folders["task"], aligned=folders["base"], harmful=folders["harmful"],
-                   out=tmp_path / "out", alpha=0.5, progress=False)
+                   out=tmp_path / "out", alpha=0.5, progress=False, load_model=True).model
     expected = _expected("enchtable", folders, {}, 0.5)
     for name, value in expected.items():
         got = np.asarray(merged.params[name])
@@ -228,9 +244,9 @@ def _vector_folder(folder, base_dir, harmful_dir):
 
 def test_safety_vector_folder_equals_aligned_minus_harmful(world, tmp_path):
     vector = _vector_folder(tmp_path / "vector", world["base"], world["harmful"])
-    a = merge("enchtable", world["base"], world["task"], safety_vector=vector, progress=False)
+    a = merge("enchtable", world["base"], world["task"], safety_vector=vector, progress=False).model
     b = merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
-              progress=False)
+              progress=False).model
     for name in a.params:
         np.testing.assert_array_equal(np.asarray(a.params[name]), np.asarray(b.params[name]), err_msg=name)
 

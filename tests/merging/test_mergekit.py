@@ -114,7 +114,7 @@ def _ours(world, method, alpha, exact_safety=False, **options):
     """Our merge; exact_safety: τ_safe = safe − base, the very subtraction mergekit does (see above)."""
     aligned, harmful = ("safe", "base") if exact_safety else ("aligned", "harmful")
     model = merge(method, world["base"], world["task"], aligned=world[aligned], harmful=world[harmful],
-                  alpha=alpha, mesh=merge_mesh(jax.devices()[:1]), progress=False, **options)
+                  alpha=alpha, mesh=merge_mesh(jax.devices()[:1]), progress=False, **options).model
     return {n: np.asarray(v) for n, v in model.params.items()}
 
 

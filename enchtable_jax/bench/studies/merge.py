@@ -8,8 +8,8 @@ full: 'smollm2-135m' (30 layers, 210 matrices, 420 SVDs) and 'llama3-8b-layer' (
 layer with its 128k-vocabulary embedding and head; 7 matrices, 14 SVDs).
 
 Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<preset>"):
-- ours = `enchtable_jax.merge('enchtable', base, task, safety_vector=..., out=..., return_model=False,
-  progress=False, overwrite=True)`; torch = `merge` of `benchmarks/torch_merge.py` (same math, same
+- ours = `enchtable_jax.merge('enchtable', base, task, safety_vector=..., out=..., progress=False,
+  overwrite=True)`; torch = `merge` of `benchmarks/torch_merge.py` (same math, same
   output; where that file or torch is missing, ours is measured alone and the reason recorded). Both
   alternate in this process (`timing.alternate`, order rotating every repeat); the first call of each
   is a warm-up (JAX compilation) except for llama3-8b-layer, where one call takes minutes and
@@ -71,8 +71,8 @@ from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.merging.sources import open_model
 rss0 = peak_rss_bytes()
 start = time.perf_counter()
-merge("enchtable", ARGS["base"], ARGS["task"], safety_vector=ARGS["vector"], out=ARGS["out"], return_model=False,
-      progress=False, overwrite=True)
+merge("enchtable", ARGS["base"], ARGS["task"], safety_vector=ARGS["vector"], out=ARGS["out"], progress=False,
+      overwrite=True)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "rss_after_import_bytes": rss0, "peak_rss_bytes": peak_rss_bytes()}))
 """
@@ -185,7 +185,7 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
     out_ours, out_torch = root / "out-ours", root / "out-torch"
     args = {"base": str(world["base"]), "task": str(world["task"]), "vector": str(world["vector"])}
     fns = {"ours": lambda: merge("enchtable", world["base"], world["task"], safety_vector=world["vector"],
-                                 out=out_ours, return_model=False, progress=False, overwrite=True)}
+                                 out=out_ours, progress=False, overwrite=True)}
     if torch_merge is not None:
         fns["torch"] = lambda: torch_merge.merge(world["base"], world["task"], out_torch,
                                                  safety_vector=world["vector"], overwrite=True)

@@ -6,7 +6,7 @@ Synthetic float32 folders (`bench.synthetic`): base; task = base + noise; safe =
 exactly zero, mergekit would still sparsify it). mergekit gets base_model = base and models task
 (weight 1) and safe (weight α = 1), configured as in tests/merging/test_mergekit.py, where the outputs
 are checked against ours; ours is `merge(method, base, task, aligned=safe, harmful=base, alpha=1,
-out=..., return_model=False)`, so τ_safe = safe − base by the same float32 subtraction (ours reads the
+out=...)`, so τ_safe = safe − base by the same float32 subtraction (ours reads the
 base folder twice, once as `harmful`: that is counted against it). Options at our defaults: TIES
 density 0.5 (mergekit `normalize: true`), DARE density 0.5 (mergekit `dare_linear`, `rescale: false`,
 weights 1/p and α/p, our 1/density rescale), breadcrumbs density 0.9, gamma 0.01, Model Stock per
@@ -78,7 +78,7 @@ def _mergekit_runner(mergekit, method: str, folders: dict[str, Path], out: Path)
 def _ours_runner(method: str, folders: dict[str, Path], out: Path):
     options = METHODS[method][0]
     return lambda: merge(method, folders["base"], folders["task"], aligned=folders["safe"], harmful=folders["base"],
-                         alpha=ALPHA, out=out, return_model=False, progress=False, overwrite=True, **options)
+                         alpha=ALPHA, out=out, progress=False, overwrite=True, **options)
 
 
 def max_abs_difference(a: Path, b: Path) -> float:

@@ -427,7 +427,7 @@ class Study:
         with self.stage(f"merge {method}", self.done(method)) as needed:
             if needed:
                 merge(method, base=aligned_path(self.settings), task=task, safety_vector=vector, out=folder,
-                      overwrite=True, return_model=False, progress=False, seed=self.settings.seed)
+                      overwrite=True, progress=False, seed=self.settings.seed)
         return self.evaluate(method, "merge", folder, data)
 
     def calibrated(self, task: Path, vector: Path, data: dict) -> dict:

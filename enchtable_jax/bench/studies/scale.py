@@ -59,7 +59,7 @@ def _merge_call(folders: dict[str, str], devices: list) -> Callable[[], None]:
 
     mesh = merge_mesh(devices)
     return lambda: merge("enchtable", folders["base"], folders["task"], safety_vector=folders["vector"],
-                         out=folders["out"], return_model=False, progress=False, overwrite=True, mesh=mesh)
+                         out=folders["out"], progress=False, overwrite=True, mesh=mesh)
 
 
 def _step_call(preset: str, devices: list, batch: tuple[int, int]) -> Callable[[], None]:
