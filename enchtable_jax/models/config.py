@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
-# Hugging Face defaults for fields a config.json may omit, per family (transformers 5 config classes).
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu"},
-    "mistral": {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "sliding_window": 4096},
-    "qwen2": {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "sliding_window": 4096,
-              "use_sliding_window": False, "max_window_layers": 28},
+# transformers' config class of each family. A field a config.json omits gets that class's default, read from the
+# class (as transformers fills it in when it loads the file), not copied here.
+_HF_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+# The fields the resolution below reads that a config.json may omit, per family.
+_DEFAULTED = {
+    "llama": ("rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias"),
+    "mistral": ("rms_norm_eps", "tie_word_embeddings", "hidden_act", "sliding_window"),
+    "qwen2": ("rms_norm_eps", "tie_word_embeddings", "hidden_act", "sliding_window", "use_sliding_window",
+              "max_window_layers"),
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -83,7 +87,8 @@ class ModelConfig:
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: field 'model_type' {model_type!r:.100} is not supported; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        d = {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or k == "sliding_window"}}
+        given = {k: v for k, v in raw.items() if v is not None or k == "sliding_window"}  # null window: none
+        d = {**{k: hf_default(model_type, k) for k in _DEFAULTED[model_type] if k not in given}, **given}
         for name in _REQUIRED:
             _positive_int(d.get(name), name, source)
         heads = d["num_attention_heads"]
@@ -107,12 +112,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'hidden_act' {d['hidden_act']!r:.100} is not supported; supported: "
                               f"{', '.join(ACTIVATIONS)}")
         _check_transformers_fields(raw, d["vocab_size"], source)
-        rope_theta, rope = _read_rope(d, source)
-        bias = {
-            "llama": (bool(d.get("attention_bias", False)),) * 2 + (bool(d.get("mlp_bias", False)),),
-            "mistral": (False, False, False),
-            "qwen2": (True, False, False),
-        }[model_type]
+        rope_theta, rope = _read_rope(d, source, lambda: hf_default(model_type, "default_theta"))
+        bias = ((d["attention_bias"],) * 2 + (d["mlp_bias"],) if model_type == "llama"  # (q/k/v, o, mlp)
+                else {"mistral": (False, False, False), "qwen2": (True, False, False)}[model_type])
         return cls(
             model_type=model_type,
             vocab_size=d["vocab_size"],
@@ -148,6 +150,15 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the file must hold a JSON object, got {type(raw).__name__}")
         return cls.from_hf(raw, source=str(path))
+
+
+@functools.cache
+def hf_default(model_type: str, name: str) -> Any:
+    """The default transformers' config class of `model_type` gives field `name` (or its class constant, such as
+    `default_theta`). Imported only when a config omits a field: the config classes import torch."""
+    import transformers
+
+    return getattr(getattr(transformers, _HF_CONFIG_CLASSES[model_type]), name)
 
 
 def _positive_int(value: Any, name: str, source: str) -> int:
@@ -188,8 +199,9 @@ def _positive_float(value: Any, name: str, source: str) -> float:
     return float(value)
 
 
-def _read_rope(d: Mapping[str, Any], source: str) -> tuple[float, RopeScaling]:
-    """RoPE settings from transformers-5 `rope_parameters` or transformers-4 `rope_theta`/`rope_scaling`."""
+def _read_rope(d: Mapping[str, Any], source: str, default_theta: Callable[[], float]) -> tuple[float, RopeScaling]:
+    """RoPE settings from transformers-5 `rope_parameters` or transformers-4 `rope_theta`/`rope_scaling`;
+    `default_theta()` when neither gives θ."""
     field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
     params = d.get(field) or {}
     if not isinstance(params, Mapping):
@@ -197,7 +209,7 @@ def _read_rope(d: Mapping[str, Any], source: str) -> tuple[float, RopeScaling]:
     if "rope_theta" in params:
         theta = _positive_float(params["rope_theta"], f"{field}.rope_theta", source)
     else:
-        theta = _positive_float(d.get("rope_theta", 10_000.0), "rope_theta", source)
+        theta = _positive_float(d["rope_theta"] if "rope_theta" in d else default_theta(), "rope_theta", source)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: "
