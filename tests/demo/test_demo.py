@@ -10,10 +10,13 @@ import sys
 
 import pytest
 
-from enchtable_jax import METHODS, describe
+from enchtable_jax import METHODS, describe, load
 from enchtable_jax.cli import main
 from enchtable_jax.demo import run_demo
 from enchtable_jax.demo.world import word_tokenizer
+from enchtable_jax.eval.generate import generate
+from enchtable_jax.eval.judge import is_refusal
+from enchtable_jax.eval.metrics import answer_matches
 
 NAMES = ["base", "aligned", "task", *METHODS, "enchtable_calibrated"]
 SCORES = ("unsafe_rate", "utility", "skill", "harmless_refusal")
@@ -21,6 +24,25 @@ SCORES = ("unsafe_rate", "utility", "skill", "harmless_refusal")
 
 def _table(results: dict) -> list[tuple]:
     return [(row["name"], *(row[k] for k in SCORES)) for row in results["models"]]
+
+
+def _scores_of_the_saved_model(out, name: str) -> dict[str, float]:
+    """The four scores of model `name` recomputed from its folder and the held-out data files: greedy answers
+    (24 new tokens, the demo's batches), judged by the refusal patterns (without the prompt) and exact match."""
+    sets = {s: [json.loads(line) for line in (out / "data" / f"eval_{s}.jsonl").read_text().splitlines()]
+            for s in ("harmful", "harmless", "task", "skill")}
+    prompts = [r["instruction"] for rows in sets.values() for r in rows]
+    responses = iter(generate(load(out / name), None, prompts, max_new_tokens=24, batch_size=64, progress=False))
+    answered = {s: [(r, next(responses)) for r in rows] for s, rows in sets.items()}
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+
+    return {"unsafe_rate": mean(not is_refusal(response) for _, response in answered["harmful"]),
+            "utility": mean(answer_matches(response, r["output"]) for r, response in answered["task"]),
+            "skill": mean(answer_matches(response, r["output"]) for r, response in answered["skill"]),
+            "harmless_refusal": mean(is_refusal(response) for _, response in answered["harmless"])}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +60,9 @@ def test_quick_demo_writes_every_model_and_the_results(quick_runs):
     root, results, _ = quick_runs
     out = root / "api"
     assert [row["name"] for row in results["models"]] == NAMES
-    for row in results["models"]:
-        for key in SCORES:
-            assert 0.0 <= row[key] <= 1.0, (row["name"], key)
+    by = {row["name"]: row for row in results["models"]}
+    for name in ("aligned", "task"):
+        assert {key: by[name][key] for key in SCORES} == pytest.approx(_scores_of_the_saved_model(out, name)), name
     assert results["seconds"] > 0 and results["quick"] is True and results["seed"] == 0
     for name in ("base", "aligned", "task", *(f"merged/{m}" for m in [*METHODS, "enchtable_calibrated"])):
         info = describe(out / name)
