@@ -24,19 +24,15 @@ REQUIRED = {"merge": [], "enchant": ["--base", "b", "--task", "t", "--out", "o"]
             "finetune": ["--model", "m", "--data", "d", "--out", "o"]}
 
 
-def _actions(command: str) -> dict[str, argparse.Action]:
-    """{dest: action} of one subcommand's parser."""
-    sub = build_parser()._subparsers._group_actions[0].choices[command]
-    return {a.dest: a for a in sub._actions}
-
-
-def _flag(action: argparse.Action) -> str:
-    return action.option_strings[-1]
-
-
 def _by_flag(command: str) -> dict[str, argparse.Action]:
+    """{flag: action} of one subcommand's parser."""
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     return {flag: a for a in sub._actions for flag in a.option_strings}
+
+
+def _shown(default) -> str:
+    """A default as --help writes it."""
+    return f"{default:g}" if isinstance(default, (int, float)) else str(default)
 
 
 METHOD_CASES = [(command, m, name) for command in ("merge", "enchant") for m in METHODS
@@ -57,17 +53,17 @@ def test_method_option_default_on_the_command_line_is_the_declared_one(command, 
     args = build_parser().parse_args([command, *REQUIRED[command], *(["--method", method] if command == "merge"
                                                                      else [])])
     assert method_options(method, _method_options(args))[name] == option.default
-    actions = _actions(command)
     if option.flag:
-        action = actions[name]
-        assert action.default in (None, False), f"{_flag(action)} has a default of its own: {action.default!r}"
+        flag = "--" + name.replace("_", "-")
+        action = _by_flag(command)[flag]
+        assert action.default in (None, False), f"{flag} has a default of its own: {action.default!r}"
         assert f"{method}: {option.help}" in action.help
         if not isinstance(option.default, bool):
-            assert f"{method}: {option.help} (default {option.default:g})" in action.help
-        given = "--" + name.replace("_", "-")
-        value = [] if isinstance(option.default, bool) else [str(option.default)]
-        args = build_parser().parse_args([command, *REQUIRED[command], given, *value])
-        assert _method_options(args)[name] == (True if isinstance(option.default, bool) else option.default)
+            assert f"{method}: {option.help} (default {_shown(option.default)})" in action.help
+        switch = isinstance(option.default, bool)
+        value = [] if switch else [str(option.default)]
+        args = build_parser().parse_args([command, *REQUIRED[command], flag, *value])
+        assert _method_options(args)[name] == (True if switch else option.default)
     else:
         args = build_parser().parse_args([command, *REQUIRED[command],
                                           "--set", f"{name}={json.dumps(option.default)}"])
@@ -114,5 +110,4 @@ def test_field_default_on_the_command_line_is_the_declared_one(command, cls, nam
         return
     assert action.default == default, f"{flag} defaults to {action.default!r}, {cls.__name__}.{name} to {default!r}"
     if default is not None:
-        assert f"(default {default:g})" in action.help if isinstance(default, (int, float)) else \
-            f"(default {default})" in action.help
+        assert f"(default {_shown(default)})" in action.help
