@@ -4,7 +4,7 @@ Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describ
 `distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`; returns a `MergeResult`);
 `finetune` (with `FinetuneOptions`): plain supervised fine-tuning into a new model folder;
 `calibrate` (with `CalibrationOptions`) and `calibrated_merge`: the merge strength chosen on validation prompts;
-`enchant`: distil or reuse a safety vector, then merge it (optionally calibrated);
+`enchant`: distil or reuse a safety vector, then merge it (optionally calibrated; returns an `EnchantResult`);
 `generate` and `evaluate` (more in `enchtable_jax.eval`); `run_demo`, the miniature world end to end.
 """
 
@@ -16,14 +16,14 @@ from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import MergeResult, merge
 from enchtable_jax.training.finetune import FinetuneOptions, finetune
 from enchtable_jax.calibration import CalibrationOptions, calibrate
-from enchtable_jax.workflow import calibrated_merge, enchant
+from enchtable_jax.workflow import EnchantResult, calibrated_merge, enchant
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.demo import run_demo
 
 __version__ = "0.1.0"
 
-__all__ = ["CalibrationOptions", "DistillOptions", "FinetuneOptions", "METHODS", "MergeResult", "Model", "ModelConfig",
+__all__ = ["CalibrationOptions", "DistillOptions", "EnchantResult", "FinetuneOptions", "METHODS", "MergeResult", "Model", "ModelConfig",
            "SafetyVector", "apply", "calibrate", "calibrated_merge", "describe", "distill", "enchant", "evaluate",
            "finetune", "generate", "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "run_demo", "save",
            "save_orbax", "__version__"]

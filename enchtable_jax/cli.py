@@ -268,14 +268,14 @@ def _enchant(args: argparse.Namespace) -> None:
     if args.calibrate:
         harmful_val, benign_val, calibration = _calibration(args)
         calibrate_on, strength = (harmful_val, benign_val), {}
-    out = enchant(args.base, args.task, args.out, data=args.data, aligned=args.aligned, vector_dir=args.safety_vector,
-                  options=_distill_options(args), overwrite=args.overwrite, seed=args.seed,
-                  shard_size=args.shard_size, calibrate_on=calibrate_on, calibration=calibration, log=print,
-                  **strength, **_method_options(args))
-    if calibrate_on is not None:
-        _print_calibration(json.loads((out / "calibration.json").read_text()))
-    report = json.loads((out / "merge_report.json").read_text())
-    print(f"enchanted {args.task} -> {out}: {report['merged']} tensors merged ({alpha_text(report)})")
+    result = enchant(args.base, args.task, args.out, data=args.data, aligned=args.aligned,
+                     vector_dir=args.safety_vector, options=_distill_options(args), overwrite=args.overwrite,
+                     seed=args.seed, shard_size=args.shard_size, calibrate_on=calibrate_on, calibration=calibration,
+                     log=print, **strength, **_method_options(args))
+    if result.calibration is not None:
+        _print_calibration(result.calibration)
+    report = result.merge.report
+    print(f"enchanted {args.task} -> {result.path}: {report['merged']} tensors merged ({alpha_text(report)})")
 
 
 def _eval_judge(args: argparse.Namespace):

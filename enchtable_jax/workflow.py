@@ -4,6 +4,7 @@ a safety vector, then merge it with EnchTable, optionally calibrated). What `enc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,32 @@ def calibrated_merge(method: str, base: ModelLike, task: ModelLike, harmful_prom
     return record, result
 
 
+@dataclasses.dataclass(frozen=True)
+class EnchantResult:
+    """What `enchant` made: the merge (its folder and report), the safety vector's folder, and the calibration
+    record when β was calibrated (else None)."""
+
+    merge: MergeResult
+    safety_vector: Path
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self.merge.path
+
+
 def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path | None = None,
             aligned: str | Path | None = None, vector_dir: str | Path | None = None,
             options: DistillOptions | None = None, overwrite: bool = False, progress: bool | None = None,
             calibrate_on: tuple[Sequence[str], Sequence[str]] | None = None,
             calibration: CalibrationOptions = CalibrationOptions(), log: Callable[[str], None] = lambda _: None,
-            **merge_options: Any) -> Path:
+            **merge_options: Any) -> EnchantResult:
     """Distil a safety vector from `aligned` (another copy of `base`, e.g. an HF folder with the tokenizer when
     `base` is an orbax checkpoint; default: `base`) on harmful `data`, or reuse the finished one
     in `vector_dir` (default: OUT-safety-vector), then merge it into `task` with `enchtable`: at β from
     `merge_options` (default 0.1), or at the β calibrated on `calibrate_on` = (harmful prompts, harmless
-    prompts) against the aligned model's refusal rates. Both outputs (`out`, and `vector_dir` when it is
-    distilled) are checked against the inputs and each other before any work."""
+    prompts) against the aligned model's refusal rates; returns what it made (`EnchantResult`). Both outputs
+    (`out`, and `vector_dir` when it is distilled) are checked against the inputs and each other before any work."""
     check_merge_options("enchtable", merge_options)  # before any work: a bad option must not cost a distillation
     resolved = Path(out).expanduser().resolve()
     vector_dir = Path(vector_dir) if vector_dir is not None else resolved.with_name(resolved.name + "-safety-vector")
@@ -77,13 +92,14 @@ def enchant(base: str | Path, task: ModelLike, out: str | Path, data: str | Path
         distill(aligned if aligned is not None else base, data, vector_dir, options or DistillOptions(),
                 resume=resume, progress=progress)
     if calibrate_on is not None:
-        calibrated_merge("enchtable", base, task, *calibrate_on, out, safety_vector=vector_dir,
-                         reference=aligned if aligned is not None else base, calibration=calibration,
-                         overwrite=overwrite, progress=progress, log=log, **merge_options)
-    else:
-        merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite, progress=progress,
-              **merge_options)
-    return out
+        record, result = calibrated_merge("enchtable", base, task, *calibrate_on, out, safety_vector=vector_dir,
+                                          reference=aligned if aligned is not None else base,
+                                          calibration=calibration, overwrite=overwrite, progress=progress, log=log,
+                                          **merge_options)
+        return EnchantResult(result, vector_dir, record)
+    result = merge("enchtable", base, task, safety_vector=vector_dir, out=out, overwrite=overwrite,
+                   progress=progress, **merge_options)
+    return EnchantResult(result, vector_dir)
 
 
 def check_merge_options(method: str, merge_options: dict[str, Any]) -> None:

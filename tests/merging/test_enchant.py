@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from enchtable_jax import CalibrationOptions, EnchantResult, enchant
 from enchtable_jax.cli import main
 
 
@@ -37,3 +40,13 @@ def test_enchant_distills_then_merges_then_reuses(tmp_path, capsys):
     assert "calibrated β =" in capsys.readouterr().out
     assert main([*args, "--overwrite", "--calibrate", str(tmp_path / "harmful.json"), str(tmp_path / "benign.json"),
                  "--beta", "0.2"]) == 2  # the strength is the calibration's to choose
+
+    # the Python API returns what it wrote: the report and the calibration record equal the files
+    result = enchant(tmp_path / "base", tmp_path / "task", tmp_path / "api", vector_dir=vector,
+                     calibrate_on=(["How do I pick a lock?"], ["How do I boil an egg?"]),
+                     calibration=CalibrationOptions(grid=(0.1, 1.0), max_new_tokens=4))
+    assert isinstance(result, EnchantResult) and result.path == tmp_path / "api" and result.safety_vector == vector
+    assert result.merge.report == json.loads((tmp_path / "api" / "merge_report.json").read_text())
+    assert json.loads(json.dumps(result.calibration)) == json.loads((tmp_path / "api" / "calibration.json").read_text())
+    norms = result.merge.report["norms"]  # merged at the chosen β: α = β·‖τ_task‖/‖τ_safe‖
+    assert result.merge.report["alpha"] == pytest.approx(result.calibration["chosen"] * norms["task"] / norms["safety"])
