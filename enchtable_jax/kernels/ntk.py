@@ -4,7 +4,8 @@ At θ0 the linearized model and the model share their Jacobian, so the kernel of
 the plain forward with respect to the scope's tensors. Two implementations that must agree:
 - "jacobian": per-example Jacobians (reverse mode, vmapped), contracted leaf by leaf;
 - "ntvp": NTK-vector products, J(x1) (J(x2)ᵀ e) by one vjp then one jvp, never forming J.
-"neural_tangents" uses that package's `empirical_ntk_fn` when it imports (it does not on current JAX).
+"neural_tangents" uses that package's `empirical_ntk_fn` (Jacobian contraction), imported through
+`nt_compat` (0.6.5 does not import on current JAX by itself).
 
 A readout maps (logits [B, T, V], batch) to one scalar [B] or a few numbers [B, O] per example; the
 kernel is [N1, N2] or [N1, N2, O, O]. Batches are dicts of [B, T] arrays as in `train_step`.
@@ -13,7 +14,6 @@ kernel is [N1, N2] or [N1, N2, O, O]. Batches are dicts of [B, T] arrays as in `
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.errors import EnchtableError, MissingExtraError
+from enchtable_jax.kernels.nt_compat import import_neural_tangents
 from enchtable_jax.kernels.scopes import Scope
 from enchtable_jax.kernels.train_step import Batch
 from enchtable_jax.models.config import ModelConfig
@@ -87,23 +88,25 @@ def _ntk_ntvp(params0, sub, config, readout, batch1, batch2):
     return jnp.transpose(cols, (2, 0, 3, 1))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "readout"))
 def _ntk_neural_tangents(params0, sub, config, readout, batch1, batch2):
     nt = neural_tangents_module()
     f = _example_fn(params0, config, readout)
-    fn = nt.empirical_ntk_fn(lambda s, x: jax.vmap(lambda ex: f(s, ex))(x), trace_axes=(), vmap_axes=0)
+    fn = nt.empirical_ntk_fn(lambda s, x: jax.vmap(lambda ex: f(s, ex))(x), trace_axes=(), vmap_axes=0,
+                             implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
     return fn(batch1, batch2, sub)
 
 
 def neural_tangents_module():
-    """The `neural_tangents` module, or a MissingExtraError (an ImportError) that says why and what to use
-    instead."""
+    """The `neural_tangents` module (through `nt_compat`), or a MissingExtraError (an ImportError) that says
+    why and what to use instead."""
     try:
-        return importlib.import_module("neural_tangents")
-    except Exception as e:  # noqa: BLE001 - it fails in many ways on current JAX (missing tensorflow, removed APIs)
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise MissingExtraError(f"neural-tangents is unavailable ({type(e).__name__}: {first}); its 0.6.5 release "
-                                "does not import on current JAX. Use method='jacobian' or 'ntvp', which compute the "
-                                "same kernel") from e
+        return import_neural_tangents()
+    except ImportError as e:  # not installed, frozendict missing, or a JAX name nt_compat does not restore
+        raise MissingExtraError(f"neural-tangents is unavailable ({type(e).__name__}: {e}); install it with `pip "
+                                "install frozendict && pip install --no-deps neural-tangents==0.6.5` (the `ntk` "
+                                "extra, README), or use method='jacobian' or 'ntvp', which compute the same "
+                                "kernel") from e
 
 
 def empirical_ntk(model0, scope: Scope, batch1: Batch, batch2: Batch | None = None,

@@ -25,6 +25,7 @@ from enchtable_jax.bench import __main__ as bench
 from enchtable_jax.bench.optional import BENCHMARKS_ENV, optional_module, reference_module
 from enchtable_jax.bench.process import cpu_devices_env, run_fresh
 from enchtable_jax.bench.studies import scale
+from enchtable_jax.kernels.ntk import neural_tangents_module
 
 SUITES = ("convert", "linearize", "ntk")
 # ratio figure -> (numerator, denominator) implementations, per suite
@@ -104,9 +105,15 @@ def test_throughput_and_study_specific_figures(quick_run):
         tokens / linearize["seconds"]["jax_plain"]["min"])
     ntk = results["suites"]["ntk"]
     assert ntk["max_relative_difference"]["ntvp"] < 1e-4  # both implementations computed the same kernel
-    if optional_module("neural_tangents")[0] is None:
+    try:
+        neural_tangents_module()
+    except ImportError:
         assert "neural-tangents is unavailable" in ntk["unavailable"]["neural_tangents"]
         assert "neural_tangents" not in ntk["seconds"]
+    else:  # its speed is reported beside ours, for the same kernel
+        assert ntk["max_relative_difference"]["neural_tangents"] < 1e-5
+        assert ntk["examples_per_second"]["neural_tangents"]["median"] > 0
+        assert "neural_tangents_over_jacobian" in ntk
 
 
 def test_targets_and_markdown(quick_run):

@@ -4,8 +4,8 @@ Implementations (alternating in this process, compilation excluded), all over th
 the `response_logprob` readout (one number per example, so Θ is N×N):
 - jacobian: `kernels.ntk.empirical_ntk(method="jacobian")`, per-example reverse-mode Jacobians contracted;
 - ntvp: `method="ntvp"`, NTK-vector products (one vjp, then jvps), never forming J;
-- neural_tangents: its `empirical_ntk_fn` where the package imports; 0.6.5 (its latest) does not on
-  current JAX, and the study then records why under `unavailable`.
+- neural_tangents: its `empirical_ntk_fn` (Jacobian contraction, the same algorithm as ours), imported through
+  `kernels/nt_compat.py`; where it is not installed the study records why under `unavailable`.
 Sizes: `--quick` the tiny preset, 4 examples x 16 tokens; full: SmolLM2-135M's shape, 8 examples x 32
 tokens, scope `ffn` (80M parameters), processed in chunks of 4 examples per side. examples/s = N /
 seconds for the N×N kernel. `max_relative_difference` checks that the implementations computed the same
