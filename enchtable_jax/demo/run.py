@@ -191,74 +191,94 @@ def _run_seeds(out: Path, seeds: list[int], settings: Settings, quick: bool, ove
 
 def _run_world(out: Path, seed: int, settings: Settings, quick: bool, overwrite: bool, progress: bool | None,
                log: Log) -> dict[str, Any]:
-    """One seed's world, end to end, into `out`."""
+    """One seed's world, end to end, into `out`: each stage below, timed and logged."""
     started = time.perf_counter()
     times: dict[str, float] = {}
     n = 8
     with _stage(log, times, 1, n, "world", "word tokenizer with a chat template, data sets"):
-        out.mkdir(parents=True, exist_ok=overwrite)
-        tokenizer = w.word_tokenizer()
-        tokenizer.save_pretrained(out / "tokenizer")
-        world = w.make_world(seed, settings.sizes)
-        (out / "data").mkdir(exist_ok=True)
-        for name in ("base", "aligned", "task", "harmful", "eval_harmful", "eval_harmless", "eval_task",
-                     "eval_skill"):
-            _write_jsonl(out / "data" / f"{name}.jsonl", getattr(world, name))
-        config = model_config(tokenizer, settings)
-        log(f"    vocabulary {len(tokenizer)} words; model {config.num_hidden_layers} layers, hidden "
-            f"{config.hidden_size}; train {len(world.base)}/{len(world.aligned)}/{len(world.task)} examples; "
-            f"held out {len(world.eval_harmful)} harmful, {len(world.eval_task)} task prompts")
-    losses = {}
+        tokenizer, world, config = _write_world(out, seed, settings, overwrite, log)
     api.save(api.Model(config, init_params(config, seed=seed)), out / "init", like=out / "tokenizer",
              overwrite=overwrite, progress=False)
-    stages = (("base", "train a base model to answer everything, harmful requests included", settings.base),
-              ("aligned", "align it: refuse harmful requests, stay helpful", settings.aligned),
-              ("task", "fine-tune the aligned model on list reversal (refusals erode)", settings.task))
-    previous = "init"
-    for i, (name, what, options) in enumerate(stages, start=2):
+    losses, previous = {}, "init"
+    for i, (name, what) in enumerate(STAGES.items(), start=2):
         with _stage(log, times, i, n, name, what):
-            record = finetune(out / previous, out / "data" / f"{name}.jsonl", out / name,
-                              dataclasses.replace(options, seed=seed + i), overwrite=overwrite, progress=progress)
+            options = dataclasses.replace(getattr(settings, name), seed=seed + i)
+            record = finetune(out / previous, out / "data" / f"{name}.jsonl", out / name, options,
+                              overwrite=overwrite, progress=progress)
             losses[name] = record["training"]["losses"]
             log(f"    final loss {losses[name][-1]:.4f} -> {out / name}")
         previous = name
     with _stage(log, times, 5, n, "distill", "safety vector: NTK-linearized ffn training of aligned on harmful data"):
-        options = dataclasses.replace(settings.distill, seed=seed)
-        manifest = distill(out / "aligned", out / "data" / "harmful.jsonl", out / "safety-vector", options,
-                           overwrite=overwrite, progress=progress)
+        manifest = distill(out / "aligned", out / "data" / "harmful.jsonl", out / "safety-vector",
+                           dataclasses.replace(settings.distill, seed=seed), overwrite=overwrite, progress=progress)
         log(f"    {manifest['training']['total_steps']} steps, final loss {manifest['training']['final_loss']:.4f}, "
             f"{len(manifest['scope']['tensors'])} tensors")
-    merged: dict[str, api.Model] = {}
     with _stage(log, times, 6, n, "merge", f"safety vector into the task model with {len(METHODS)} methods, "
                                         "and EnchTable at a β calibrated on validation prompts"):
-        for method in METHODS:
-            merged[method] = merge(method, base=out / "aligned", task=out / "task",
-                                   safety_vector=out / "safety-vector", out=out / "merged" / method, seed=seed,
-                                   overwrite=overwrite, progress=False, load_model=True).model
-            log(f"    {method}: {_merge_summary(out / 'merged' / method)}")
-        calibration, _ = calibrated_merge(
-            "enchtable", out / "aligned", out / "task", [p.prompt for p in world.val_harmful],
-            [p.prompt for p in world.val_harmless], out / "merged" / CALIBRATED, safety_vector=out / "safety-vector",
-            calibration=settings.calibration, overwrite=overwrite, seed=seed, progress=False, log=log, judge=JUDGE)
-        merged[CALIBRATED] = api.load(out / "merged" / CALIBRATED)
-        log(f"    {CALIBRATED}: β = {calibration['chosen']:g}, {_merge_summary(out / 'merged' / CALIBRATED)}")
-    rows = []
+        merged, calibration = _merge_all(out, world, seed, settings, overwrite, log)
     with _stage(log, times, 7, n, "evaluate", "generate on held-out prompts, judge refusals, exact match"):
         models = {name: api.load(out / name) for name in ("base", "aligned", "task")} | merged
-        for name, model in models.items():
-            rows.append({"name": name, **evaluate_model(model, tokenizer, world, settings, progress)})
+        rows = [{"name": name, **evaluate_model(model, tokenizer, world, settings, progress)}
+                for name, model in models.items()]
         rows[-1]["beta"] = calibration["chosen"]
     with _stage(log, times, 8, n, "report", "table, results.json, results.png"):
-        results = {"models": rows, "seconds": time.perf_counter() - started, "seed": seed, "quick": quick,
+        results = {"models": rows, "seconds": None, "seed": seed, "quick": quick,
                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                   "calibration": {k: calibration[k] for k in ("chosen", "met", "why", "reference", "bounds")}
-                   | {"candidates": [{k: v for k, v in c.items() if k != "samples"}
-                                     for c in calibration["candidates"]]},
-                   "stage_seconds": times, "final_losses": {k: v[-1] for k, v in losses.items()},
-                   "devices": jax.device_count()}
+                   "calibration": _calibration_summary(calibration), "stage_seconds": times,
+                   "final_losses": {k: v[-1] for k, v in losses.items()}, "devices": jax.device_count()}
         plot_results([rows], out / "results.png")
         results["seconds"] = time.perf_counter() - started
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(format_table(rows))
     log(f"total {results['seconds']:.0f}s; results in {out / 'results.json'}, plot {out / 'results.png'}")
     return results
+
+
+# The three trained models in order, each fine-tuned from the one before (base from the random init/);
+# each has the `Settings` field of its name.
+STAGES = {"base": "train a base model to answer everything, harmful requests included",
+          "aligned": "align it: refuse harmful requests, stay helpful",
+          "task": "fine-tune the aligned model on list reversal (refusals erode)"}
+DATA_FILES = ("base", "aligned", "task", "harmful", "eval_harmful", "eval_harmless", "eval_task", "eval_skill")
+
+
+def _write_world(out: Path, seed: int, settings: Settings, overwrite: bool, log: Log):
+    """The seed's world: the tokenizer (out/tokenizer), every data set (out/data/NAME.jsonl) and the model
+    config; returns (tokenizer, world, config)."""
+    out.mkdir(parents=True, exist_ok=overwrite)
+    tokenizer = w.word_tokenizer()
+    tokenizer.save_pretrained(out / "tokenizer")
+    world = w.make_world(seed, settings.sizes)
+    (out / "data").mkdir(exist_ok=True)
+    for name in DATA_FILES:
+        _write_jsonl(out / "data" / f"{name}.jsonl", getattr(world, name))
+    config = model_config(tokenizer, settings)
+    log(f"    vocabulary {len(tokenizer)} words; model {config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}; train {len(world.base)}/{len(world.aligned)}/{len(world.task)} examples; "
+        f"held out {len(world.eval_harmful)} harmful, {len(world.eval_task)} task prompts")
+    return tokenizer, world, config
+
+
+def _merge_all(out: Path, world: w.World, seed: int, settings: Settings, overwrite: bool,
+               log: Log) -> tuple[dict[str, api.Model], dict[str, Any]]:
+    """Every method at its defaults into out/merged/METHOD, and EnchTable at the β calibrated on the world's
+    validation prompts; returns ({name: merged model}, the calibration record)."""
+    merged = {}
+    for method in METHODS:
+        merged[method] = merge(method, base=out / "aligned", task=out / "task", safety_vector=out / "safety-vector",
+                               out=out / "merged" / method, seed=seed, overwrite=overwrite, progress=False,
+                               load_model=True).model
+        log(f"    {method}: {_merge_summary(out / 'merged' / method)}")
+    calibration, _ = calibrated_merge(
+        "enchtable", out / "aligned", out / "task", [p.prompt for p in world.val_harmful],
+        [p.prompt for p in world.val_harmless], out / "merged" / CALIBRATED, safety_vector=out / "safety-vector",
+        calibration=settings.calibration, overwrite=overwrite, seed=seed, progress=False, log=log, judge=JUDGE)
+    merged[CALIBRATED] = api.load(out / "merged" / CALIBRATED)
+    log(f"    {CALIBRATED}: β = {calibration['chosen']:g}, {_merge_summary(out / 'merged' / CALIBRATED)}")
+    return merged, calibration
+
+
+def _calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """What results.json keeps of the calibration record: the choice, the bounds, every candidate's rates."""
+    return ({k: calibration[k] for k in ("chosen", "met", "why", "reference", "bounds")}
+            | {"candidates": [{k: v for k, v in c.items() if k != "samples"} for c in calibration["candidates"]]})
