@@ -13,7 +13,7 @@ from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.config import ModelConfig
 
 # Dimension symbols resolved from the config: vocab, hidden, ffn (intermediate), q = heads * head_dim,
-# kv = kv_heads * head_dim.
+# kv = kv_heads * head_dim. They are also each axis's logical name for sharding (`logical_axes`).
 _GLOBAL = (
     ("model.embed_tokens.weight", ("vocab", "hidden"), None),
     ("model.norm.weight", ("hidden",), None),
@@ -49,15 +49,9 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the config requires, with its shape, in the order transformers' state_dict lists them."""
-    dims = {
-        "vocab": config.vocab_size,
-        "hidden": config.hidden_size,
-        "ffn": config.intermediate_size,
-        "q": config.num_attention_heads * config.head_dim,
-        "kv": config.num_key_value_heads * config.head_dim,
-    }
+def logical_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Every tensor the config requires, with the logical name of each axis (vocab, hidden, ffn, q, kv), in the
+    order transformers' state_dict lists them. Sharding rules map these names onto mesh axes."""
     flags = {
         None: True,
         "untied_head": not config.tie_word_embeddings,
@@ -67,13 +61,25 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
     def entries(prefix, table):
-        return {prefix + name: tuple(dims[d] for d in shape) for name, shape, flag in table if flags[flag]}
+        return {prefix + name: names for name, names, flag in table if flags[flag]}
 
-    shapes = entries("", _GLOBAL[:1])
+    axes = entries("", _GLOBAL[:1])
     for i in range(config.num_hidden_layers):
-        shapes.update(entries(layer_prefix(i), _LAYER))
-    shapes.update(entries("", _GLOBAL[1:]))
-    return shapes
+        axes.update(entries(layer_prefix(i), _LAYER))
+    axes.update(entries("", _GLOBAL[1:]))
+    return axes
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config requires, with its shape, in the order transformers' state_dict lists them."""
+    dims = {
+        "vocab": config.vocab_size,
+        "hidden": config.hidden_size,
+        "ffn": config.intermediate_size,
+        "q": config.num_attention_heads * config.head_dim,
+        "kv": config.num_key_value_heads * config.head_dim,
+    }
+    return {name: tuple(dims[d] for d in axes) for name, axes in logical_axes(config).items()}
 
 
 def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> list[str]:
