@@ -1,6 +1,7 @@
 """enchtable-jax: EnchTable safety-alignment transfer in JAX.
 
 Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describe`, `Model`;
+`load_nnx`, `Model.to_nnx` and `from_nnx`: the same model as a flax.nnx `CausalLM` and back;
 `distill` (with `DistillOptions`) and `load_safety_vector`; `merge` (methods in `METHODS`; returns a `MergeResult`);
 `finetune` (with `FinetuneOptions`): plain supervised fine-tuning into a new model folder;
 `calibrate` (with `CalibrationOptions`) and `calibrated_merge`: the merge strength chosen on validation prompts;
@@ -8,7 +9,7 @@ Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describ
 `generate` and `evaluate` (more in `enchtable_jax.eval`); `run_demo`, the miniature world end to end.
 """
 
-from enchtable_jax.api import Model, apply, describe, load, save, save_orbax
+from enchtable_jax.api import CausalLM, Model, apply, describe, from_nnx, load, load_nnx, save, save_orbax
 from enchtable_jax.distillation.train import DistillOptions, distill
 from enchtable_jax.converters.safety_vector import SafetyVector, load_safety_vector
 from enchtable_jax.eval import evaluate, generate
@@ -23,7 +24,7 @@ from enchtable_jax.demo import run_demo
 
 __version__ = "0.1.0"
 
-__all__ = ["CalibrationOptions", "DistillOptions", "EnchantResult", "FinetuneOptions", "METHODS", "MergeResult", "Model", "ModelConfig",
-           "SafetyVector", "apply", "calibrate", "calibrated_merge", "describe", "distill", "enchant", "evaluate",
-           "finetune", "generate", "is_orbax_checkpoint", "load", "load_safety_vector", "merge", "run_demo", "save",
-           "save_orbax", "__version__"]
+__all__ = ["CalibrationOptions", "CausalLM", "DistillOptions", "EnchantResult", "FinetuneOptions", "METHODS",
+           "MergeResult", "Model", "ModelConfig", "SafetyVector", "apply", "calibrate", "calibrated_merge",
+           "describe", "distill", "enchant", "evaluate", "finetune", "from_nnx", "generate", "is_orbax_checkpoint",
+           "load", "load_nnx", "load_safety_vector", "merge", "run_demo", "save", "save_orbax", "__version__"]

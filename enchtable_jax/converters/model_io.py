@@ -1,5 +1,5 @@
-"""A `Model` from any supported folder and back: load an HF folder or orbax checkpoint, save either, describe
-one from its headers."""
+"""A `Model` from any supported folder and back: load an HF folder or orbax checkpoint (also as a flax.nnx
+`CausalLM`), save either, describe one from its headers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.init import count_parameters
 from enchtable_jax.models.model import Model
+from enchtable_jax.models.nnx import CausalLM, from_nnx
 from enchtable_jax.models.tensors import check_shapes
 from enchtable_jax.nonfinite import check_params, device_finite, output_error
 
@@ -49,24 +50,34 @@ def load(path: str | Path, dtype: Any = None, sharding: Sharding = None, progres
     return Model(config, params, path)
 
 
-def save(model: Model, path: str | Path, like: str | Path | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
-         overwrite: bool = False, progress: bool | None = None) -> Path:
+def load_nnx(path: str | Path, dtype: Any = None, sharding: Sharding = None, progress: bool | None = None,
+             allow_nonfinite: bool = False) -> CausalLM:
+    """`load` as a flax.nnx `CausalLM` (models/nnx.py) over the loaded arrays; same arguments."""
+    return load(path, dtype=dtype, sharding=sharding, progress=progress, allow_nonfinite=allow_nonfinite).to_nnx()
+
+
+def save(model: Model | CausalLM, path: str | Path, like: str | Path | None = None,
+         shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False, progress: bool | None = None) -> Path:
     """Write `model` as an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     like: folder whose tokenizer / chat-template / generation-config files are copied (default: the
     folder the model was loaded from). shard_size: bytes or a string such as '5GB'. Atomic: an
     interrupted save never leaves a complete-looking folder, and `path` may not be, contain or lie inside
-    the `like` folder (by default the model's source). Returns the folder's absolute path.
+    the `like` folder (by default the model's source). Returns the folder's absolute path. A `CausalLM` is
+    written from its current Param values.
     """
+    model = from_nnx(model) if isinstance(model, CausalLM) else model
     like = like if like is not None else model.source
     path = check_output(path, {"like": like}, overwrite, "path")
     return write_hf(path, model.config, model.params, like=like,
                     shard_size=shard_size, overwrite=overwrite, progress=progress)
 
 
-def save_orbax(model: Model, path: str | Path, like: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write `model` as an orbax checkpoint folder (with config and tokenizer files); returns its path.
-    Atomic, and `path` may not be, contain or lie inside the `like` folder (by default the model's source)."""
+def save_orbax(model: Model | CausalLM, path: str | Path, like: str | Path | None = None,
+               overwrite: bool = False) -> Path:
+    """Write `model` (or a `CausalLM`) as an orbax checkpoint folder (with config and tokenizer files); returns its
+    path. Atomic, and `path` may not be, contain or lie inside the `like` folder (by default the model's source)."""
+    model = from_nnx(model) if isinstance(model, CausalLM) else model
     like = like if like is not None else model.source
     path = check_output(path, {"like": like}, overwrite, "path")
     for name, finite in device_finite(model.params).items():  # never write a non-finite model

@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.transformer import forward
+
+if TYPE_CHECKING:
+    from enchtable_jax.models.nnx import CausalLM
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["config", "source"])
@@ -28,6 +32,12 @@ class Model:
     config: ModelConfig
     params: dict[str, jax.Array]
     source: Path | None = None
+
+    def to_nnx(self) -> CausalLM:
+        """This model as a flax.nnx `CausalLM` over the same arrays (models/nnx.py; `from_nnx` converts back)."""
+        from enchtable_jax.models.nnx import to_nnx  # not at the top: models/nnx.py imports this module
+
+        return to_nnx(self)
 
 
 @functools.partial(jax.jit, static_argnames="config")
