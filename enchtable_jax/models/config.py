@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.models.activations import ACTIVATIONS
 from enchtable_jax.safe_io import check_inside, read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
 # transformers' config class of each family. A field a config.json omits gets that class's default, read from the
 # class (as transformers fills it in when it loads the file), not copied here.

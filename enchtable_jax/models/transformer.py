@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enchtable_jax.models.activations import ACTIVATIONS
 from enchtable_jax.models.config import ModelConfig, RopeScaling
 from enchtable_jax.models.tensors import layer_prefix
 
@@ -40,13 +41,6 @@ Unit = Callable[[str, Callable[[Params], jax.Array], Params], jax.Array]
 def call_unit(name: str, fn: Callable[[Params], jax.Array], params: Params) -> jax.Array:
     """The identity wrapper: evaluate the unit as it is."""
     return fn(params)
-
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -158,7 +152,7 @@ def attention(x: jax.Array, params: Params, prefix: str, config: ModelConfig, co
 
 def mlp(x: jax.Array, params: Params, prefix: str, config: ModelConfig, unit: Unit = call_unit) -> jax.Array:
     """Gated MLP: down(act(gate(x)) * up(x)), each projection through the seam."""
-    act = _ACTIVATIONS[config.hidden_act]
+    act = ACTIVATIONS[config.hidden_act]
     gated = act(projection(x, params, prefix + "gate_proj", unit)) * projection(x, params, prefix + "up_proj", unit)
     return projection(gated, params, prefix + "down_proj", unit)
 
