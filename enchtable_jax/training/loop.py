@@ -13,6 +13,7 @@ bit-identical result and a checkpoint of another run is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -147,77 +148,138 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     model0 = load(model, progress=progress, allow_nonfinite=allow_nonfinite)
     base = identity(model0.config, model0.params)
     scope = resolve_scope(model0.config, options.scope, options.layers)
-    tokenizer = _tokenizer(model0.source, purpose)
-    conversations = data.read_records(data_path)
-    examples, stats = chat.render(conversations, tokenizer, options.max_length, options.template)
+    examples, stats, pad_id = _render_examples(model0.source, data_path, options, purpose)
+    total_steps = options.steps or options.epochs * _steps_per_epoch(len(examples), options)
+    optimizer = make_optimizer(options, total_steps)
+    check_learning_rate(options, total_steps)
+    mesh = make_mesh(options.fsdp)
+    params0, state = _initial_state(model0.params, scope, optimizer, options.compute_dtype, mesh)
+    run_key = _run_key(base, data_path, options)
+    mngr, start, state, losses = _open_checkpoints(ckpt_dir, resume, state, run_key)
+    step_fn = make_train_step(model0.config, scope, optimizer, linearized=linearized, mesh=mesh)
+    bar = _progress_bar(total_steps, start, f"{label} {scope.name}", progress)
+    rows = math.ceil(options.batch_size / mesh.size) * mesh.size  # fixed rows: padding rows carry no targets
+    step_batch = functools.partial(_step_batch, examples, [len(e.input_ids) for e in examples], options, pad_id, rows)
+    started = time.perf_counter()
+    with bar:
+        tokens = _run_steps(step_fn, params0, state, step_batch, range(start, total_steps), losses, bar,
+                            functools.partial(_save, mngr, options.save_every, total_steps, run_key), on_step)
+    mngr.close()
+    elapsed = time.perf_counter() - started
+    delta = {n: fully_replicated_numpy(v) for n, v in state["delta"].items()}
+    _check_delta(delta, f"{label} of {model0.source}", total_steps, losses)
+    return TrainResult(model0=model0, base=base, scope=scope, stats=stats, data_sha256=run_key["data_sha256"],
+                       delta=delta, losses=losses, total_steps=total_steps, devices=mesh.size,
+                       tokens_per_second=tokens / elapsed if elapsed else None)
+
+
+def _render_examples(folder: Path | None, data_path: str | Path, options: TrainingOptions,
+                     purpose: str) -> tuple[list[chat.Example], chat.RenderStats, int]:
+    """The records of `data_path` rendered with the model folder's tokenizer: (examples, counts, pad id); a file
+    with no example left after rendering and truncation is refused."""
+    tokenizer = _tokenizer(folder, purpose)
+    examples, stats = chat.render(data.read_records(data_path), tokenizer, options.max_length, options.template)
     if not examples:
         raise chat.DataError(f"{data_path}: no example has a response token left after rendering and truncation "
                              f"to {options.max_length} tokens")
-    lengths = [len(e.input_ids) for e in examples]
     # Padding is masked out of attention and loss, so any id serves: the pad token, else (Llama-2/3 ship without
     # one) the eos token, else 0.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if isinstance(i, int)), 0)
-    per_epoch = math.ceil(math.ceil(len(examples) / options.batch_size) / options.grad_accum)
-    total_steps = options.steps or options.epochs * per_epoch
-    optimizer = make_optimizer(options, total_steps)
-    check_learning_rate(options, total_steps)
+    return examples, stats, pad_id
 
-    mesh = make_mesh(options.fsdp)
-    rows = math.ceil(options.batch_size / mesh.size) * mesh.size  # fixed rows: padding rows carry no targets
-    compute = jnp.dtype(options.compute_dtype) if options.compute_dtype else None
+
+def _steps_per_epoch(examples: int, options: TrainingOptions) -> int:
+    """Optimizer steps in one pass over `examples` examples."""
+    return math.ceil(math.ceil(examples / options.batch_size) / options.grad_accum)
+
+
+def _initial_state(params: dict[str, Any], scope: Scope, optimizer: optax.GradientTransformation,
+                   compute_dtype: str | None, mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """θ0 in the compute dtype and the state {Δ = 0 (float32 master values), optimizer state}, sharded on `mesh`."""
+    compute = jnp.dtype(compute_dtype) if compute_dtype else None
     params0 = shard_tree({n: v.astype(compute) if compute and is_float(v.dtype) else v
-                          for n, v in model0.params.items()}, mesh)
-    delta = shard_tree(zero_delta(model0.params, scope), mesh)  # Δ = θ − θ0, float32 master values
-    state = {"delta": delta, "opt": init_opt_state(optimizer, delta)}
-    run_key = {"base_model": base, "data_sha256": data.data_hash(data_path),
-               "options": {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
-                           if f.name not in _FREE_ON_RESUME}}
+                          for n, v in params.items()}, mesh)
+    delta = shard_tree(zero_delta(params, scope), mesh)  # Δ = θ − θ0, float32 master values
+    return params0, {"delta": delta, "opt": init_opt_state(optimizer, delta)}
+
+
+def _run_key(base: dict[str, str], data_path: str | Path, options: TrainingOptions) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the base model, the data, the options that change the result."""
+    return {"base_model": base, "data_sha256": data.data_hash(data_path),
+            "options": {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                        if f.name not in _FREE_ON_RESUME}}
+
+
+def _open_checkpoints(ckpt_dir: Path, resume: bool, state: dict[str, Any],
+                      run_key: dict[str, Any]) -> tuple[Any, int, dict[str, Any], list[float]]:
+    """The checkpoint manager of `ckpt_dir` and where the run starts: (manager, step, state, losses so far); with
+    `resume`, from the newest checkpoint, which must be of this run."""
     if resume and Path(ckpt_dir).is_dir():
         check_tree(ckpt_dir)  # orbax and tensorstore follow symlinks: none may leave the checkpoint folder
     try:  # the manager reads the step folders' metadata: an edited one fails here
         mngr = checkpoint.manager(ckpt_dir)
     except Exception as e:  # noqa: BLE001 - see _damaged
         raise _damaged(ckpt_dir, e) from e
-    start, losses = 0, []
     if resume:
         restored = _restore(mngr, state, ckpt_dir)
         if restored is not None:
             start, state, meta = restored
             check_resume(meta, run_key, ckpt_dir, start)
-            losses = meta["losses"]
-    step_fn = make_train_step(model0.config, scope, optimizer, linearized=linearized, mesh=mesh)
+            return mngr, start, state, meta["losses"]
+    return mngr, 0, state, []
+
+
+def _progress_bar(total_steps: int, start: int, desc: str, progress: bool | None) -> tqdm:
+    """The steps' progress bar, shown on process 0 only (`progress` None: when it writes to a terminal)."""
     primary = jax.process_index() == 0
-    bar = tqdm(total=total_steps, initial=start, desc=f"{label} {scope.name}", unit="step",
-               disable=None if progress is None and primary else not (progress and primary))
+    return tqdm(total=total_steps, initial=start, desc=desc, unit="step",
+                disable=None if progress is None and primary else not (progress and primary))
+
+
+def _step_batch(examples, lengths: list[int], options: TrainingOptions, pad_id: int, rows: int,
+                step: int) -> dict[str, np.ndarray]:
+    """The stacked micro-batches of optimizer step `step`."""
+    return stack_step(examples, step_micro_batches(step, options, lengths), pad_id, rows, options.max_length)
+
+
+def _run_steps(step_fn, params0, state: dict[str, Any], step_batch: Callable[[int], dict[str, np.ndarray]],
+               steps: range, losses: list[float], bar: tqdm, save: Callable[[int, dict[str, Any], list[float]], None],
+               on_step: Callable[[int, dict[str, float]], None] | None) -> int:
+    """Take the optimizer steps `steps`, updating `state` and `losses` in place, saving and reporting after each;
+    returns the number of tokens trained on."""
     tokens = 0
     started = time.perf_counter()
-    with bar:
-        for step in range(start, total_steps):
-            batch = stack_step(examples, step_micro_batches(step, options, lengths), pad_id, rows,
-                               options.max_length)
-            state["delta"], state["opt"], metrics = step_fn(params0, state["delta"], state["opt"], batch)
-            loss = float(metrics["loss"])
-            losses.append(loss)
-            tokens += int(batch["attention_mask"].sum())
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}")
-            bar.update()
-            if (step + 1) % options.save_every == 0 or step + 1 == total_steps:
-                checkpoint.save(mngr, step + 1, state, {**run_key, "step": step + 1, "losses": losses})
-            if on_step is not None:
-                on_step(step + 1, {"loss": loss, "grad_norm": float(metrics["grad_norm"])})
-    mngr.close()
-    elapsed = time.perf_counter() - started
-    delta = {n: fully_replicated_numpy(v) for n, v in state["delta"].items()}
+    for step in steps:
+        batch = step_batch(step)
+        state["delta"], state["opt"], metrics = step_fn(params0, state["delta"], state["opt"], batch)
+        loss = float(metrics["loss"])
+        losses.append(loss)
+        tokens += int(batch["attention_mask"].sum())
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}")
+        bar.update()
+        save(step + 1, state, losses)
+        if on_step is not None:
+            on_step(step + 1, {"loss": loss, "grad_norm": float(metrics["grad_norm"])})
+    return tokens
+
+
+def _save(mngr, save_every: int, total_steps: int, run_key: dict[str, Any], step: int, state: dict[str, Any],
+          losses: list[float]) -> None:
+    """Checkpoint the state after `step` steps every `save_every` steps and after the last."""
+    if step % save_every == 0 or step == total_steps:
+        checkpoint.save(mngr, step, state, {**run_key, "step": step, "losses": losses})
+
+
+def _check_delta(delta: dict[str, np.ndarray], what: str, total_steps: int, losses: list[float]) -> None:
+    """Refuse a trained Δ that is zero everywhere (nothing learned) or not finite (a diverged run, or a
+    non-finite model let in), before anything is written."""
+    final = losses[-1] if losses else None
     if not any(np.any(d) for d in delta.values()):  # e.g. every gradient zero: nothing learned, nothing to write
-        raise EnchtableError(f"{label} of {model0.source}: the trained delta is zero on every tensor after "
-                             f"{total_steps} step(s) (final loss {losses[-1] if losses else None}); nothing would "
-                             "change: train longer (--steps), with a higher --lr or --warmup-ratio 0")
-    for n, d in delta.items():  # a diverged run (or a non-finite model let in) is refused before anything is written
-        check_output(d, f"{label} of {model0.source}", n, f" (final loss {losses[-1] if losses else None}; lower "
-                     "--lr or --max-grad-norm?)")
-    return TrainResult(model0=model0, base=base, scope=scope, stats=stats, data_sha256=run_key["data_sha256"],
-                       delta=delta, losses=losses, total_steps=total_steps, devices=mesh.size,
-                       tokens_per_second=tokens / elapsed if elapsed else None)
+        raise EnchtableError(f"{what}: the trained delta is zero on every tensor after {total_steps} step(s) "
+                             f"(final loss {final}); nothing would change: train longer (--steps), with a higher "
+                             "--lr or --warmup-ratio 0")
+    for n, d in delta.items():
+        check_output(d, what, n, f" (final loss {final}; lower --lr or --max-grad-norm?)")
 
 
 def data_record(data_path: str | Path, result: TrainResult) -> dict[str, Any]:
