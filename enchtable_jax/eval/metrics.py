@@ -26,7 +26,8 @@ MEMORY_LIMIT = 2 << 30  # bytes of address space for a pass@1 child
 FILE_LIMIT = 16 << 20  # bytes a pass@1 child may write to one file
 
 # Prepended to every pass@1 program: the child limits itself (no preexec_fn, which is unsafe in a threaded
-# parent such as a JAX process) and loses the socket constructors.
+# parent such as a JAX process) and cannot open sockets. `socket.socket` stays a class (a subclass that refuses
+# to be made) so that modules subclassing it at import (ssl, hence urllib.request and http.client) still import.
 _PREAMBLE = (
     "import resource as _r, socket as _s\n"
     "_r.setrlimit(_r.RLIMIT_AS, ({memory}, {memory}))\n"
@@ -34,8 +35,11 @@ _PREAMBLE = (
     "_r.setrlimit(_r.RLIMIT_FSIZE, ({size}, {size}))\n"
     "def _no_network(*args, **kwargs):\n"
     "    raise OSError('network access is disabled while evaluating pass@1')\n"
-    "_s.socket = _s.create_connection = _s.socketpair = _no_network\n"
-    "del _r, _s, _no_network\n"
+    "class _NoSocket(_s.socket):\n"
+    "    __init__ = _no_network\n"
+    "_s.socket = _s.SocketType = _NoSocket\n"
+    "_s.create_connection = _s.socketpair = _s.fromfd = _no_network\n"
+    "del _r, _s, _no_network, _NoSocket\n"
 )
 
 

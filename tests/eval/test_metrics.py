@@ -95,6 +95,16 @@ def test_socket_guard_stops_ordinary_code(isolate):
     assert (passed, detail) == (False, GUARD_MESSAGE)
 
 
+def test_guarded_child_still_imports_the_modules_that_subclass_socket():
+    """The guard keeps `socket.socket` a class: ssl, urllib.request and http.client import (an ordinary solution
+    may import them), and a request through them is refused by the guard."""
+    fetch = ("import ssl, http.client, urllib.request\n"
+             "assert issubclass(ssl.SSLSocket, __import__('socket').socket)\n"
+             "urllib.request.urlopen('http://1.1.1.1/', timeout=3)\n")
+    passed, detail = run_program(fetch, timeout=20, isolate_network=False)
+    assert not passed and "network access is disabled while evaluating pass@1" in detail, detail
+
+
 def test_network_namespace_isolates_the_child():
     """Below the socket guard (a raw `_socket`), only the namespace stops a connection: the child must run in
     another network namespace than ours, with no interface but loopback."""
