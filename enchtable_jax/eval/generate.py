@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.models.chat import render_prompts
 from enchtable_jax.models.config import ModelConfig
+from enchtable_jax.models.model import Model
 from enchtable_jax.models.tokenizer import load_tokenizer
 from enchtable_jax.models.transformer import Params, forward_cached, init_cache
 from enchtable_jax.safe_io import check_inside, read_json
@@ -49,7 +50,7 @@ def batch_bucket(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << (max(n, 1) - 1).bit_length())
 
 
-def eos_ids(model: Any, tokenizer: Any = None) -> tuple[int, ...]:
+def eos_ids(model: Model, tokenizer: Any = None) -> tuple[int, ...]:
     """End-of-sequence ids: the union of config.json's, generation_config.json's and the tokenizer's eos.
 
     Chat models often end a turn with a token (`<|im_end|>`, `<|eot_id|>`) that only one of these names,
@@ -133,7 +134,7 @@ def _decode(params: Params, config: ModelConfig, input_ids: jax.Array, attention
     return jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, done))[3]
 
 
-def generate_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+def generate_ids(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  stop_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, batch_size: int = 16, progress: bool | None = None) -> list[list[int]]:
     """New token ids for each prompt of token ids, up to and including the first id in `stop_ids`.
@@ -180,7 +181,7 @@ def generate_ids(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
     return results
 
 
-def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
+def resolve_tokenizer(model: Model, tokenizer: Any = None) -> Any:
     """`tokenizer` itself, or the tokenizer saved in the folder it names (None: the model's own folder)."""
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         return load_tokenizer(tokenizer if tokenizer is not None else model.source,
@@ -188,7 +189,7 @@ def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     return tokenizer
 
 
-def complete(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], **options: Any) -> list[str]:
+def complete(model: Model, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], **options: Any) -> list[str]:
     """Text answers to prompts given as token ids: `generate_ids` stopping at `eos_ids`, then decoded.
 
     The final stop id is dropped and special tokens are skipped; `options` are `generate_ids`' keywords.
@@ -199,7 +200,7 @@ def complete(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], **
     return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids, skip_special_tokens=True) for ids in new]
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
+def generate(model: Model, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
              template: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 16, progress: bool | None = None) -> list[str]:
     """Responses of `model` (an `enchtable_jax.Model`) to each prompt, as one user turn in the chat template.

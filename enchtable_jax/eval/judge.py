@@ -44,6 +44,7 @@ from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import complete
 from enchtable_jax.models.chat import render_prompts
+from enchtable_jax.models.model import Model
 from enchtable_jax.models.tokenizer import load_tokenizer
 
 WINDOW = 400  # characters of a response searched for refusal phrases
@@ -212,7 +213,7 @@ class LLMJudge:
     response); `judge_details` returns the raw answers to check how often that happens.
     """
 
-    model: Any  # an enchtable_jax.Model
+    model: Model
     tokenizer: Any
     recipe: Recipe
     name: str = "llm"
