@@ -1,19 +1,17 @@
-"""Distillation data: record parsing and its errors, template choice, response-only loss masks (checked by
-decoding the masked tokens), truncation, the epoch order and batch collation."""
+"""Chat rendering: template choice, response-only loss masks (checked by decoding the masked tokens),
+control tokens kept as text, truncation, and rendered examples collating into a training batch."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
 import transformers
 
 from enchtable_jax.models.chat import DataError, Example, render, resolve_template
-from enchtable_jax.training.data import collate, data_hash, epoch_batches, read_records
 from enchtable_jax.models.tokenizer import TEMPLATES, byte_level_tokenizer
+from enchtable_jax.training.data import collate
 
 SINGLE = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Sure: first…"}]
 MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
@@ -55,88 +53,6 @@ def _target_runs(tokenizer, example):
     return [tokenizer.decode(r) for r in runs]
 
 
-# ------------------------------------------------------------------------------------------ reading
-
-def test_alpaca_json_and_jsonl(tmp_path):
-    records = [{"instruction": "Do X", "output": "Done"}, {"instruction": "Summarize", "input": "text", "output": "ok"},
-               {"instruction": "Y", "input": "", "output": "z", "extra": 1}]
-    expected = [[{"role": "user", "content": "Do X"}, {"role": "assistant", "content": "Done"}],
-                [{"role": "user", "content": "Summarize\n\ntext"}, {"role": "assistant", "content": "ok"}],
-                [{"role": "user", "content": "Y"}, {"role": "assistant", "content": "z"}]]
-    assert read_records(_write(tmp_path, "a.json", json.dumps(records, indent=1))) == expected
-    assert read_records(_jsonl(tmp_path, records)) == expected
-
-
-def test_chat_form_and_blank_lines(tmp_path):
-    chat = {"messages": [{"role": "system", "content": "s", "name": "ignored"}, *MULTI[1:]]}
-    path = _write(tmp_path, "c.jsonl", "\n" + json.dumps(chat) + "\n\n" + json.dumps({"messages": SINGLE}) + "\n")
-    assert read_records(path) == [[{"role": "system", "content": "s"}, *MULTI[1:]], SINGLE]
-
-
-def test_byte_order_mark_is_accepted(tmp_path):
-    path = tmp_path / "bom.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"messages": SINGLE}]).encode())
-    assert read_records(path) == [SINGLE]
-
-
-GOOD = {"instruction": "i", "output": "o"}
-
-
-@pytest.mark.parametrize("record,fragments", [
-    ({"instruction": "i"}, ["field 'output'", "missing", "string"]),
-    ({"instruction": 3, "output": "o"}, ["field 'instruction'", "int", "string"]),
-    ({"instruction": "i", "input": ["x"], "output": "o"}, ["field 'input'", "list"]),
-    ({"messages": "hi"}, ["field 'messages'", "non-empty list"]),
-    ({"messages": []}, ["field 'messages'", "non-empty list"]),
-    ({"messages": [SINGLE[0], "hi"]}, ["field 'messages[1]'", "str"]),
-    ({"messages": [{"role": "tool", "content": "x"}, SINGLE[1]]}, ["field 'messages[0].role'", "'tool'", "system"]),
-    ({"messages": [SINGLE[0], {"role": "assistant"}]}, ["field 'messages[1].content'", "missing"]),
-    ({"messages": [SINGLE[1], SINGLE[0]]}, ["field 'messages[0].role'", "'assistant'"]),
-    ({"messages": [SINGLE[0]]}, ["field 'messages[0].role'", "'user'", "last message must be the assistant"]),
-    ({"prompt": "p", "response": "r"}, ["['prompt', 'response']", "instruction", "messages"]),
-    (["instruction", "output"], ["JSON object", "list"]),
-])
-def test_malformed_records_are_located(tmp_path, record, fragments):
-    path = _jsonl(tmp_path, [GOOD, record, GOOD])
-    with pytest.raises(DataError) as e:
-        read_records(path)
-    assert f"{path}:2:" in str(e.value)
-    for fragment in fragments:
-        assert fragment in str(e.value)
-    as_json = _write(tmp_path, "data.json", json.dumps([GOOD, GOOD, record]))
-    with pytest.raises(DataError, match="record 2") as e:
-        read_records(as_json)
-    assert str(as_json) in str(e.value) and fragments[0] in str(e.value)
-
-
-def test_invalid_json_is_located(tmp_path):
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
-        read_records(_write(tmp_path, "bad.jsonl", json.dumps(GOOD) + "\n{'single': 'quotes'}\n"))
-    with pytest.raises(DataError, match=r"bad\.json:3: invalid JSON"):
-        read_records(_write(tmp_path, "bad.json", '[\n{"instruction": "i", "output": "o"},\n{oops}\n]'))
-
-
-@pytest.mark.parametrize("text", ["", "\n \n", "[]"])
-def test_empty_data(tmp_path, text):
-    with pytest.raises(DataError, match="no records"):
-        read_records(_write(tmp_path, "empty.jsonl", text))
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="not found"):
-        read_records(tmp_path / "nope.jsonl")
-
-
-def test_data_hash(tmp_path):
-    assert data_hash(_write(tmp_path, "abc.txt", "abc")) == \
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    blob = bytes(range(256)) * 10_000
-    (tmp_path / "blob").write_bytes(blob)
-    assert data_hash(tmp_path / "blob") == hashlib.sha256(blob).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- templates
-
 def test_missing_template_names_the_folder_and_the_flag(tmp_path):
     folder = tmp_path / "base-model"
     byte_level_tokenizer(chat_template=None).save_pretrained(folder)
@@ -159,8 +75,6 @@ def test_template_choice(tok, tmp_path):
     with pytest.raises(DataError, match="empty"):
         resolve_template(tok, str(_write(tmp_path, "empty.jinja", " \n")))
 
-
-# --------------------------------------------------------------------------------------- rendering
 
 def test_single_turn_targets_are_the_response(tok):
     (ex,), stats = render([SINGLE], tok, 256)
@@ -235,72 +149,8 @@ def test_rendered_examples_collate_into_a_training_batch(tok):
     assert not (batch["loss_mask"] & (1 - batch["attention_mask"])).any()
 
 
-# ------------------------------------------------------------------------------------- epoch order
-
-def test_hand_written_grouped_order():
-    lengths = [50, 10, 40, 20, 30, 0]
-    for seed in range(5):
-        batches = epoch_batches(lengths, 2, seed=seed, epoch=0)
-        assert sorted(batches) == [[2, 0], [3, 4], [5, 1]]  # ascending lengths 0,10 | 20,30 | 40,50
-        assert epoch_batches(lengths, 6, seed=seed, epoch=3) == [[5, 1, 3, 4, 2, 0]]
-
-
-def test_order_is_a_deterministic_permutation():
-    lengths = list(np.random.default_rng(0).integers(1, 500, 1003))
-    for group in (True, False):
-        batches = epoch_batches(lengths, 8, seed=7, epoch=2, group_by_length=group)
-        flat = [i for b in batches for i in b]
-        assert sorted(flat) == list(range(1003))
-        assert Counter(len(b) for b in batches) == Counter({8: 125, 3: 1})
-        assert batches == epoch_batches(lengths, 8, seed=7, epoch=2, group_by_length=group)
-        assert batches != epoch_batches(lengths, 8, seed=7, epoch=3, group_by_length=group)
-        assert batches != epoch_batches(lengths, 8, seed=8, epoch=2, group_by_length=group)
-
-
-def test_grouping_gathers_similar_lengths():
-    lengths = np.random.default_rng(1).integers(1, 2000, 2000)
-    spread = {g: np.mean([np.ptp(lengths[b]) for b in epoch_batches(lengths.tolist(), 8, 0, 0, g)])
-              for g in (True, False)}
-    assert spread[True] < 0.1 * spread[False]
-    # within a window of 50 batches the batches tile the sorted lengths: their ranges do not overlap
-    window = sorted((lengths[b].min(), lengths[b].max()) for b in epoch_batches(lengths[:400].tolist(), 8, 0, 0))
-    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(window, window[1:]))
-
-
-def test_small_and_bad_inputs():
-    assert epoch_batches([], 4, 0, 0) == []
-    assert epoch_batches([3], 4, 0, 0) == [[0]]
-    with pytest.raises(ValueError, match="batch_size"):
-        epoch_batches([1, 2], 0, 0, 0)
-
-
-# ------------------------------------------------------------------------------------------ collate
-
 def _example(n, targets):
     return Example(np.arange(1, n + 1, dtype=np.int32), np.array([i in targets for i in range(n)], np.int8))
-
-
-def test_collate_pads_right_to_a_multiple():
-    examples = [_example(3, {2}), _example(70, {5, 69}), _example(10, set())]
-    batch = collate(examples, [2, 0, 1], pad_id=0, multiple=64)
-    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((3, 128), np.int32) for k in batch}
-    assert batch["input_ids"][1].tolist() == [1, 2, 3] + [0] * 125
-    assert batch["attention_mask"].sum(1).tolist() == [10, 3, 70]
-    assert batch["loss_mask"][1].tolist() == [0, 0, 1] + [0] * 125
-    assert np.flatnonzero(batch["loss_mask"][2]).tolist() == [5, 69]
-    assert collate(examples, [0], pad_id=9, multiple=8)["input_ids"].tolist() == [[1, 2, 3, 9, 9, 9, 9, 9]]
-
-
-def test_collate_caps_at_max_length_and_pads_rows():
-    examples = [_example(3, {2}), _example(70, {5})]
-    batch = collate(examples, [1, 0], pad_id=5, multiple=64, max_length=100, rows=4)
-    assert batch["input_ids"].shape == (4, 100)
-    assert (batch["input_ids"][2:] == 5).all() and not batch["attention_mask"][2:].any()
-    assert not batch["loss_mask"][2:].any()
-    with pytest.raises(ValueError, match="rows=1"):
-        collate(examples, [0, 1], pad_id=0, rows=1)
-    with pytest.raises(ValueError, match="max_length=50"):
-        collate(examples, [0, 1], pad_id=0, max_length=50)
 
 
 def test_example_checks_its_arrays():
@@ -309,8 +159,6 @@ def test_example_checks_its_arrays():
     with pytest.raises(ValueError, match="int32"):
         Example(np.zeros(3, np.int64), np.zeros(3, np.int8))
 
-
-# ------------------------------------------------------------------------------------------- real
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
