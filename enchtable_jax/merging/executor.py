@@ -112,9 +112,31 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         raise EnchtableError(f"tensor(s) {', '.join(missing[:5])} of the task model are missing from the base model "
                              f"{base.folder}; are they the same architecture?")
     safety_names = safety.names()
-    spec = METHODS[method]
-    adaptive = alpha is None and (beta is not None or spec.adaptive_alpha)
+    adaptive = alpha is None and (beta is not None or METHODS[method].adaptive_alpha)
     check = safety.manifest is not None and base.config is not None  # a safety vector names its base model
+    tensors, sums, digest, nonfinite_base = _pass_one(base, task, safety, safety_names, adaptive, check, progress,
+                                                      allow_nonfinite)
+    if nonfinite_base and not allow_nonfinite:  # before the identity check, which it would fail less clearly
+        name = nonfinite_base[0]
+        raise input_error(base.where(name), name, base.read(name))
+    if check:
+        identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
+                    "weights_blake2b": digest.hexdigest()}
+        check_base(safety.manifest, identity, f"{safety.what} with base {base.folder}")
+    safety.check_tensors(base, task, sum(t.merge for t in tensors.values()))
+    if not adaptive:
+        return MergePlan(tensors, 1.0 if alpha is None else float(alpha), None)
+    norms = {k: math.sqrt(v) for k, v in sums.items()}
+    beta = 0.1 if beta is None else beta
+    return MergePlan(tensors, float(beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0), norms)
+
+
+def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safety_names: set[str], adaptive: bool,
+              check: bool, progress: bool | None, allow_nonfinite: bool
+              ) -> tuple[dict[str, TensorPlan], dict[str, float], WeightsDigest, list[str]]:
+    """Read the base tensors in name order: (each task tensor's plan, the sums of squares of τ_task and τ_safe over
+    the merged tensors when α is `adaptive`, the digest of the base weights when `check`, the task tensors whose
+    base is not finite, found when `check`)."""
     digest = WeightsDigest()
     sums = {"task": 0.0, "safety": 0.0}
     tensors: dict[str, TensorPlan] = {}
@@ -140,24 +162,11 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
             reason, safe = _copy_reason(name, tuple(shape), base_arr, safety, safety_names)
             tensors[name] = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason)
             if reason is None and adaptive:  # a fixed α needs no norms: spare the read of the task model
-                task_arr = task.read(name)
-                sums["task"] += _finite_sum_squares(allow_nonfinite, name, task_arr, task, base_arr, base)
+                sums["task"] += _finite_sum_squares(allow_nonfinite, name, task.read(name), task, base_arr, base)
                 sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
         if hashing is not None:
             hashing.result()
-    if nonfinite_base and not allow_nonfinite:  # before the identity check, which it would fail less clearly
-        name = nonfinite_base[0]
-        raise input_error(base.where(name), name, base.read(name))
-    if check:
-        identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
-                    "weights_blake2b": digest.hexdigest()}
-        check_base(safety.manifest, identity, f"{safety.what} with base {base.folder}")
-    safety.check_tensors(base, task, sum(t.merge for t in tensors.values()))
-    norms = {k: math.sqrt(v) for k, v in sums.items()} if adaptive else None
-    if adaptive:
-        beta = 0.1 if beta is None else beta
-        alpha = beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0
-    return MergePlan(tensors, 1.0 if alpha is None else float(alpha), norms)
+    return tensors, sums, digest, nonfinite_base
 
 
 def _copy_reason(name: str, shape: tuple[int, ...], base_arr: np.ndarray, safety: SafetyDelta,
@@ -266,70 +275,89 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     """
     options = method_options(method, options)
     mesh = mesh or merge_mesh()
-    n = mesh.size
     copied = [name for name in task.specs if name in plan_.tensors and not plan_.tensors[name].merge]
-    groups = plan_.groups(group_bytes, n)
+    groups = plan_.groups(group_bytes, mesh.size)
     layout = {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
               for name in copied + [name for group in groups for name in group]}
-    sharding = NamedSharding(mesh, P(GROUP_AXIS))
-    replicated = NamedSharding(mesh, P())
-    alpha = put(np.float32(plan_.alpha), replicated)
-    frozen = tuple(sorted(options.items()))
-
-    def load(group: list[str]) -> tuple[jax.Array, ...]:
-        """One group's τ_task and τ_safe stacks (float32) and PRNG keys, placed on the mesh."""
-        padded = group + [group[-1]] * (-len(group) % n)  # whole rounds over the devices
-        shape = (len(padded), *plan_.tensors[group[0]].shape)
-        tau, safe = aligned_empty(shape, np.float32), aligned_empty(shape, np.float32)  # placed without a copy
-        for i, name in enumerate(padded):  # filled in place: no second copy of a stack
-            tau[i] = task.read(name)
-            tau[i] -= base.read(name)
-        placed = put(tau, sharding)
-        del tau
-        for i, name in enumerate(padded):
-            safe[i] = safety.read(name)
-        return placed, put(safe, sharding), put(tensor_keys(seed, padded), sharding)
-
-    merge_group = _group_fn(method, frozen, mesh)  # called asynchronously: returns before the merge is done
-
+    alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
+    load = functools.partial(_load_group, plan_, base, task, safety, seed, mesh)
+    merge_group = _group_fn(method, tuple(sorted(options.items())), mesh)  # asynchronous: returns before it is done
     what = f"merge {method} (α = {plan_.alpha:.4g})"
 
     def produce() -> Iterator[MergedTensor]:
-        for name in copied:
-            arr = task.read(name)
-            if not host_finite(arr):
-                raise input_error(task.where(name), name, arr) if not allow_nonfinite else \
-                    output_error(what, name, arr, "; it is copied unchanged from the task model")
-            yield MergedTensor(name, arr, {})
+        yield from _copied_records(copied, task, allow_nonfinite, what)
         bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
                    disable=_disable(progress))
-        # One decomposition per CPU device at once, each single-threaded: the bytes do not depend on the
-        # device count, and spinning LAPACK threads cannot stall a busy machine (kernels/cpu_threads.py).
-        on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-        with bar, blas_threads(1) if on_cpu else contextlib.nullcontext():
+        with bar, _one_blas_thread_on_cpu(mesh):
             # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
             # g's results go to the writer, so reading and writing overlap with the decompositions.
             running = merge_group(*load(groups[0]), alpha) if groups else None
             for g, group in enumerate(groups):
                 following = load(groups[g + 1]) if g + 1 < len(groups) else None
-                deltas, stats, finite = running
-                finite = fully_replicated_numpy(finite)
-                _check_group(group, finite, base, task, safety, allow_nonfinite, what, deltas)
-                deltas = fully_replicated_numpy(deltas)
-                stats = {k: fully_replicated_numpy(v) for k, v in stats.items()}
+                deltas, stats = _group_results(group, running, base, task, safety, allow_nonfinite, what)
                 if following is not None:
                     running = merge_group(*following, alpha)
                 del following
-                for i, name in enumerate(group):
-                    merged = base.read(name).astype(np.float32)
-                    merged += deltas[i]
-                    merged = merged.astype(plan_.tensors[name].dtype, copy=False)
-                    check_output(merged, what, name, " (overflow in the output dtype, or a non-finite base tensor "
-                                                     "let through by allow_nonfinite)")
-                    yield MergedTensor(name, merged, {k: float(v[i]) for k, v in stats.items()})
+                yield from _merged_records(group, deltas, stats, base, plan_, what)
                 bar.update(len(group))
 
     return layout, produce()
+
+
+def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, seed: int, mesh: Mesh,
+                group: list[str]) -> tuple[jax.Array, ...]:
+    """One group's τ_task and τ_safe stacks (float32) and PRNG keys, placed on the mesh."""
+    sharding = NamedSharding(mesh, P(GROUP_AXIS))
+    padded = group + [group[-1]] * (-len(group) % mesh.size)  # whole rounds over the devices
+    shape = (len(padded), *plan_.tensors[group[0]].shape)
+    tau, safe = aligned_empty(shape, np.float32), aligned_empty(shape, np.float32)  # placed without a copy
+    for i, name in enumerate(padded):  # filled in place: no second copy of a stack
+        tau[i] = task.read(name)
+        tau[i] -= base.read(name)
+    placed = put(tau, sharding)
+    del tau
+    for i, name in enumerate(padded):
+        safe[i] = safety.read(name)
+    return placed, put(safe, sharding), put(tensor_keys(seed, padded), sharding)
+
+
+def _copied_records(copied: list[str], task: TensorSource, allow_nonfinite: bool,
+                    what: str) -> Iterator[MergedTensor]:
+    """The tensors copied unchanged from the task model, each checked finite."""
+    for name in copied:
+        arr = task.read(name)
+        if not host_finite(arr):
+            raise input_error(task.where(name), name, arr) if not allow_nonfinite else \
+                output_error(what, name, arr, "; it is copied unchanged from the task model")
+        yield MergedTensor(name, arr, {})
+
+
+def _one_blas_thread_on_cpu(mesh: Mesh) -> contextlib.AbstractContextManager:
+    """One decomposition per CPU device at once, each single-threaded: the bytes do not depend on the device count,
+    and spinning LAPACK threads cannot stall a busy machine (kernels/cpu_threads.py). Other devices: no change."""
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    return blas_threads(1) if on_cpu else contextlib.nullcontext()
+
+
+def _group_results(group: list[str], running: tuple, base: TensorSource, task: TensorSource, safety: SafetyDelta,
+                   allow_nonfinite: bool, what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A launched group merge's (deltas, stats) on the host, once its inputs and deltas are checked finite."""
+    deltas, stats, finite = running
+    finite = fully_replicated_numpy(finite)
+    _check_group(group, finite, base, task, safety, allow_nonfinite, what, deltas)
+    return fully_replicated_numpy(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()}
+
+
+def _merged_records(group: list[str], deltas: np.ndarray, stats: dict[str, np.ndarray], base: TensorSource,
+                    plan_: MergePlan, what: str) -> Iterator[MergedTensor]:
+    """Each tensor of a group: base + delta (the base re-read) in the task model's dtype, checked finite."""
+    for i, name in enumerate(group):
+        merged = base.read(name).astype(np.float32)
+        merged += deltas[i]
+        merged = merged.astype(plan_.tensors[name].dtype, copy=False)
+        check_output(merged, what, name, " (overflow in the output dtype, or a non-finite base tensor "
+                                         "let through by allow_nonfinite)")
+        yield MergedTensor(name, merged, {k: float(v[i]) for k, v in stats.items()})
 
 
 def _check_group(group: list[str], finite: np.ndarray, base: TensorSource, task: TensorSource, safety: SafetyDelta,
