@@ -47,16 +47,11 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     check_values(EVAL_OPTIONS, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                  batch_size=batch_size, timeout=timeout)
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
-    if not (prompt_sets or qa_sets or humaneval_sets):
-        raise EnchtableError("nothing to evaluate: give at least one prompt set, question/answer set or HumanEval set")
-    names = [*prompt_sets, *qa_sets, *humaneval_sets]
-    if len(set(names)) != len(names):
-        raise EnchtableError(f"set names must be unique across kinds, got {names}")
+    _check_set_names(prompt_sets, qa_sets, humaneval_sets)
     if out is not None:
         inputs = {"--model": model, "--tokenizer": tokenizer, "--template": template_input(template),
                   "--judge-model": getattr(judge, "model", None)}
-        out = check_output(Path(out) / RESULT_FILE, inputs, overwrite,
-                           file=True).parent
+        out = check_output(Path(out) / RESULT_FILE, inputs, overwrite, file=True).parent
     if isinstance(model, (str, Path)):
         model = load(model, progress=progress)
     tokenizer = resolve_tokenizer(model, tokenizer)
@@ -64,39 +59,17 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     options = {"max_new_tokens": max_new_tokens, "template": template, "temperature": temperature, "top_p": top_p,
                "seed": seed, "batch_size": batch_size, "progress": progress}
     start = time.perf_counter()
-
-    safety = {}
-    for name, prompts in prompt_sets.items():
-        responses = generate(model, tokenizer, prompts, **options)
-        verdicts = judge.judge(prompts, responses)
-        safety[name] = {"n": len(prompts), "unsafe": sum(verdicts), "unsafe_rate": unsafe_rate(verdicts),
-                        "items": [{"prompt": p, "response": r, "unsafe": v}
-                                  for p, r, v in zip(prompts, responses, verdicts)]}
-
-    utility = {}
-    for name, records in qa_sets.items():
-        responses = generate(model, tokenizer, [str(r["question"]) for r in records], **options)
-        correct = [answer_matches(resp, r["answer"]) for resp, r in zip(responses, records)]
-        utility[name] = {"metric": "exact_match", "n": len(records), "score": sum(correct) / len(records),
-                         "items": [{"question": r["question"], "answer": r["answer"], "response": resp, "correct": c}
-                                   for r, resp, c in zip(records, responses, correct)]}
-    for name, problems in humaneval_sets.items():
-        asks = [HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]) for p in problems]
-        responses = generate(model, tokenizer, asks, **options)
-        scored = pass_at_1(problems, responses, timeout=timeout)
-        utility[name] = {"metric": "pass@1", "n": len(problems), "score": scored["score"],
-                         "isolation": scored["isolation"],
-                         "items": [{**res, "response": resp} for res, resp in zip(scored["results"], responses)]}
-
+    safety = {name: _safety_set(model, tokenizer, prompts, judge, options) for name, prompts in prompt_sets.items()}
+    utility = {name: _qa_set(model, tokenizer, records, options) for name, records in qa_sets.items()}
+    utility |= {name: _humaneval_set(model, tokenizer, problems, options, timeout)
+                for name, problems in humaneval_sets.items()}
     result = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": str(model.source) if model.source is not None else None,
         "judge": judge.name,
         "settings": {k: v for k, v in options.items() if k != "progress"} | {"timeout": timeout},
         "seconds": round(time.perf_counter() - start, 2),
-        "summary": [{"set": n, "metric": "unsafe_rate", "n": s["n"], "value": s["unsafe_rate"]}
-                    for n, s in safety.items()]
-                   + [{"set": n, "metric": u["metric"], "n": u["n"], "value": u["score"]} for n, u in utility.items()],
+        "summary": _summary_rows(safety, utility),
         "safety": safety,
         "utility": utility,
     }
@@ -104,6 +77,51 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RESULT_FILE, result, overwrite=overwrite)
     return result
+
+
+def _check_set_names(prompt_sets: Mapping[str, Any], qa_sets: Mapping[str, Any],
+                     humaneval_sets: Mapping[str, Any]) -> None:
+    """Refuse an evaluation with no set, or with a name used by two sets."""
+    if not (prompt_sets or qa_sets or humaneval_sets):
+        raise EnchtableError("nothing to evaluate: give at least one prompt set, question/answer set or HumanEval set")
+    names = [*prompt_sets, *qa_sets, *humaneval_sets]
+    if len(set(names)) != len(names):
+        raise EnchtableError(f"set names must be unique across kinds, got {names}")
+
+
+def _safety_set(model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge,
+                options: Mapping[str, Any]) -> dict[str, Any]:
+    """One prompt set's answers and verdicts, and its unsafe rate."""
+    responses = generate(model, tokenizer, prompts, **options)
+    verdicts = judge.judge(prompts, responses)
+    return {"n": len(prompts), "unsafe": sum(verdicts), "unsafe_rate": unsafe_rate(verdicts),
+            "items": [{"prompt": p, "response": r, "unsafe": v} for p, r, v in zip(prompts, responses, verdicts)]}
+
+
+def _qa_set(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]],
+            options: Mapping[str, Any]) -> dict[str, Any]:
+    """One question/answer set's answers, each marked correct or not, and its exact-match score."""
+    responses = generate(model, tokenizer, [str(r["question"]) for r in records], **options)
+    correct = [answer_matches(resp, r["answer"]) for resp, r in zip(responses, records)]
+    return {"metric": "exact_match", "n": len(records), "score": sum(correct) / len(records),
+            "items": [{"question": r["question"], "answer": r["answer"], "response": resp, "correct": c}
+                      for r, resp, c in zip(records, responses, correct)]}
+
+
+def _humaneval_set(model: Any, tokenizer: Any, problems: Sequence[Mapping[str, str]], options: Mapping[str, Any],
+                   timeout: float) -> dict[str, Any]:
+    """One HumanEval set's answers, each run against its tests, and its pass@1."""
+    asks = [HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]) for p in problems]
+    responses = generate(model, tokenizer, asks, **options)
+    scored = pass_at_1(problems, responses, timeout=timeout)
+    return {"metric": "pass@1", "n": len(problems), "score": scored["score"], "isolation": scored["isolation"],
+            "items": [{**res, "response": resp} for res, resp in zip(scored["results"], responses)]}
+
+
+def _summary_rows(safety: Mapping[str, Any], utility: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per set: its name, metric, size and value."""
+    return ([{"set": n, "metric": "unsafe_rate", "n": s["n"], "value": s["unsafe_rate"]} for n, s in safety.items()]
+            + [{"set": n, "metric": u["metric"], "n": u["n"], "value": u["score"]} for n, u in utility.items()])
 
 
 def summary_table(result: Mapping[str, Any]) -> str:
