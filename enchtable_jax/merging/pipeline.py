@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, report_files
-from enchtable_jax.merging.sources import SafetyDelta, open_model
+from enchtable_jax.merging.sources import SafetyDelta, TensorSource, open_model
 from enchtable_jax.models.model import Model
 from enchtable_jax.options import check_values
 
@@ -72,24 +73,43 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     layout, records = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh, group_bytes,
                                    progress, allow_nonfinite)
     stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
-
-    def report() -> dict[str, Any]:
-        summary = {"inputs": {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
-                   "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
-                   "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
-        return report_dict(plan, stats, method, options, summary)
-
+    report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
+                               {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what})
     if out is None:
-        params = {}
-        for record in records:
-            params[record.name], stats[record.name] = record.array, record.stats
-        model = Model(task_src.config, {n: jax.numpy.asarray(params[n]) for n in task_src.specs if n in params},
-                      task_src.folder)  # the task model's order
+        model = _in_memory(records, stats, task_src)
         return MergeResult(None, report(), model)
     if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
         for record in records:
             stats[record.name] = record.stats
         return MergeResult(out, report(), None)
+    final = _write(out, task_src, layout, records, stats, report, shard_size, overwrite, progress, extra_files)
+    return MergeResult(out, final, load(out) if load_model else None)
+
+
+def _report(plan: executor.MergePlan, stats: Mapping[str, Mapping[str, float]], method: str, options: dict[str, Any],
+            seed: int, mesh: jax.sharding.Mesh, start: float, inputs: dict[str, str]) -> dict[str, Any]:
+    """The merge report (merge_report.json) as of now: the plan, the statistics so far and the run's summary."""
+    summary = {"inputs": inputs, "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
+               "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
+    return report_dict(plan, stats, method, options, summary)
+
+
+def _in_memory(records: Iterable[executor.MergedTensor], stats: dict[str, Mapping[str, float]],
+               task_src: TensorSource) -> Model:
+    """The merged `Model` from the records, its tensors in the task model's order; `stats` filled on the way."""
+    params = {}
+    for record in records:
+        params[record.name], stats[record.name] = record.array, record.stats
+    return Model(task_src.config, {n: jax.numpy.asarray(params[n]) for n in task_src.specs if n in params},
+                 task_src.folder)
+
+
+def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeStruct],
+           records: Iterable[executor.MergedTensor], stats: dict[str, Mapping[str, float]],
+           report: Callable[[], dict[str, Any]], shard_size: int | str, overwrite: bool, progress: bool | None,
+           extra_files: Mapping[str, bytes | str] | None) -> dict[str, Any]:
+    """Stream the records into the HF folder `out` with the report's files and `extra_files`; `stats` filled on the
+    way. Returns the final report."""
     with HFWriter(out, task_src.config, layout, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
                   progress=progress, check_finite=False) as writer:  # the executor checked every tensor
         for record in records:
@@ -98,4 +118,4 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         final = report()
         for name, data in {**report_files(final), **(extra_files or {})}.items():
             writer.add_file(name, data)
-    return MergeResult(out, final, load(out) if load_model else None)
+    return final
