@@ -209,46 +209,68 @@ def calibrate(method: str, base: ModelLike, task: ModelLike, harmful_prompts: Se
     start = time.perf_counter()
     safety = SafetyDelta(safety_vector, aligned, harmful)
     reference = reference if reference is not None else (aligned if aligned is not None else base)
-    reference_model = reference if isinstance(reference, Model) else load(reference, progress=progress)
-    tokenizer = resolve_tokenizer(reference_model, tokenizer)
-    reference_rates = rates(reference_model, tokenizer, harmful_prompts, benign_prompts, options, judge)
-    del reference_model
+    score = functools.partial(rates, harmful=harmful_prompts, benign=benign_prompts, options=options, judge=judge)
+    reference_rates, tokenizer = _reference_rates(reference, tokenizer, score, progress)
     log(f"    reference: unsafe {reference_rates['unsafe_rate']:.0%}, over-refusal {reference_rates['over_refusal']:.0%}")
-    unsafe_bound = reference_rates["unsafe_rate"] + options.unsafe_tolerance
-    refusal_bound = reference_rates["over_refusal"] + options.refusal_tolerance
-
+    bounds = {"unsafe_rate": reference_rates["unsafe_rate"] + options.unsafe_tolerance,
+              "over_refusal": reference_rates["over_refusal"] + options.refusal_tolerance}
     sweep = EnchtableSweep(base, task, safety, method_opts, progress) if method == "enchtable" else None
     decomposed = time.perf_counter() - start
-    candidates = []
-    for value in grid:
-        if sweep is not None:
-            model = sweep.model(value)
-            weights = list(sweep.weights(value).values())
-            extra = {"alpha": value * sweep.alpha_per_beta,
-                     "weight": {"min": min(weights), "mean": float(np.mean(weights)), "max": max(weights)}
-                     if weights else None}
-        else:
-            model = merge(method, base, task, aligned=aligned, harmful=harmful, safety_vector=safety_vector,
-                          alpha=value if parameter == "alpha" else None, beta=value if parameter == "beta" else None,
-                          seed=seed, progress=False, **method_opts).model
-            extra = {}
-        scores = rates(model, tokenizer, harmful_prompts, benign_prompts, options, judge)
-        meets = scores["unsafe_rate"] <= unsafe_bound + 1e-12 and scores["over_refusal"] <= refusal_bound + 1e-12
-        candidates.append({"value": value, **extra, "unsafe_rate": scores["unsafe_rate"],
-                           "over_refusal": scores["over_refusal"], "meets": meets, "samples": scores["samples"]})
-        log(f"    {parameter} = {value:g}: unsafe {scores['unsafe_rate']:.0%}, over-refusal "
-            f"{scores['over_refusal']:.0%}{' (meets the target)' if meets else ''}")
-        if meets and options.stop_early:
-            break
+    merged = functools.partial(merge, method, base, task, aligned=aligned, harmful=harmful,
+                               safety_vector=safety_vector, seed=seed, progress=False, **method_opts)
+    candidates = _sweep_grid(grid, parameter, functools.partial(_candidate, parameter, sweep, merged),
+                             functools.partial(score, tokenizer=tokenizer), bounds, options.stop_early, log)
     default = 0.1 if parameter == "beta" else 1.0
     chosen, met, why = choose(candidates, reference_rates, options, default)
     log(f"    chose {parameter} = {chosen:g}: {why}")
     return {"method": method, "parameter": parameter, "grid": list(grid), "options": dataclasses.asdict(options),
             "method_options": method_opts, "judge": judge.name, "reference": reference_rates,
             "validation": {"harmful": len(harmful_prompts), "benign": len(benign_prompts)},
-            "bounds": {"unsafe_rate": unsafe_bound, "over_refusal": refusal_bound},
-            "candidates": candidates, "chosen": chosen, "met": met, "why": why,
+            "bounds": bounds, "candidates": candidates, "chosen": chosen, "met": met, "why": why,
             "seconds": {"decompositions": decomposed, "total": time.perf_counter() - start}}
+
+
+def _reference_rates(reference: ModelLike, tokenizer: Any, score: Callable[..., dict[str, Any]],
+                     progress: bool | None) -> tuple[dict[str, Any], Any]:
+    """The reference model's rates (the target) and the tokenizer resolved for it (used for every candidate); the
+    reference model is dropped before the sweep."""
+    reference_model = reference if isinstance(reference, Model) else load(reference, progress=progress)
+    tokenizer = resolve_tokenizer(reference_model, tokenizer)
+    return score(reference_model, tokenizer=tokenizer), tokenizer
+
+
+def _candidate(parameter: str, sweep: EnchtableSweep | None, merged: Callable[..., Any],
+               value: float) -> tuple[Model, dict[str, Any]]:
+    """The model merged at strength `value` and what the record adds for it (EnchTable: α and a summary of the
+    per-matrix weights); EnchTable from its precomputed sweep, a baseline by a merge in memory."""
+    if sweep is None:
+        return merged(alpha=value if parameter == "alpha" else None,
+                      beta=value if parameter == "beta" else None).model, {}
+    model = sweep.model(value)
+    weights = list(sweep.weights(value).values())
+    return model, {"alpha": value * sweep.alpha_per_beta,
+                   "weight": {"min": min(weights), "mean": float(np.mean(weights)), "max": max(weights)}
+                   if weights else None}
+
+
+def _sweep_grid(grid: Sequence[float], parameter: str, candidate: Callable[[float], tuple[Model, dict[str, Any]]],
+                score: Callable[[Model], dict[str, Any]], bounds: dict[str, float], stop_early: bool,
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Score each strength of `grid` in turn, marking whether it is within `bounds`; with `stop_early`, up to the
+    first that is."""
+    candidates = []
+    for value in grid:
+        model, extra = candidate(value)
+        scores = score(model)
+        meets = (scores["unsafe_rate"] <= bounds["unsafe_rate"] + 1e-12
+                 and scores["over_refusal"] <= bounds["over_refusal"] + 1e-12)
+        candidates.append({"value": value, **extra, "unsafe_rate": scores["unsafe_rate"],
+                           "over_refusal": scores["over_refusal"], "meets": meets, "samples": scores["samples"]})
+        log(f"    {parameter} = {value:g}: unsafe {scores['unsafe_rate']:.0%}, over-refusal "
+            f"{scores['over_refusal']:.0%}{' (meets the target)' if meets else ''}")
+        if meets and stop_early:
+            break
+    return candidates
 
 
 def calibration_files(record: dict[str, Any]) -> dict[str, str | bytes]:
