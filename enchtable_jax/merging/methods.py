@@ -4,7 +4,8 @@ Each method maps (τ_task, τ_safe, α, key, **options) of ONE tensor (float32) 
 merged tensor is θ_base + delta. τ_task = θ_task − θ_base, τ_safe = θ_aligned − θ_harm. `stats`
 always has `interference` and `weight` (NaN where a method has none), for the report. Methods are
 pure and jit-compatible with static options, so the executor stacks same-shaped tensors and maps
-a method over them on every device.
+a method over them on every device. `register` wraps every method in one check, run when it is traced
+(nothing per call under jit): τ_task is a vector or a matrix and τ_safe has its shape.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -116,6 +118,9 @@ def _with_declared_defaults(name: str, fn: Callable, options: dict[str, Option])
 
     @functools.wraps(fn)
     def method(task, safety, alpha, key, **given):
+        # One tensor at a time: a stacked group passed unmapped, or τ_safe of another tensor, would merge silently.
+        chex.assert_rank(task, {1, 2}, custom_message=f"merge method {name}: τ_task is one tensor's delta")
+        chex.assert_equal_shape([task, safety], custom_message=f"merge method {name}: τ_task and τ_safe")
         return fn(task, safety, alpha, key, **{**defaults, **given})
 
     method.__signature__ = signature.replace(parameters=[

@@ -13,10 +13,12 @@ from __future__ import annotations
 import inspect
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from enchtable_jax.kernels import spectral
 from enchtable_jax.merging.methods import METHODS, _top_magnitude_mask, method_options
@@ -559,7 +561,7 @@ def test_method_options_rejects_unknown():
 
 
 # ----------------------------------------------------------------------------------------------
-# jit and vmap
+# jit and vmap, and the trace-time shape checks
 
 
 JIT_CASES = [
@@ -573,36 +575,79 @@ JIT_CASES = [
     ("tsv", dict(keep=0.25)),
     ("safelora", dict(threshold=0.9)),
 ]
+CASE_IDS = [f"{n}-{i}" for i, (n, _) in enumerate(JIT_CASES)]
 
 
-def assert_same_stats(a, b, tol=RTOL):
-    assert set(a) == set(b)
-    for k in a:
-        x, y = float(a[k]), float(b[k])
-        assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= tol * max(abs(y), 1e-6), (k, x, y)
+def oracle(name, options, task, safety, delta):
+    """(delta, stats) of the float64 oracle for a JIT_CASES entry on a matrix; `delta` (ours) is read only by
+    DARE's, which recovers its random masks from it."""
+    nan = float("nan")
+    if name == "enchtable" and options.get("learnable"):
+        want, iota, w, _ = np_enchtable_learnable(task, safety, ALPHA, options["keep"], options["interference_scale"],
+                                                  0.5, 0.5, options["lr"], options["steps"])
+        return want, {"interference": iota, "weight": w}
+    if name == "enchtable":
+        want, iota, w = np_enchtable(task, safety, ALPHA, options["keep"], options["interference_scale"])
+        return want, {"interference": iota, "weight": w}
+    if name == "dare":
+        m1, m2 = dare_masks(delta, task, safety, options["density"])
+        return (f64(task) * m1 + ALPHA * f64(safety) * m2) / options["density"], {"interference": nan, "weight": ALPHA}
+    if name == "model_stock":
+        want, t = np_model_stock(task, safety, ALPHA)
+        return want, {"interference": nan, "weight": t}
+    if name == "tsv":
+        return np_tsv(task, safety, ALPHA, options["keep"]), {"interference": nan, "weight": nan}
+    if name == "safelora":
+        want, cos = np_safelora(task, safety, options["threshold"])
+        return want, {"interference": nan, "weight": cos}
+    plain = {"task_arithmetic": lambda: f64(task) + ALPHA * f64(safety),
+             "ties": lambda: np_ties(task, safety, ALPHA, options["density"]),
+             "breadcrumbs": lambda: np_breadcrumbs(task, safety, ALPHA, options["density"], options["gamma"])}
+    return plain[name](), {"interference": nan, "weight": ALPHA}
+
+
+class MethodsUnderJitTest(chex.TestCase):
+    """Every method, jitted and not, against its float64 oracle: jit must not change a formula (static options,
+    shape branches taken at trace time)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*((case_id, name, options) for case_id, (name, options) in zip(CASE_IDS,
+                                                                                                   JIT_CASES)))
+    def test_matches_oracle(self, name, options):
+        shape = (24, 40)
+        task, safety = (separable_pair(shape, 4) if name == "dare"
+                        else overlapping_pair(shape, seed=20, k=kept_count(shape, 0.25)))
+        fn = self.variant(METHODS[name].fn, static_argnames=tuple(options))
+        delta, stats = fn(f32(task), f32(safety), jnp.float32(ALPHA), KEY, **options)
+        want, want_stats = oracle(name, options, task, safety, np.asarray(delta))
+        assert_rel(delta, want, what=f"{self.variant.type} delta")
+        chex.assert_trees_all_close(stats, want_stats, rtol=RTOL, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (48,)])
-@pytest.mark.parametrize("name,options", JIT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(JIT_CASES)])
-def test_jit_and_vmap_equal_per_tensor_call(name, options, shape):
+@pytest.mark.parametrize("name,options", JIT_CASES, ids=CASE_IDS)
+def test_vmap_equals_per_tensor_calls(name, options, shape):
     fn = METHODS[name].fn
     k = kept_count(shape, 0.25) if len(shape) == 2 else 1
     pairs = [overlapping_pair(shape, seed=20 + i, k=k) for i in range(3)]
     tasks, safeties = f32(np.stack([p[0] for p in pairs])), f32(np.stack([p[1] for p in pairs]))
     alpha = jnp.float32(ALPHA)
-    eager = [fn(tasks[i], safeties[i], alpha, KEY, **options) for i in range(3)]
+    one_by_one = [fn(tasks[i], safeties[i], alpha, KEY, **options) for i in range(3)]
+    mapped = jax.vmap(lambda t, s: fn(t, s, alpha, KEY, **options))(tasks, safeties)
+    chex.assert_trees_all_close(mapped, jax.tree.map(lambda *xs: jnp.stack(xs), *one_by_one), rtol=RTOL, atol=1e-6)
 
-    jitted = jax.jit(fn, static_argnames=tuple(options))
-    delta, stats = jitted(tasks[0], safeties[0], alpha, KEY, **options)
-    assert_rel(delta, eager[0][0], what="jit delta")
-    assert_same_stats(stats, eager[0][1])
 
-    mapped = jax.vmap(lambda t, s: fn(t, s, alpha, KEY, **options))
-    deltas, stats = mapped(tasks, safeties)
-    assert deltas.shape == (3, *shape)
-    for i in range(3):
-        assert_rel(deltas[i], eager[i][0], what=f"vmap delta {i}")
-        assert_same_stats({k: v[i] for k, v in stats.items()}, eager[i][1])
+@pytest.mark.parametrize("task,safety,message", [
+    ((3, 24, 40), (3, 24, 40), "rank"),  # a stacked group, not mapped over
+    ((24, 40), (40, 24), "shape"),  # τ_safe of another tensor
+    ((), (), "rank"),
+])
+@pytest.mark.parametrize("name", ["enchtable", "task_arithmetic", "dare"])
+def test_wrong_shapes_are_refused_when_traced(name, task, safety, message):
+    """`register`'s check runs at trace time: eval_shape traces with shapes only, no value is ever computed."""
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    with pytest.raises(AssertionError, match=rf"(?s){message}.*merge method {name}: τ_task"):
+        jax.eval_shape(lambda t, s: METHODS[name].fn(t, s, jnp.float32(ALPHA), KEY), spec(task), spec(safety))
 
 
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
