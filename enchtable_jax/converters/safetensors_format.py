@@ -60,78 +60,110 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     path = Path(path)
     size = path.stat().st_size
     bad = f"{path}: not a valid safetensors file"
-    fix = "the file is truncated or corrupt; re-download or re-export it"
+    n, raw = _header_bytes(path, size, bad)
+    header = _header_object(raw, bad)
+    metadata = _pop_metadata(header, bad)
+    data_start = 8 + n
+    infos = {name: _tensor_info(path, bad, name, entry, data_start, size) for name, entry in header.items()}
+    _check_coverage(bad, infos.values(), data_start, size)
+    return infos, metadata
+
+
+_FIX = "the file is truncated or corrupt; re-download or re-export it"
+
+
+def _header_bytes(path: Path, size: int, bad: str) -> tuple[int, bytes]:
+    """The JSON header's length and bytes, the length checked against the file size and the header size limit."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise SafetensorsError(f"{bad} ({size} bytes, shorter than the 8-byte header length); {fix}")
+            raise SafetensorsError(f"{bad} ({size} bytes, shorter than the 8-byte header length); {_FIX}")
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
             raise SafetensorsError(f"{bad}: header length {n} exceeds the file size {size}"
-                                   f"{'' if n <= _MAX_HEADER else f' or the {_MAX_HEADER}-byte limit'}; {fix}")
-        raw = f.read(n)
+                                   f"{'' if n <= _MAX_HEADER else f' or the {_MAX_HEADER}-byte limit'}; {_FIX}")
+        return n, f.read(n)
+
+
+def _header_object(raw: bytes, bad: str) -> dict:
+    """The header parsed: a JSON object without duplicate names."""
     if not raw.lstrip(b" ").startswith(b"{"):
-        raise SafetensorsError(f"{bad}: header does not start with a JSON object; {fix}")
+        raise SafetensorsError(f"{bad}: header does not start with a JSON object; {_FIX}")
     try:
         header = parse_json(raw, "header")
     except JSONFileError as e:
-        raise SafetensorsError(f"{bad}: {e}; {fix}") from e
+        raise SafetensorsError(f"{bad}: {e}; {_FIX}") from e
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{bad}: header is not a JSON object; {fix}")
+        raise SafetensorsError(f"{bad}: header is not a JSON object; {_FIX}")
+    return header
+
+
+def _pop_metadata(header: dict, bad: str) -> dict[str, str]:
+    """Remove the header's __metadata__ entry and return it ({} when absent or null): strings to strings."""
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SafetensorsError(f"{bad}: field __metadata__ must map strings to strings, got {metadata!r:.200}; {fix}")
-    infos: dict[str, TensorInfo] = {}
-    data_start = 8 + n
-    spans = []
-    for name, entry in header.items():
-        where = f"{bad}: tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise SafetensorsError(f"{where}: entry must be an object, got {entry!r:.200}; {fix}")
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
-        if missing:
-            raise SafetensorsError(f"{where}: entry lacks the field(s) {', '.join(missing)}; {fix}")
-        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise SafetensorsError(f"{where}: field dtype {dtype_name!r:.100} is not a known dtype "
-                                   f"({', '.join(DTYPES)}); {fix}")
-        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
-            raise SafetensorsError(f"{where}: field shape must be a list of non-negative integers, got "
-                                   f"{shape!r:.200}; {fix}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
-            raise SafetensorsError(f"{where}: field data_offsets must be two non-negative integers, got "
-                                   f"{offsets!r:.200}; {fix}")
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise SafetensorsError(f"{bad}: tensor name {name!r:.100} is not valid UTF-8; {fix}") from e
-        dtype = DTYPES[dtype_name]
-        begin, end = offsets
-        expected = _checked_size(shape, dtype.itemsize)
-        if expected is None or not _representable(shape):
-            raise SafetensorsError(f"{where}: shape {shape!r:.200} of {dtype_name} overflows 64 bits or has more "
-                                   f"than {_MAX_DIMS} dimensions; {fix}")
-        if end < begin or end - begin != expected:
-            raise SafetensorsError(f"{where}: declares {end - begin} bytes but shape {tuple(shape)} of {dtype_name} "
-                                   f"needs {expected}; {fix}")
-        if data_start + end > size:
-            raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has "
-                                   f"{size} bytes; {fix}")
-        spans.append((begin, end, name))
-        infos[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+        raise SafetensorsError(f"{bad}: field __metadata__ must map strings to strings, got {metadata!r:.200}; {_FIX}")
+    return metadata
+
+
+def _tensor_info(path: Path, bad: str, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    """One header entry as a `TensorInfo`: its fields well-formed, its byte span the size of its shape and dtype,
+    and inside the file."""
+    where = f"{bad}: tensor {name!r}"
+    dtype_name, shape, (begin, end) = _entry_fields(entry, where)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SafetensorsError(f"{bad}: tensor name {name!r:.100} is not valid UTF-8; {_FIX}") from e
+    dtype = DTYPES[dtype_name]
+    expected = _checked_size(shape, dtype.itemsize)
+    if expected is None or not _representable(shape):
+        raise SafetensorsError(f"{where}: shape {shape!r:.200} of {dtype_name} overflows 64 bits or has more "
+                               f"than {_MAX_DIMS} dimensions; {_FIX}")
+    if end < begin or end - begin != expected:
+        raise SafetensorsError(f"{where}: declares {end - begin} bytes but shape {tuple(shape)} of {dtype_name} "
+                               f"needs {expected}; {_FIX}")
+    if data_start + end > size:
+        raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has "
+                               f"{size} bytes; {_FIX}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _entry_fields(entry: object, where: str) -> tuple[str, list[int], list[int]]:
+    """(dtype, shape, data_offsets) of a header entry: an object with a known dtype, a shape of non-negative
+    integers and two non-negative integer offsets."""
+    if not isinstance(entry, dict):
+        raise SafetensorsError(f"{where}: entry must be an object, got {entry!r:.200}; {_FIX}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise SafetensorsError(f"{where}: entry lacks the field(s) {', '.join(missing)}; {_FIX}")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise SafetensorsError(f"{where}: field dtype {dtype_name!r:.100} is not a known dtype "
+                               f"({', '.join(DTYPES)}); {_FIX}")
+    if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+        raise SafetensorsError(f"{where}: field shape must be a list of non-negative integers, got "
+                               f"{shape!r:.200}; {_FIX}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise SafetensorsError(f"{where}: field data_offsets must be two non-negative integers, got "
+                               f"{offsets!r:.200}; {_FIX}")
+    return dtype_name, shape, offsets
+
+
+def _check_coverage(bad: str, infos: Iterable[TensorInfo], data_start: int, size: int) -> None:
+    """Refuse spans that overlap, leave gaps, or do not end at the end of the file."""
     covered = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in sorted((i.start - data_start, i.end - data_start, i.name) for i in infos):
         if begin != covered:
             what = "overlaps the previous tensor" if begin < covered else f"leaves a gap of {begin - covered} bytes"
             raise SafetensorsError(f"{bad}: tensor {name!r} starts at data offset {begin}, which {what}; tensors "
-                                   f"must cover the data region contiguously; {fix}")
+                                   f"must cover the data region contiguously; {_FIX}")
         covered = end
     if data_start + covered != size:
         raise SafetensorsError(f"{bad}: the tensors cover {covered} bytes of data but the file holds "
-                               f"{size - data_start}; {fix}")
-    return infos, metadata
+                               f"{size - data_start}; {_FIX}")
 
 
 _U64 = 2 ** 64
