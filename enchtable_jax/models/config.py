@@ -81,40 +81,16 @@ class ModelConfig:
 
         Every field used is type-checked (a bool is not an integer; floats are finite and positive).
         """
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{source}: a config must be a JSON object, got {type(raw).__name__}")
-        model_type = raw.get("model_type")
-        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: field 'model_type' {model_type!r:.100} is not supported; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        given = {k: v for k, v in raw.items() if v is not None or k == "sliding_window"}  # null window: none
-        d = {**{k: hf_default(model_type, k) for k in _DEFAULTED[model_type] if k not in given}, **given}
+        model_type = _model_type(raw, source)
+        d = _with_defaults(raw, model_type)
         for name in _REQUIRED:
             _positive_int(d.get(name), name, source)
         heads = d["num_attention_heads"]
-        kv_heads = _positive_int(d.get("num_key_value_heads", heads), "num_key_value_heads", source)
-        if heads % kv_heads:
-            raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
-                              f"num_key_value_heads ({kv_heads})")
-        head_dim = d.get("head_dim")
-        if head_dim is None:
-            head_dim = d["hidden_size"] // heads
-            if head_dim <= 0:
-                raise ConfigError(f"{source}: field 'hidden_size' ({d['hidden_size']}) is smaller than "
-                                  f"num_attention_heads ({heads}); give head_dim or fix the sizes")
-        else:
-            _positive_int(head_dim, "head_dim", source)
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
-            if name in d and not isinstance(d[name], bool):
-                raise ConfigError(f"{source}: field {name!r} must be true or false, got {d[name]!r:.100}")
-        _positive_float(d["rms_norm_eps"], "rms_norm_eps", source)
-        if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACTIVATIONS:
-            raise ConfigError(f"{source}: field 'hidden_act' {d['hidden_act']!r:.100} is not supported; supported: "
-                              f"{', '.join(ACTIVATIONS)}")
+        kv_heads, head_dim = _attention_shape(d, source)
+        _check_flags_norm_and_activation(d, source)
         _check_transformers_fields(raw, d["vocab_size"], source)
         rope_theta, rope = _read_rope(d, source, lambda: hf_default(model_type, "default_theta"))
-        bias = ((d["attention_bias"],) * 2 + (d["mlp_bias"],) if model_type == "llama"  # (q/k/v, o, mlp)
-                else {"mistral": (False, False, False), "qwen2": (True, False, False)}[model_type])
+        bias = _biases(model_type, d)
         return cls(
             model_type=model_type,
             vocab_size=d["vocab_size"],
@@ -150,6 +126,60 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the file must hold a JSON object, got {type(raw).__name__}")
         return cls.from_hf(raw, source=str(path))
+
+
+def _model_type(raw: Any, source: str) -> str:
+    """The family of a raw config, which must be a JSON object of a supported `model_type`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: a config must be a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: field 'model_type' {model_type!r:.100} is not supported; supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return model_type
+
+
+def _with_defaults(raw: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The raw fields, nulls dropped (a null sliding_window stays: no window), and transformers' default for each
+    field the resolution reads that the config omits."""
+    given = {k: v for k, v in raw.items() if v is not None or k == "sliding_window"}  # null window: none
+    return {**{k: hf_default(model_type, k) for k in _DEFAULTED[model_type] if k not in given}, **given}
+
+
+def _attention_shape(d: Mapping[str, Any], source: str) -> tuple[int, int]:
+    """(num_key_value_heads, head_dim): KV heads dividing the attention heads; head_dim given, or hidden_size split
+    over the heads."""
+    heads = d["num_attention_heads"]
+    kv_heads = _positive_int(d.get("num_key_value_heads", heads), "num_key_value_heads", source)
+    if heads % kv_heads:
+        raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
+                          f"num_key_value_heads ({kv_heads})")
+    head_dim = d.get("head_dim")
+    if head_dim is None:
+        head_dim = d["hidden_size"] // heads
+        if head_dim <= 0:
+            raise ConfigError(f"{source}: field 'hidden_size' ({d['hidden_size']}) is smaller than "
+                              f"num_attention_heads ({heads}); give head_dim or fix the sizes")
+    else:
+        _positive_int(head_dim, "head_dim", source)
+    return kv_heads, head_dim
+
+
+def _check_flags_norm_and_activation(d: Mapping[str, Any], source: str) -> None:
+    """The boolean fields are booleans, rms_norm_eps a finite positive number, hidden_act a supported name."""
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+        if name in d and not isinstance(d[name], bool):
+            raise ConfigError(f"{source}: field {name!r} must be true or false, got {d[name]!r:.100}")
+    _positive_float(d["rms_norm_eps"], "rms_norm_eps", source)
+    if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACTIVATIONS:
+        raise ConfigError(f"{source}: field 'hidden_act' {d['hidden_act']!r:.100} is not supported; supported: "
+                          f"{', '.join(ACTIVATIONS)}")
+
+
+def _biases(model_type: str, d: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """Which projections have biases: (q/k/v, o, mlp); Llama's are configured, Mistral's and Qwen2's fixed."""
+    return ((d["attention_bias"],) * 2 + (d["mlp_bias"],) if model_type == "llama"
+            else {"mistral": (False, False, False), "qwen2": (True, False, False)}[model_type])
 
 
 @functools.cache
