@@ -21,7 +21,7 @@ from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.cpu_threads import with_cpu_devices
-from enchtable_jax.merging.methods import check_strength
+from enchtable_jax.merging.methods import DEFAULT_BETA, check_strength
 from enchtable_jax.merging.report import alpha_text
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
 from enchtable_jax.nonfinite import ALLOW_HINT, NonFiniteError
@@ -178,7 +178,7 @@ def _list_methods() -> None:
     from enchtable_jax.merging.methods import METHODS
 
     for method in METHODS.values():
-        alpha = ("adaptive α (β = 0.1)" if method.adaptive_alpha else "fixed α (default 1)" if method.uses_alpha
+        alpha = (f"adaptive α (β = {DEFAULT_BETA})" if method.adaptive_alpha else "fixed α (default 1)" if method.uses_alpha
                  else "no α")
         print(f"{method.name}: {method.summary}; {alpha}")
         for name, option in method.options.items():
@@ -410,7 +410,8 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     from enchtable_jax.merging.methods import MERGE_OPTIONS
 
     _ranged(p, "--alpha", MERGE_OPTIONS["alpha"], "fixed scale of the safety delta")
-    _ranged(p, "--beta", MERGE_OPTIONS["beta"], "adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default 0.1)")
+    _ranged(p, "--beta", MERGE_OPTIONS["beta"],
+            f"adaptive scale: α = β·‖τ_task‖/‖τ_safe‖ (enchtable default {DEFAULT_BETA})")
     _add_method_flags(p)
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="any other method option (repeatable; checked against the method's declared ranges)")

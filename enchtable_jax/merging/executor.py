@@ -34,7 +34,7 @@ from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, put
-from enchtable_jax.merging.methods import METHODS, method_options
+from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
 from enchtable_jax.models.identity import WeightsDigest, check_base, config_digest
 from enchtable_jax.nonfinite import check_output, host_finite, input_error, output_error
@@ -127,7 +127,7 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
     if not adaptive:
         return MergePlan(tensors, 1.0 if alpha is None else float(alpha), None)
     norms = {k: math.sqrt(v) for k, v in sums.items()}
-    beta = 0.1 if beta is None else beta
+    beta = DEFAULT_BETA if beta is None else beta
     return MergePlan(tensors, float(beta * norms["task"] / norms["safety"] if norms["safety"] > 0 else 0.0), norms)
 
 

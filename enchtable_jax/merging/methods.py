@@ -28,6 +28,8 @@ from enchtable_jax.options import FRACTION, POSITIVE, SEED, Range
 Stats = dict[str, jax.Array]
 NAN = float("nan")
 # Options of every merge, whatever the method: α would flip or blow up the safety delta outside these.
+# β of the paper's adaptive scale α = β·‖τ_task‖/‖τ_safe‖ when neither α nor β is given.
+DEFAULT_BETA = 0.1
 MERGE_OPTIONS = {
     "alpha": Range(0, optional=True),  # fixed scale of τ_safe (None: the method's default)
     "beta": Range(0, optional=True),  # adaptive scale: α = β·‖τ_task‖/‖τ_safe‖

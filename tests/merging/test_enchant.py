@@ -24,6 +24,8 @@ def test_enchant_distills_then_merges_then_reuses(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["method"] == "enchtable" and report["merged"] == len(manifest["scope"]["tensors"]) == 6
     assert str(vector) in report["inputs"]["safety"]
+    # no α or β given: the paper's β = 0.1 in α = β·‖τ_task‖/‖τ_safe‖
+    assert report["alpha"] == pytest.approx(0.1 * report["norms"]["task"] / report["norms"]["safety"])
     stamp = (vector / "manifest.json").stat().st_mtime_ns
     assert main([*args, "--overwrite"]) == 0  # the finished vector is reused, not distilled again
     assert (vector / "manifest.json").stat().st_mtime_ns == stamp
