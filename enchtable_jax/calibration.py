@@ -284,13 +284,11 @@ def calibration_files(record: dict[str, Any]) -> dict[str, str | bytes]:
 def plot_calibration(record: dict[str, Any], path: Path | BinaryIO) -> None:
     """Unsafe rate and over-refusal of every candidate against strength, the targets as dashed lines (a PNG file
     or buffer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     values = [c["value"] for c in record["candidates"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for key, label, color in (("unsafe_rate", "unsafe rate (harmful validation)", "tab:red"),
                               ("over_refusal", "over-refusal (harmless validation)", "tab:blue")):
         ax.plot(values, [100 * c[key] for c in record["candidates"]], "o-", color=color, label=label)
@@ -305,4 +303,3 @@ def plot_calibration(record: dict[str, Any], path: Path | BinaryIO) -> None:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

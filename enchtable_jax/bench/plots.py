@@ -1,4 +1,4 @@
-"""PNG plots of study results (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of study results (matplotlib Figure objects: no display and no pyplot backend needed)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def bars(title: str, seconds: Mapping[str, Mapping[str, float]], path: Path) -> Path:
     """Median seconds per implementation as horizontal bars, min–max as error bars (log axis for wide ranges);
     names sharing the part before a '/' share a colour."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     names = list(seconds)
     median = [seconds[n]["median"] for n in names]
     low = [seconds[n]["median"] - seconds[n]["min"] for n in names]
     high = [seconds[n]["max"] - seconds[n]["median"] for n in names]
     groups = list(dict.fromkeys(n.split("/")[0] for n in names))  # "ours/tiny", "torch/tiny": one colour per side
     colors = [f"C{groups.index(n.split('/')[0]) % 10}" for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.42 * len(names)))
+    fig = Figure(figsize=(8, 0.9 + 0.42 * len(names)))
+    ax = fig.subplots()
     ax.barh(range(len(names)), median, xerr=[low, high], color=colors, ecolor="black", capsize=3)
     ax.set_yticks(range(len(names)), labels=names)
     ax.invert_yaxis()
@@ -35,14 +28,15 @@ def bars(title: str, seconds: Mapping[str, Mapping[str, float]], path: Path) -> 
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def scale_curves(points: list[Mapping], kinds: tuple[str, ...], sweep_preset: str, path: Path) -> Path:
     """Median seconds vs parameter count (1 device) and vs device count (at `sweep_preset`), log-log, per kind."""
-    plt = _pyplot()
-    fig, (by_size, by_devices) = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    by_size, by_devices = fig.subplots(1, 2)
     for kind in kinds:
         size = sorted((p for p in points if p["kind"] == kind and p["devices"] == 1), key=lambda p: p["parameters"])
         by_size.plot([p["parameters"] for p in size], [p["seconds"]["median"] for p in size], "o-", label=kind)
@@ -61,5 +55,4 @@ def scale_curves(points: list[Mapping], kinds: tuple[str, ...], sweep_preset: st
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

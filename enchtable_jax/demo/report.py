@@ -87,12 +87,11 @@ def results_figure(runs: Sequence[Sequence[dict[str, Any]]]):
     same spot). With several seeds, every seed is a faint point and the mean a solid one.
     """
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    baselines = iter(plt.get_cmap("tab10").colors)
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
+    baselines = iter(matplotlib.colormaps["tab10"].colors)
     styles = {}
     for row in runs[0]:
         name = row["name"]
@@ -124,9 +123,5 @@ def results_figure(runs: Sequence[Sequence[dict[str, Any]]]):
 
 def plot_results(runs: Sequence[Sequence[dict[str, Any]]], path: Path) -> Path:
     """`results_figure` written as a PNG at `path`."""
-    import matplotlib.pyplot as plt
-
-    fig = results_figure(runs)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    results_figure(runs).savefig(path, dpi=110)
     return path

@@ -61,10 +61,7 @@ def report_files(report: dict[str, Any]) -> dict[str, str | bytes]:
 def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:
     """Safety weight and interference of every merged matrix, by layer, one line per module (a PNG file or
     buffer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     series: dict[str, dict[str, list]] = {}
     for t in report["tensors"]:
@@ -75,7 +72,8 @@ def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:
         s["layer"].append(int(m.group(1)))
         s["weight"].append(t.get("weight"))
         s["interference"].append(t.get("interference"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("weight", "interference")):
         for module, s in sorted(series.items()):
             points = [(x, y) for x, y in zip(s["layer"], s[key]) if y is not None]
@@ -90,4 +88,3 @@ def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:
         axes[0].text(0.5, 0.5, why, ha="center", transform=axes[0].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

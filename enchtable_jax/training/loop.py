@@ -349,15 +349,12 @@ def _tokenizer(folder: Path | None, purpose: str):
 
 def plot_losses(losses: list[float], path: Path | BinaryIO, title: str) -> None:
     """The loss curve per optimizer step, as a PNG (a file, or a binary buffer)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses)
     ax.set(xlabel="optimizer step", ylabel="loss (response tokens)", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

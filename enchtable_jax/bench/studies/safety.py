@@ -634,13 +634,11 @@ def plot(figures: dict, out: Path) -> list[Path]:
     """safety.png: pooled unsafe rate against utility and against over-refusal, one marker per model."""
     if "rows" not in figures:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     markers = "osD^v<>pP*Xh"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     for i, r in enumerate(figures["rows"]):
         style = {"marker": markers[i % len(markers)], "color": f"C{i % 10}", "s": 70, "label": r["name"]}
         axes[0].scatter(100 * r["utility"], 100 * r[POOLED], **style)
@@ -658,5 +656,4 @@ def plot(figures: dict, out: Path) -> list[Path]:
     fig.tight_layout(rect=(0, 0, 0.85, 0.95))
     path = Path(out) / "safety.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [path]
