@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import math
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +24,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import enchtable_jax
 from enchtable_jax.models.model import Model
 from enchtable_jax.models import ConfigError, ModelConfig, RopeScaling, expected_shapes
-from enchtable_jax.models.transformer import rope_inv_freq
+from enchtable_jax.models import init_params, preset_config
+from enchtable_jax.models.transformer import forward, forward_cached, init_cache, rope_inv_freq
 
 F32_TOL = 1e-5
 T = 12  # sequence length; every sliding window below is shorter
@@ -162,9 +165,29 @@ def test_bf16_logits_within_transformers_error(hf_model, model_type, overrides):
 
     up = enchtable_jax.load(folder, dtype=jnp.float32)
     assert {str(v.dtype) for v in up.params.values()} == {"float32"}
-    for name, value in model.params.items():  # the upcast is exact
-        np.testing.assert_array_equal(np.asarray(up.params[name]), np.asarray(value.astype(jnp.float32)))
+    chex.assert_trees_all_equal(up.params, {n: v.astype(jnp.float32) for n, v in model.params.items()},
+                                strict=True)  # the upcast is exact
     assert rel_err(ours(up, ids, mask), ref32, mask) <= F32_TOL
+
+
+def test_input_shapes_are_checked_when_traced():
+    """Ranks and shapes of the token inputs are checked while tracing: eval_shape computes no value."""
+    config = preset_config("tiny", "llama", num_hidden_layers=1)
+    params = init_params(config, seed=0)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    assert jax.eval_shape(lambda i, m: forward(params, config, i, m), ints(2, 5), ints(2, 5)).shape == (
+        2, 5, config.vocab_size)
+    with pytest.raises(AssertionError, match=r"(?s)rank.*forward: input_ids are \[batch, tokens\]"):
+        jax.eval_shape(lambda i: forward(params, config, i), ints(5))
+    with pytest.raises(AssertionError, match=r"(?s)shape.*forward: input_ids, attention_mask"):
+        jax.eval_shape(lambda i, m: forward(params, config, i, m), ints(2, 5), ints(2, 4))
+    with pytest.raises(AssertionError, match=r"(?s)shape.*forward: input_ids, attention_mask, position_ids"):
+        jax.eval_shape(lambda i, p: forward(params, config, i, position_ids=p), ints(2, 5), ints(5))
+    cache = init_cache(config, 2, 8, jnp.float32)
+    with pytest.raises(AssertionError, match=r"(?s)rank.*forward_cached: input_ids"):
+        jax.eval_shape(lambda i, m: forward_cached(params, config, i, m, cache), ints(5), ints(5))
+    with pytest.raises(AssertionError, match=r"(?s)shape.*forward_cached: input_ids, attention_mask"):
+        jax.eval_shape(lambda i, m: forward_cached(params, config, i, m, cache), ints(2, 1), ints(2, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------

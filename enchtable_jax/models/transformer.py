@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,12 +208,16 @@ def forward(params: Params, config: ModelConfig, input_ids: jax.Array, attention
 
     Position ids default to the running count of real tokens, so a left-padded prompt gets the same
     positions as the unpadded one (what generation needs). Logits at padded positions are meaningless.
+    Ranks and shapes are checked when traced (chex; nothing per call under jit).
     `unit` wraps every projection, attention block and MLP block (see `Unit`); the default just calls it.
     """
+    chex.assert_rank(input_ids, 2, custom_message="forward: input_ids are [batch, tokens]")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if position_ids is None:
         position_ids = positions_from_mask(attention_mask)
+    chex.assert_equal_shape([input_ids, attention_mask, position_ids],
+                            custom_message="forward: input_ids, attention_mask, position_ids")
     masks = attention_masks(attention_mask, config)
     return _layers(params, config, input_ids, position_ids, masks, unit, None, last_only=False)[0]
 
@@ -249,6 +254,8 @@ def forward_cached(params: Params, config: ModelConfig, input_ids: jax.Array, at
     windows): [B, vocab] of the last token when `last_only` (decoding), else [B, T, vocab]. The caller
     keeps length + T <= S: past the end, `dynamic_update_slice` would clamp the write onto earlier slots.
     """
+    chex.assert_rank(input_ids, 2, custom_message="forward_cached: input_ids are [batch, tokens]")
+    chex.assert_equal_shape([input_ids, attention_mask], custom_message="forward_cached: input_ids, attention_mask")
     t = input_ids.shape[1]
     mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.length, axis=1)
     position_ids = jax.lax.dynamic_slice_in_dim(positions_from_mask(mask), cache.length, t, axis=1)
