@@ -1,9 +1,11 @@
 """The linearized forward against a float64 central-difference oracle, for every scope."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from enchtable_jax.models.model import Model, apply
 from enchtable_jax.kernels.linearize import linearized_forward, linearized_logits
@@ -13,6 +15,7 @@ from enchtable_jax.models.transformer import forward
 
 CONFIG = preset_config("tiny", "qwen2", num_hidden_layers=2, vocab_size=64, hidden_size=32, intermediate_size=48)
 SCOPES = ["ffn", "attn", "attn_block", "attn_ffn", "model", "attn_block+ffn"]
+VARIANT_SCOPES = ["attn_block+ffn", "model"]  # per-unit and whole-model: also checked under jit (chex.variants)
 EPS = 1e-4
 
 
@@ -50,15 +53,15 @@ def _central_difference_oracle(params0, theta, scope, ids, mask):
     return forward(params0, CONFIG, ids, mask, unit=unit)
 
 
-@pytest.mark.parametrize("scope_name", SCOPES)
-def test_linearized_logits_match_central_differences(scope_name):
+def _assert_matches_central_differences(scope_name, linearize):
+    """`linearize` (linearized_forward, jitted or not) in float64 to 1e-7, the float32 training path to 2e-5."""
     scope = resolve_scope(CONFIG, scope_name)
     with jax.enable_x64(True):
         params0, ids, mask = _setup(jnp.float64)
         theta = _perturbed(params0, scope.params, 7, 0.05)
         oracle = np.asarray(_central_difference_oracle(params0, theta, scope, ids, mask))
         delta = {n: theta[n] - params0[n] for n in scope.params}
-        ours64 = np.asarray(linearized_forward(params0, delta, CONFIG, scope, ids, mask))
+        ours64 = np.asarray(linearize(params0, delta, CONFIG, scope, ids, mask))
     real = np.asarray(mask, bool)
     scale = np.abs(oracle[real]).max()
     assert np.abs(ours64[real] - oracle[real]).max() / scale < 1e-7
@@ -67,6 +70,21 @@ def test_linearized_logits_match_central_differences(scope_name):
     ours32 = np.asarray(linearized_logits(model0, {n: v.astype(jnp.float32) for n, v in theta.items()}, ids, scope,
                                           mask))
     assert np.abs(ours32[real] - oracle[real]).max() / scale < 2e-5
+
+
+@pytest.mark.parametrize("scope_name", [s for s in SCOPES if s not in VARIANT_SCOPES])
+def test_linearized_logits_match_central_differences(scope_name):
+    _assert_matches_central_differences(scope_name, linearized_forward)
+
+
+class LinearizedUnderJitTest(chex.TestCase):
+    """Per-unit and whole-model linearization, jitted and not: tracing must not change the function."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*((s.replace("+", "_"), s) for s in VARIANT_SCOPES))
+    def test_matches_central_differences(self, scope_name):
+        _assert_matches_central_differences(scope_name,
+                                            self.variant(linearized_forward, static_argnames=("config", "scope")))
 
 
 @pytest.mark.parametrize("scope_name,equals_plain", [("attn", True), ("ffn", False), ("attn_block", False),
