@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,9 +87,7 @@ def test_given_arrays_shards_and_plain_svd_agree(world, tmp_path):
     assert len(list((tmp_path / "b").glob("model-*-of-*.safetensors"))) > 1
     assert a["alpha"] == pytest.approx(b["alpha"], rel=1e-12)
     ta, tb = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
-    assert set(ta) == set(tb)
-    for name in ta:
-        np.testing.assert_allclose(ta[name], tb[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    chex.assert_trees_all_close(ta, tb, rtol=1e-5, atol=1e-7)
     with pytest.raises(FileExistsError):
         torch_merge.merge(world["base"], world["task"], tmp_path / "a", safety_vector=world["vector"])
 

@@ -1,6 +1,7 @@
 """Training through the linearized forward: loss formula, gradients vs finite differences, donation,
 and the same step on a mesh of 8 simulated CPU devices as on one."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,8 +125,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         results.append((float(metrics["loss"]), params))
     (loss1, p1), (loss2, p2) = results
     assert loss2 == pytest.approx(loss1, rel=1e-6)
-    for n in p1:
-        np.testing.assert_allclose(p2[n], p1[n], rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(p2, p1, rtol=1e-5, atol=1e-7)
 
 
 def test_bfloat16_model_keeps_float32_updates_below_its_resolution():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,10 +60,7 @@ def test_sweep_equals_merge_at_every_beta(world):
         want = merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
                      beta=beta, progress=False).model
         got = sweep.model(beta)
-        assert set(got.params) == set(want.params)
-        for name, value in want.params.items():
-            np.testing.assert_allclose(np.asarray(got.params[name]), np.asarray(value), rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{name} at beta {beta}")
+        chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=1e-6, custom_message=f"beta {beta}")
     weights = sweep.weights(2.0)
     assert all(0 < w < 1 for w in weights.values()) and weights != sweep.weights(0.05)  # ι grows with the strength
 

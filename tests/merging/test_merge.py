@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,8 +248,7 @@ def test_safety_vector_folder_equals_aligned_minus_harmful(world, tmp_path):
     a = merge("enchtable", world["base"], world["task"], safety_vector=vector, progress=False).model
     b = merge("enchtable", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
               progress=False).model
-    for name in a.params:
-        np.testing.assert_array_equal(np.asarray(a.params[name]), np.asarray(b.params[name]), err_msg=name)
+    chex.assert_trees_all_equal(a.params, b.params)
 
 
 def test_vector_for_another_base_is_refused(world, tmp_path):

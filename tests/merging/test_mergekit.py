@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,10 +120,9 @@ def _ours(world, method, alpha, exact_safety=False, **options):
 
 
 def _assert_same(ours, theirs, rtol=RTOL, atol=ATOL):
-    assert set(ours) == set(theirs) and len(ours) == 2 + 9 * SMALL["num_hidden_layers"] + 1
-    for name, want in theirs.items():
-        assert ours[name].dtype == want.dtype == np.float32, name
-        np.testing.assert_allclose(ours[name], want, rtol=rtol, atol=atol, err_msg=name)
+    assert len(theirs) == 2 + 9 * SMALL["num_hidden_layers"] + 1
+    assert {w.dtype for w in theirs.values()} == {np.dtype(np.float32)}
+    chex.assert_trees_all_close(ours, theirs, rtol=rtol, atol=atol, strict=True)  # same names, shapes and dtypes
 
 
 def test_mergekit_version():
