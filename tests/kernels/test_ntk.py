@@ -4,10 +4,12 @@ the same kernel, and is explained when absent."""
 
 import importlib.util
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from enchtable_jax.models.model import Model
 from enchtable_jax.kernels import ntk
@@ -54,6 +56,21 @@ def test_ntk_equals_jacobian_product(method, readout_name):
     oracle = _jacrev_kernel(scope, readout, b1, b2)
     assert ours.shape == oracle.shape == ((5, 3) if readout_name == "logprob" else (5, 3, 3, 3))
     assert float(jnp.abs(ours - oracle).max() / jnp.abs(oracle).max()) <= 1e-5
+
+
+class KernelsUnderJitTest(chex.TestCase):
+    """Each implementation's kernel function, traced under jit and run op by op, equals J Jᵀ: the jit around
+    it must not change what it computes."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("jacobian", "_ntk_jacobian"), ("ntvp", "_ntk_ntvp"))
+    def test_kernel_equals_jacobian_product(self, name):
+        kernel_fn = self.variant(getattr(ntk, name).__wrapped__, static_argnames=("config", "readout"))
+        scope = resolve_scope(CONFIG, "ffn", "1:")
+        b1, b2 = ({k: jnp.asarray(v) for k, v in _batch(n, seed).items()} for n, seed in ((3, 1), (2, 2)))
+        sub = {n: MODEL.params[n] for n in scope.params}
+        ours = kernel_fn(MODEL.params, sub, CONFIG, response_logprob, b1, b2)[:, :, 0, 0]
+        chex.assert_trees_all_close(ours, _jacrev_kernel(scope, response_logprob, b1, b2), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_is_symmetric_positive_semidefinite():
