@@ -21,8 +21,8 @@ def _names(requirements: list[str]) -> set[str]:
     return {re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
-def _distributions(module: str) -> set[str]:
-    return {d.lower().replace("_", "-") for d in importlib.metadata.packages_distributions().get(module, [])}
+def _distributions(module: str, installed: dict[str, list[str]]) -> set[str]:
+    return {d.lower().replace("_", "-") for d in installed.get(module, [])}
 
 
 def _imports() -> list[tuple[str, str, bool]]:
@@ -48,10 +48,11 @@ def test_every_import_is_declared():
     core = _names(project["dependencies"])
     extras = set().union(*(_names(v) for k, v in project["optional-dependencies"].items() if k != "test"))
     problems = []
+    installed = importlib.metadata.packages_distributions()  # module -> distributions (one scan of site-packages)
     for where, module, at_module_level in _imports():
         if module in sys.stdlib_module_names or module == "enchtable_jax" or module in UNDECLARED_OPTIONAL:
             continue
-        dists = _distributions(module) or {module.lower().replace("_", "-")}
+        dists = _distributions(module, installed) or {module.lower().replace("_", "-")}
         allowed = core if at_module_level else core | extras
         if not dists & allowed:
             problems.append(f"{where}: {module} ({', '.join(sorted(dists))}) is not declared"
