@@ -3,8 +3,6 @@ control tokens kept as text, truncation, and rendered examples collating into a 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import transformers
@@ -12,26 +10,12 @@ import transformers
 from enchtable_jax.models.chat import DataError, Example, render, resolve_template
 from enchtable_jax.models.tokenizer import TEMPLATES, byte_level_tokenizer
 from enchtable_jax.training.data import collate
-
-SINGLE = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Sure: first…"}]
-MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello 👋\n"}, {"role": "user", "content": "More?"},
-         {"role": "assistant", "content": "  Yes, more.  "}]
+from records import MULTI, SINGLE, write_text
 
 
 @pytest.fixture(scope="module")
 def tok():
     return byte_level_tokenizer()
-
-
-def _write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _jsonl(tmp_path, records, name="data.jsonl"):
-    return _write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _byte_count(text):
@@ -68,12 +52,12 @@ def test_missing_template_names_the_folder_and_the_flag(tmp_path):
 def test_template_choice(tok, tmp_path):
     assert resolve_template(tok) == tok.chat_template
     assert resolve_template(tok, "llama3") == TEMPLATES["llama3"]
-    path = _write(tmp_path, "mine.jinja", "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    path = write_text(tmp_path, "mine.jinja", "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
     assert resolve_template(tok, str(path)) == path.read_text()
     with pytest.raises(DataError, match="neither a built-in .*chatml, llama3, plain"):
         resolve_template(tok, "vicuna")
     with pytest.raises(DataError, match="empty"):
-        resolve_template(tok, str(_write(tmp_path, "empty.jinja", " \n")))
+        resolve_template(tok, str(write_text(tmp_path, "empty.jinja", " \n")))
 
 
 def test_single_turn_targets_are_the_response(tok):
@@ -120,7 +104,7 @@ def test_truncation_and_dropping(tok):
 
 
 def test_template_that_rewrites_history_is_refused(tok, tmp_path):
-    counting = _write(tmp_path, "counting.jinja",  # the message count changes every earlier turn's rendering
+    counting = write_text(tmp_path, "counting.jinja",  # the message count changes every earlier turn's rendering
                       "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                       "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(DataError) as e:
@@ -131,11 +115,11 @@ def test_template_that_rewrites_history_is_refused(tok, tmp_path):
 
 
 def test_template_errors_are_reported(tok, tmp_path):
-    strict = _write(tmp_path, "strict.jinja", "{% for m in messages %}{% if m['role'] == 'system' %}"
+    strict = write_text(tmp_path, "strict.jinja", "{% for m in messages %}{% if m['role'] == 'system' %}"
                     "{{ raise_exception('no system prompts') }}{% endif %}{{ m['content'] }}|{% endfor %}")
     with pytest.raises(DataError, match="conversation 1: template file .*no system prompts"):
         render([SINGLE, MULTI], tok, 256, template=str(strict))
-    users_only = _write(tmp_path, "users.jinja", "{% for m in messages %}{% if m['role'] == 'user' %}"
+    users_only = write_text(tmp_path, "users.jinja", "{% for m in messages %}{% if m['role'] == 'user' %}"
                         "{{ m['content'] }}|{% endif %}{% endfor %}")
     with pytest.raises(DataError, match="conversation 0: template file .*assistant message 1 as no tokens"):
         render([SINGLE], tok, 256, template=str(users_only))
@@ -147,10 +131,6 @@ def test_rendered_examples_collate_into_a_training_batch(tok):
     # token t is predicted at t-1: every target has a predecessor, and real tokens carry all of them
     assert int(batch["loss_mask"][:, 1:].sum()) == stats.n_target_tokens
     assert not (batch["loss_mask"] & (1 - batch["attention_mask"])).any()
-
-
-def _example(n, targets):
-    return Example(np.arange(1, n + 1, dtype=np.int32), np.array([i in targets for i in range(n)], np.int8))
 
 
 def test_example_checks_its_arrays():

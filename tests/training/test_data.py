@@ -12,21 +12,7 @@ import pytest
 
 from enchtable_jax.models.chat import DataError, Example
 from enchtable_jax.training.data import collate, data_hash, epoch_batches, read_records
-
-SINGLE = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Sure: first…"}]
-MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello 👋\n"}, {"role": "user", "content": "More?"},
-         {"role": "assistant", "content": "  Yes, more.  "}]
-
-
-def _write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _jsonl(tmp_path, records, name="data.jsonl"):
-    return _write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in records))
+from records import MULTI, SINGLE, write_jsonl, write_text
 
 
 def test_alpaca_json_and_jsonl(tmp_path):
@@ -35,13 +21,13 @@ def test_alpaca_json_and_jsonl(tmp_path):
     expected = [[{"role": "user", "content": "Do X"}, {"role": "assistant", "content": "Done"}],
                 [{"role": "user", "content": "Summarize\n\ntext"}, {"role": "assistant", "content": "ok"}],
                 [{"role": "user", "content": "Y"}, {"role": "assistant", "content": "z"}]]
-    assert read_records(_write(tmp_path, "a.json", json.dumps(records, indent=1))) == expected
-    assert read_records(_jsonl(tmp_path, records)) == expected
+    assert read_records(write_text(tmp_path, "a.json", json.dumps(records, indent=1))) == expected
+    assert read_records(write_jsonl(tmp_path, records)) == expected
 
 
 def test_chat_form_and_blank_lines(tmp_path):
     chat = {"messages": [{"role": "system", "content": "s", "name": "ignored"}, *MULTI[1:]]}
-    path = _write(tmp_path, "c.jsonl", "\n" + json.dumps(chat) + "\n\n" + json.dumps({"messages": SINGLE}) + "\n")
+    path = write_text(tmp_path, "c.jsonl", "\n" + json.dumps(chat) + "\n\n" + json.dumps({"messages": SINGLE}) + "\n")
     assert read_records(path) == [[{"role": "system", "content": "s"}, *MULTI[1:]], SINGLE]
 
 
@@ -69,13 +55,13 @@ GOOD = {"instruction": "i", "output": "o"}
     (["instruction", "output"], ["JSON object", "list"]),
 ])
 def test_malformed_records_are_located(tmp_path, record, fragments):
-    path = _jsonl(tmp_path, [GOOD, record, GOOD])
+    path = write_jsonl(tmp_path, [GOOD, record, GOOD])
     with pytest.raises(DataError) as e:
         read_records(path)
     assert f"{path}:2:" in str(e.value)
     for fragment in fragments:
         assert fragment in str(e.value)
-    as_json = _write(tmp_path, "data.json", json.dumps([GOOD, GOOD, record]))
+    as_json = write_text(tmp_path, "data.json", json.dumps([GOOD, GOOD, record]))
     with pytest.raises(DataError, match="record 2") as e:
         read_records(as_json)
     assert str(as_json) in str(e.value) and fragments[0] in str(e.value)
@@ -83,15 +69,15 @@ def test_malformed_records_are_located(tmp_path, record, fragments):
 
 def test_invalid_json_is_located(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
-        read_records(_write(tmp_path, "bad.jsonl", json.dumps(GOOD) + "\n{'single': 'quotes'}\n"))
+        read_records(write_text(tmp_path, "bad.jsonl", json.dumps(GOOD) + "\n{'single': 'quotes'}\n"))
     with pytest.raises(DataError, match=r"bad\.json:3: invalid JSON"):
-        read_records(_write(tmp_path, "bad.json", '[\n{"instruction": "i", "output": "o"},\n{oops}\n]'))
+        read_records(write_text(tmp_path, "bad.json", '[\n{"instruction": "i", "output": "o"},\n{oops}\n]'))
 
 
 @pytest.mark.parametrize("text", ["", "\n \n", "[]"])
 def test_empty_data(tmp_path, text):
     with pytest.raises(DataError, match="no records"):
-        read_records(_write(tmp_path, "empty.jsonl", text))
+        read_records(write_text(tmp_path, "empty.jsonl", text))
 
 
 def test_missing_file(tmp_path):
@@ -100,7 +86,7 @@ def test_missing_file(tmp_path):
 
 
 def test_data_hash(tmp_path):
-    assert data_hash(_write(tmp_path, "abc.txt", "abc")) == \
+    assert data_hash(write_text(tmp_path, "abc.txt", "abc")) == \
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     blob = bytes(range(256)) * 10_000
     (tmp_path / "blob").write_bytes(blob)
