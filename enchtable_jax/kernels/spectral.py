@@ -10,8 +10,11 @@ product is kept as `interference_direct` for tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.lax.linalg import SvdAlgorithm
 
 from enchtable_jax.errors import EnchtableError
 
@@ -19,14 +22,44 @@ DEFAULT_KEEP = 0.5
 DEFAULT_SCALE = 200.0
 
 
-def thin_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """U [m, r], S [r], V [n, r] (r = min(m, n)), decomposing a wide matrix through its transpose."""
+# The SVD algorithm per platform (`jax.lax.platform_dependent`'s names), as rules (largest matrix side, algorithm)
+# taken in order; None: any size. The reasons are in DESIGN.md, "SVD solvers per backend"; benchmarks/svd_algorithms.py
+# (run by benchmarks/device_check.sh) measures the GPU's choices.
+SVD_ALGORITHMS: dict[str, tuple[tuple[int | None, SvdAlgorithm], ...]] = {
+    "cpu": ((None, SvdAlgorithm.DIVIDE_AND_CONQUER),),  # LAPACK gesdd
+    "cuda": ((1024, SvdAlgorithm.JACOBI), (None, SvdAlgorithm.POLAR)),  # cuSOLVER gesvdj; gesvdp
+    "rocm": ((None, SvdAlgorithm.DEFAULT),),  # JAX's choice (not measured on ROCm)
+    "tpu": ((None, SvdAlgorithm.DEFAULT),),  # QDWH polar decomposition, TPU's only SVD
+}
+
+
+def svd_algorithm(platform: str, shape: tuple[int, ...]) -> SvdAlgorithm:
+    """The algorithm `thin_svd` uses on `platform` for a matrix of `shape` (SVD_ALGORITHMS; JAX's default elsewhere)."""
+    for largest, algorithm in SVD_ALGORITHMS.get(platform, ()):
+        if largest is None or max(shape) <= largest:
+            return algorithm
+    return SvdAlgorithm.DEFAULT
+
+
+def thin_svd(x: jax.Array, algorithm: SvdAlgorithm | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """U [m, r], S [r], V [n, r] (r = min(m, n)), decomposing a wide matrix through its transpose.
+
+    `algorithm`: None chooses by the platform the computation is lowered for and the shape (`svd_algorithm`);
+    an explicit one is used on every platform (it must exist there: JACOBI and POLAR do not on CPU).
+    """
     x = x.astype(jnp.float32)
-    if x.shape[0] < x.shape[1]:  # LAPACK is markedly faster on tall matrices
-        v, s, ut = jnp.linalg.svd(x.T, full_matrices=False)
-        return ut.T, s, v
-    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
-    return u, s, vt.T
+    wide = x.shape[0] < x.shape[1]  # LAPACK is markedly faster on tall matrices
+    tall = x.T if wide else x
+
+    def solve(chosen: SvdAlgorithm) -> Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+        return lambda a: jax.lax.linalg.svd(a, full_matrices=False, algorithm=chosen)
+
+    if algorithm is not None:
+        u, s, vt = solve(algorithm)(tall)
+    else:
+        per_platform = {platform: solve(svd_algorithm(platform, tall.shape)) for platform in SVD_ALGORITHMS}
+        u, s, vt = jax.lax.platform_dependent(tall, default=solve(SvdAlgorithm.DEFAULT), **per_platform)
+    return (vt.T, s, u) if wide else (u, s, vt.T)
 
 
 def kept(shape: tuple[int, ...], keep: float) -> int:
