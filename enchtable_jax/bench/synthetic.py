@@ -6,6 +6,7 @@ holding the base, and folders written at different times agree.
 
 from __future__ import annotations
 
+import json
 import shutil
 import zlib
 from collections.abc import Callable, Collection, Mapping
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from enchtable_jax.converters import peft, safetensors_format as stf
 from enchtable_jax.converters.hf import HFWriter
 from enchtable_jax.converters.safety_vector import write_vector
 from enchtable_jax.models.config import ModelConfig
@@ -86,4 +88,25 @@ def write_safety_vector(folder: Path, base_folder: Path, names: Collection[str],
                 "scope": "synthetic", "note": "random, for the speed studies"}
     write_vector(folder, {n: noise(seed, n, shapes[n], std) for n in names}, manifest)
     shutil.rmtree(folder / "safety_vector")  # the orbax copy: a merge reads the safetensors file
+    return folder
+
+
+def write_lora_adapter(folder: Path, config: ModelConfig, rank: int, seed: int) -> Path:
+    """A PEFT LoRA adapter folder of rank `rank` on every decoder-layer matrix (lora_alpha = 2·rank, so scale 2):
+    A [r, in] ~ N(0, 1/in) and B [out, r] ~ N(0, 0.01²), functions of (seed, key) like every tensor here."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = shapes_of(config)
+    tensors = {}
+    for name in layer_matrices(shapes):
+        out, inp = shapes[name]
+        module = peft.PREFIX + name.removesuffix(".weight")
+        tensors[f"{module}.lora_A.weight"] = noise(seed, f"{module}.lora_A", (rank, inp), inp ** -0.5)
+        tensors[f"{module}.lora_B.weight"] = noise(seed, f"{module}.lora_B", (out, rank), 0.01)
+    modules = sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in layer_matrices(shapes)})
+    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+                "target_modules": modules, "bias": "none", "use_rslora": False, "use_dora": False,
+                "fan_in_fan_out": False, "base_model_name_or_path": None}
+    (folder / peft.CONFIG).write_text(json.dumps(settings, indent=2))
+    stf.write_file(folder / peft.WEIGHTS, list(tensors.items()), np.asarray, {"format": "pt"})
     return folder

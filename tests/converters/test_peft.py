@@ -12,38 +12,10 @@ import pytest
 import safetensors.numpy
 import torch
 
-from conftest import make_hf_model
 from enchtable_jax.converters import peft as lora
 from enchtable_jax.converters.hf import index_weights
 from enchtable_jax.errors import EnchtableError
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = {
-    "plain": dict(r=4, lora_alpha=8, target_modules=PROJECTIONS),
-    "rslora": dict(r=4, lora_alpha=8, target_modules=PROJECTIONS, use_rslora=True),
-    "patterns": dict(r=4, lora_alpha=8, target_modules=PROJECTIONS,
-                     rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 3},
-                     alpha_pattern={r"layers\.[02]\.mlp\.up_proj": 5}),
-    "embeddings": dict(r=3, lora_alpha=6, target_modules=["embed_tokens", "lm_head", "v_proj"]),
-}
-
-
-def make_adapter(root, seed: int = 0, **config) -> tuple:
-    """(base folder, adapter folder, PEFT's merged state dict): a tiny Llama wrapped by PEFT, its lora_B randomised
-    (PEFT starts it at zero), the adapter saved and the model merged by merge_and_unload."""
-    import peft
-
-    base, adapter = root / "base", root / "adapter"
-    model = make_hf_model(base, seed=seed)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(**config))
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name or "lora_embedding_A" in name:  # the factor PEFT initialises to zero
-                p.normal_(0.0, 0.2)
-    wrapped.save_pretrained(adapter, save_embedding_layers=False)
-    merged = {n: t.detach().numpy().copy() for n, t in wrapped.merge_and_unload().state_dict().items()}
-    return base, adapter, merged
+from lora_models import CONFIGS, make_adapter
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -61,7 +33,7 @@ def shapes(folder) -> dict[str, tuple[int, ...]]:
 
 
 def test_base_plus_delta_equals_merge_and_unload(peft_case):
-    kind, base, adapter, merged = peft_case
+    kind, base, adapter, _, merged = peft_case
     stored = safetensors.numpy.load_file(base / "model.safetensors")
     opened = lora.open_adapter(adapter, shapes(base))
     expected_targets = {n for n in stored if n.removesuffix(".weight").rsplit(".", 1)[-1]
@@ -75,7 +47,7 @@ def test_base_plus_delta_equals_merge_and_unload(peft_case):
 
 
 def test_ranks_and_scales_follow_the_config(peft_case):
-    kind, base, adapter, _ = peft_case
+    kind, base, adapter, _, _ = peft_case
     targets = lora.open_adapter(adapter).targets
     config = CONFIGS[kind]
     for name, t in targets.items():
@@ -92,7 +64,7 @@ def test_ranks_and_scales_follow_the_config(peft_case):
 
 
 def test_legacy_bin_adapter_reads_the_same_factors(plain, tmp_path):
-    base, adapter, _ = plain
+    base, adapter, _, _ = plain
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     shutil.copy(adapter / lora.CONFIG, legacy / lora.CONFIG)
@@ -121,14 +93,14 @@ def edited(adapter, tmp_path, config: dict | None = None, tensors=None):
                                           ("bias", "all"), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
                                           ("r", 0), ("lora_alpha", "8"), ("rank_pattern", ["q_proj"])])
 def test_unsupported_config_refused_naming_the_field(plain, tmp_path, field, value):
-    _, adapter, _ = plain
+    _, adapter, _, _ = plain
     folder = edited(adapter, tmp_path, {field: value})
     with pytest.raises(EnchtableError, match=rf"adapter_config.json: field {field}"):
         lora.open_adapter(folder)
 
 
 def test_factor_shapes_that_do_not_fit_refused(plain, tmp_path):
-    base, adapter, _ = plain
+    base, adapter, _, _ = plain
     key = "base_model.model.model.layers.0.mlp.down_proj"
     with pytest.raises(EnchtableError, match=r"down_proj.lora_B.weight .* base tensor model.layers.0.mlp.down_proj"):
         lora.open_adapter(adapter, {**shapes(base), "model.layers.0.mlp.down_proj.weight": (63, 96)})
@@ -149,13 +121,13 @@ def test_factor_shapes_that_do_not_fit_refused(plain, tmp_path):
      r"tensor .*lora_magnitude_vector is not a LoRA factor"),
 ])
 def test_unknown_or_incomplete_tensors_refused(plain, tmp_path, change, message):
-    _, adapter, _ = plain
+    _, adapter, _, _ = plain
     with pytest.raises(EnchtableError, match=message):
         lora.open_adapter(edited(adapter, tmp_path, tensors=change))
 
 
 def test_missing_weights_and_escaping_symlink_refused(plain, tmp_path):
-    _, adapter, _ = plain
+    _, adapter, _, _ = plain
     folder = edited(adapter, tmp_path)
     outside = tmp_path / "elsewhere.safetensors"
     (folder / lora.WEIGHTS).rename(outside)
@@ -165,3 +137,25 @@ def test_missing_weights_and_escaping_symlink_refused(plain, tmp_path):
     with pytest.raises(EnchtableError, match=r"outside the folder"):
         lora.open_adapter(folder)
     assert lora.is_adapter(folder) and not lora.is_adapter(tmp_path)
+
+
+def test_synthetic_adapter_is_one_peft_loads(tmp_path):
+    """bench.synthetic's adapter (the speed studies' LoRA task) is a valid PEFT adapter: PEFT loads it over the
+    synthetic base, and its merge_and_unload equals base + our delta."""
+    import peft
+    import transformers
+
+    from enchtable_jax.bench.synthetic import write_lora_adapter, write_model
+    from enchtable_jax.models.init import preset_config
+
+    config = preset_config("tiny")
+    base = write_model(tmp_path / "base", config)
+    adapter = write_lora_adapter(tmp_path / "adapter", config, rank=3, seed=1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    stored = safetensors.numpy.load_file(base / "model.safetensors")
+    opened = lora.open_adapter(adapter, shapes(base))
+    assert {n for n in stored if ".layers." in n and stored[n].ndim == 2} == set(opened.targets)
+    for name in opened.targets:
+        np.testing.assert_allclose(stored[name] + opened.delta(name), merged[name].numpy(), rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
