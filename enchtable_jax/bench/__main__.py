@@ -1,4 +1,4 @@
-"""`python -m enchtable_jax.bench [--suite NAME ...] [--quick] [--out DIR] [--set SUITE.NAME=VALUE ...]`: run studies.
+"""`python -m enchtable_jax.bench [--suite S ...] [--quick | --size NAME] [--out DIR] [--set S.NAME=V ...]`: run studies.
 
 Writes into DIR: `bench.json` (machine, versions, load averages, every figure as min/median/max over
 repeats with the raw samples, and `targets`: the headline medians), one PNG per study, and `bench.md`
@@ -10,7 +10,9 @@ harness in place of the study's figures.
 
 The performance studies run by default; `safety` (the real-model safety study, an hour of CPU) only when
 named with `--suite safety`. A study whose `run` takes `out` writes its own files under OUT/<suite>/; one
-that takes `settings` receives the `--set SUITE.NAME=VALUE` given for it, as {NAME: [VALUE, ...]}.
+that takes `settings` receives the `--set SUITE.NAME=VALUE` given for it, as {NAME: [VALUE, ...]}. A study with
+sizes declares their names in `SIZES` and takes `size`: `--size NAME` runs each study that knows NAME at that size
+alone (the others as usual); a size no selected study knows is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ TARGETS = {
     "linearized_speedup_vs_torch": ("linearize", "linearized_speedup_vs_torch", (">=", 1.0)),
     "convert_fraction_of_floor": ("convert", "convert_fraction_of_floor", (">=", 0.5)),
     "merge_peak_rss_over_floor": ("merge", "merge_peak_rss_over_floor", ("<=", 1.5)),
+    "merge_cached_speedup_vs_torch": ("merge", "merge_cached_speedup_vs_torch", (">=", 2.5)),
+    "merge_lora_speedup_vs_torch": ("merge", "merge_lora_speedup_vs_torch", (">=", 10.0)),
+    "merge_over_svd_bound": ("merge", "merge_over_svd_bound", ("<=", 1.15)),
+    "distill_step_over_linearize_step": ("distill", "distill_step_over_linearize_step", ("<=", 1.1)),
+    "slowest_speedup_vs_mergekit": ("mergekit", "slowest_speedup_vs_mergekit", (">=", 1.0)),
 }
 VERSIONS = ("enchtable-jax", "jax", "jaxlib", "optax", "orbax-checkpoint", "numpy", "torch", "safetensors", "mergekit",
             "matplotlib")
@@ -203,13 +210,33 @@ def parse_settings(pairs: list[str], suites: list[str]) -> dict[str, dict[str, l
     return settings
 
 
-def run_study(module, quick: bool, repeats: int | None, out: Path, settings: dict[str, list[str]]) -> dict:
-    """The study's figures: `run(quick, repeats)`, plus `out` (its own folder) and `settings` where its `run`
-    takes them."""
+def sizes_of(suite: str) -> tuple[str, ...]:
+    """The sizes a study declares (`SIZES`); none for a study without, or one that cannot be imported here (the run
+    records why)."""
+    try:
+        return tuple(getattr(importlib.import_module(SUITES[suite]), "SIZES", ()))
+    except ImportError:
+        return ()
+
+
+def check_size(size: str | None, suites: list[str]) -> None:
+    """Refuse a `--size` that no selected study knows (EnchtableError naming --size and the sizes there are)."""
+    known = {suite: sizes_of(suite) for suite in suites}
+    if size is not None and not any(size in sizes for sizes in known.values()):
+        offered = "; ".join(f"{suite}: {', '.join(sizes)}" for suite, sizes in known.items() if sizes) or "none"
+        raise EnchtableError(f"--size {size!r}: no selected study has that size (sizes: {offered})")
+
+
+def run_study(module, quick: bool, repeats: int | None, out: Path, settings: dict[str, list[str]],
+              size: str | None = None) -> dict:
+    """The study's figures: `run(quick, repeats)`, plus `out` (its own folder), `settings` and `size` (one of its
+    `SIZES`) where its `run` takes them."""
     parameters = inspect.signature(module.run).parameters
     if settings and "settings" not in parameters:
         raise EnchtableError(f"{module.__name__} takes no settings, got {', '.join(settings)}")
     extra = {"out": out, "settings": settings}
+    if size in getattr(module, "SIZES", ()):
+        extra["size"] = size
     return module.run(quick=quick, repeats=repeats, **{k: v for k, v in extra.items() if k in parameters})
 
 
@@ -217,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m enchtable_jax.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", action="append", choices=list(SUITES),
                         help=f"study to run (repeatable; default all but {', '.join(OPT_IN)})")
-    parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run of a few minutes")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run of a few minutes")
+    size.add_argument("--size", metavar="NAME",
+                      help="run each study that has this size (e.g. smollm2-135m) at it alone, the others as usual")
     parser.add_argument("--repeats", type=int, help="timed repeats per implementation")
     parser.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     parser.add_argument("--set", action="append", default=[], metavar="SUITE.NAME=VALUE", dest="settings",
@@ -227,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     suites = list(dict.fromkeys(args.suite or [s for s in SUITES if s not in OPT_IN]))
     try:
         settings = parse_settings(args.settings, suites)
+        check_size(args.size, suites)
     except ValueError as e:
         parser.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "command": " ".join(["python -m enchtable_jax.bench", *(argv if argv is not None else sys.argv[1:])]),
-               "machine": machine(), "quick": args.quick, "suites": {}, "load_average": {},
+               "machine": machine(), "quick": args.quick, "size": args.size, "suites": {}, "load_average": {},
                "wall_seconds": {}, "plots": {}}
     modules, failed = {}, []
     for suite in suites:
@@ -241,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         before, start = load_average(), time.perf_counter()
         try:
             modules[suite] = importlib.import_module(SUITES[suite])
-            figures = run_study(modules[suite], args.quick, args.repeats, out / suite, settings.get(suite, {}))
+            figures = run_study(modules[suite], args.quick, args.repeats, out / suite, settings.get(suite, {}),
+                                args.size)
             results["plots"][suite] = plot_suite(suite, figures, modules[suite], out)
         except Exception as e:  # noqa: BLE001 - one failed study must not lose the others' measurements
             missing = e.name if isinstance(e, ImportError) else None
