@@ -7,7 +7,14 @@ Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describ
 `calibrate` (with `CalibrationOptions`) and `calibrated_merge`: the merge strength chosen on validation prompts;
 `enchant`: distil or reuse a safety vector, then merge it (optionally calibrated; returns an `EnchantResult`);
 `generate` and `evaluate` (more in `enchtable_jax.eval`); `run_demo`, the miniature world end to end.
+
+Importing the package asks JAX for one CPU device per core (`jax_num_cpu_devices`) when JAX has not started and
+no count was chosen (XLA_FLAGS, JAX_NUM_CPU_DEVICES), so that `merge` from Python uses every core as the CLI does.
 """
+
+from enchtable_jax.kernels.cpu_threads import use_every_core
+
+use_every_core()  # one CPU device per core for the merge's decompositions, before anything starts JAX's backend
 
 from enchtable_jax.api import CausalLM, Model, apply, describe, from_nnx, load, load_nnx, save, save_orbax
 from enchtable_jax.distillation.train import DistillOptions, distill

@@ -20,7 +20,6 @@ from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, parse_size
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.errors import EnchtableError, storage_error
-from enchtable_jax.kernels.cpu_threads import with_cpu_devices
 from enchtable_jax.merging.methods import DEFAULT_BETA, check_strength
 from enchtable_jax.merging.report import alpha_text
 from enchtable_jax.models.init import PRESETS, init_params, preset_config
@@ -723,13 +722,6 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_demo)
 
 
-def _backend_started() -> bool:
-    """Whether JAX has created its devices (after that, XLA_FLAGS no longer matter)."""
-    from jax._src import xla_bridge  # no public equivalent yet
-
-    return xla_bridge.backends_are_initialized()
-
-
 def _ignore_abandoned_callbacks() -> None:
     """After a failed orbax/tensorstore read or write, tensorstore's threads still post completions to an asyncio
     loop orbax has closed; each prints an 'Event loop is closed' traceback (hundreds for a truncated checkpoint)
@@ -762,8 +754,6 @@ def _drop_storage_tracebacks(record: logging.LogRecord) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _ignore_abandoned_callbacks()
-    if args.command == "merge" and not _backend_started():  # one CPU device per core: concurrent SVDs
-        os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
     try:
         args.func(args)
     except (EnchtableError, OSError) as e:  # the user's input or environment; anything else is a bug: traceback

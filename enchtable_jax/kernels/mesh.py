@@ -12,13 +12,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.kernels.cpu_threads import training_devices
 
 DATA, FSDP = "data", "fsdp"
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A ('data', 'fsdp') mesh over `devices` (default: all), with `fsdp` devices per parameter shard group."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A ('data', 'fsdp') mesh over `devices` (default: `cpu_threads.training_devices`, i.e. all but the CPU devices
+    added for the merge), with `fsdp` devices per parameter shard group."""
+    devices = list(training_devices() if devices is None else devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise EnchtableError(f"fsdp={fsdp} must divide the number of devices ({len(devices)})")
     grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.kernels.cpu_threads import blas_threads
+from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, put
 from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
@@ -257,8 +257,12 @@ def tensor_keys(seed: int, names: list[str]) -> np.ndarray:
 
 
 def merge_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over all devices (every host's, under jax.distributed) that groups are split over."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A 1-D mesh over all devices (every host's, under jax.distributed) that groups are split over; warns when
+    that is one CPU device of a multi-core machine (`cpu_threads.warn_if_one_core_used`)."""
+    if devices is None:
+        devices = jax.devices()
+        warn_if_one_core_used(devices)
+    devices = list(devices)
     return Mesh(np.array(devices), (GROUP_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 

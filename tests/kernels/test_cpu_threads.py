@@ -1,15 +1,17 @@
-"""CPU LAPACK threads are limited inside the block and restored after; the device-count flag is added once."""
+"""CPU LAPACK threads are limited inside the block and restored after; importing the package gives JAX one CPU device
+per core unless a count was chosen or JAX had started, training keeps one, and a one-device merge warns."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from threadpoolctl import threadpool_info
 
-from enchtable_jax.kernels.cpu_threads import DEVICE_COUNT_FLAG, blas_threads, with_cpu_devices
+from enchtable_jax.kernels.cpu_threads import DEVICE_COUNT_FLAG, blas_threads
 
 
 def openblas_threads() -> dict[str, int]:
@@ -29,11 +31,34 @@ def test_blas_threads_limits_then_restores():
     assert openblas_threads() == before
 
 
-def test_device_flag_is_added_unless_chosen():
-    assert with_cpu_devices("", 3) == f"{DEVICE_COUNT_FLAG}=3"
-    assert with_cpu_devices("--xla_dump_to=/tmp/x", 2) == f"--xla_dump_to=/tmp/x {DEVICE_COUNT_FLAG}=2"
-    chosen = f"{DEVICE_COUNT_FLAG}=8"
-    assert with_cpu_devices(chosen, 2) == chosen
+def _fresh(code: str, **env: str) -> list[str]:
+    """The lines a fresh Python prints, with no device count chosen in its environment but the `env` given."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          env={**clean, **env})
+    return done.stdout.split()
+
+
+CORES = len(os.sched_getaffinity(0))
+_COUNTS = ("from enchtable_jax.kernels.mesh import make_mesh; "
+           "print(jax.device_count(), make_mesh().devices.size)")
+
+
+@pytest.mark.skipif(CORES < 2, reason="one core: nothing to add")
+def test_importing_the_package_gives_one_cpu_device_per_core_and_training_one():
+    assert _fresh("import jax; import enchtable_jax; " + _COUNTS) == [str(CORES), "1"]  # as a notebook imports
+
+
+@pytest.mark.slow  # three fresh processes, ~10 s
+def test_a_count_the_user_chose_or_a_started_jax_is_kept():
+    assert _fresh("import enchtable_jax, jax; " + _COUNTS, XLA_FLAGS=f"{DEVICE_COUNT_FLAG}=3") == ["3", "3"]
+    assert _fresh("import enchtable_jax, jax; " + _COUNTS, JAX_NUM_CPU_DEVICES="3") == ["3", "3"]
+    warned = ("import jax, warnings; jax.devices(); import enchtable_jax\n"
+              "from enchtable_jax.merging.executor import merge_mesh\n"
+              "with warnings.catch_warnings(record=True) as w:\n"
+              "    warnings.simplefilter('always'); merge_mesh()\n"
+              "print(jax.device_count(), len(w))")
+    assert _fresh(warned) == ["1", "1" if CORES > 1 else "0"]
 
 
 _FRESH = """
