@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The accelerator check (issue 17): the bench's studies at full size on this machine's first accelerator, each
-# under its own time limit so that one slow study cannot cost the others, in well under 8 minutes of an H200.
+# The accelerator check (issue 17): every SVD algorithm of the device timed with its accuracy (svd_algorithms.py),
+# then the bench's studies at full size on this machine's first accelerator, each under its own time limit so that
+# one slow part cannot cost the others, in under 8 minutes of an H200 (7 min 40 s of limits).
 #
 #   bash benchmarks/device_check.sh [OUT]        (from anywhere; OUT default: benchmarks/results/<device>)
 #   QUICK=1 bash benchmarks/device_check.sh OUT  (the smallest sizes: proves the plumbing on a CPU)
 #
 # OUT receives at most four files, so that the device tool brings them all back from $OUT: summary.md (the
-# machine, then every study's bench.md), log.txt (everything printed), results.tar.gz (each study's folder:
-# bench.json, bench.md, plots) and env.txt. On the device machine the package runs from the working tree
+# machine, the SVD algorithms' table, then every study's bench.md), log.txt (everything printed), results.tar.gz
+# (svd/svd_algorithms.json and each study's folder: bench.json, bench.md, plots) and env.txt. On the device machine the package runs from the working tree
 # (PYTHONPATH), with the JAX, torch and transformers of the machine's image; studies whose comparison side is
 # missing there (mergekit) say so in their results instead of failing. Record what it measured in
 # BENCHMARKS.md with the date, the machine and the command.
@@ -21,8 +22,8 @@ mkdir -p "$out"
 work="$(mktemp -d)"
 quick=()
 [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
-# study -> seconds it may take (the sum stays under 8 minutes)
-studies=(convert:60 linearize:90 ntk:60 distill:90 merge:120 mergekit:30)
+# part -> seconds it may take (the sum, 460 s, stays under 8 minutes with the startup around it)
+studies=(svd:60 convert:50 linearize:80 ntk:50 distill:80 merge:110 mergekit:30)
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -39,9 +40,19 @@ for entry in "${studies[@]}"; do
   study="${entry%%:*}" limit="${entry##*:}"
   echo "=== $study (limit ${limit} s) ===" | tee -a "$out/log.txt"
   start=$SECONDS
-  timeout "$limit" "$python" -m enchtable_jax.bench --suite "$study" "${quick[@]}" --out "$work/$study" \
-    >> "$out/log.txt" 2>&1
-  status=$?
+  if [[ "$study" == svd ]]; then  # its table goes to stdout, its JSON is rewritten after every measurement
+    mkdir -p "$work/svd"
+    timeout "$limit" "$python" "$root/benchmarks/svd_algorithms.py" "$work/svd/svd_algorithms.json" "${quick[@]}" \
+      > "$work/svd/table.md" 2>> "$out/log.txt"
+    status=$?
+    cat "$work/svd/table.md" >> "$out/log.txt"
+    [[ -s "$work/svd/table.md" ]] && { echo "### SVD algorithms (seconds per ι: two SVDs)"; echo; \
+      cat "$work/svd/table.md"; } > "$work/svd/bench.md"
+  else
+    timeout "$limit" "$python" -m enchtable_jax.bench --suite "$study" "${quick[@]}" --out "$work/$study" \
+      >> "$out/log.txt" 2>&1
+    status=$?
+  fi
   echo "$study: exit $status after $((SECONDS - start)) s" | tee -a "$out/log.txt"
   if [[ -f "$work/$study/bench.md" ]]; then
     cat "$work/$study/bench.md" >> "$out/summary.md"

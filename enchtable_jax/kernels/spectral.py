@@ -27,7 +27,7 @@ DEFAULT_SCALE = 200.0
 # (run by benchmarks/device_check.sh) measures the GPU's choices.
 SVD_ALGORITHMS: dict[str, tuple[tuple[int | None, SvdAlgorithm], ...]] = {
     "cpu": ((None, SvdAlgorithm.DIVIDE_AND_CONQUER),),  # LAPACK gesdd
-    "cuda": ((1024, SvdAlgorithm.JACOBI), (None, SvdAlgorithm.POLAR)),  # cuSOLVER gesvdj; gesvdp
+    "cuda": ((None, SvdAlgorithm.POLAR),),  # cuSOLVER gesvdp (JAX's default: gesvdj up to 1024, then gesvd)
     "rocm": ((None, SvdAlgorithm.DEFAULT),),  # JAX's choice (not measured on ROCm)
     "tpu": ((None, SvdAlgorithm.DEFAULT),),  # QDWH polar decomposition, TPU's only SVD
 }
