@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from enchtable_jax.models.chat import DataError, Example
-from enchtable_jax.training.data import collate, data_hash, epoch_batches, read_records
+from enchtable_jax.training.data import collate, data_hash, epoch_batches, padded_width, read_records
 from records import MULTI, SINGLE, write_jsonl, write_text
 
 
@@ -134,21 +134,32 @@ def _example(n, targets):
     return Example(np.arange(1, n + 1, dtype=np.int32), np.array([i in targets for i in range(n)], np.int8))
 
 
-def test_collate_pads_right_to_a_multiple():
+def test_padded_widths_are_64_then_eight_per_octave():
+    # oracle: the width set written out (64, then 2^k + j 2^k/8 for j = 1..8), the smallest one that fits
+    widths = sorted({64} | {2 ** k + j * 2 ** k // 8 for k in range(6, 14) for j in range(1, 9)})
+    for longest in range(1, 8193):
+        expected = next(w for w in widths if w >= longest)
+        assert padded_width(longest) == expected, longest
+        assert longest <= 64 or (expected - longest) / expected < 1 / 8
+    assert padded_width(142) == 144 and padded_width(142, max_length=140) == 140
+    assert len({padded_width(n) for n in range(1, 2049)}) == 41  # compilations at most, up to 2048 tokens
+
+
+def test_collate_pads_right_to_the_padded_width():
     examples = [_example(3, {2}), _example(70, {5, 69}), _example(10, set())]
-    batch = collate(examples, [2, 0, 1], pad_id=0, multiple=64)
-    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((3, 128), np.int32) for k in batch}
-    assert batch["input_ids"][1].tolist() == [1, 2, 3] + [0] * 125
+    batch = collate(examples, [2, 0, 1], pad_id=0)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: ((3, 72), np.int32) for k in batch}
+    assert batch["input_ids"][1].tolist() == [1, 2, 3] + [0] * 69
     assert batch["attention_mask"].sum(1).tolist() == [10, 3, 70]
-    assert batch["loss_mask"][1].tolist() == [0, 0, 1] + [0] * 125
+    assert batch["loss_mask"][1].tolist() == [0, 0, 1] + [0] * 69
     assert np.flatnonzero(batch["loss_mask"][2]).tolist() == [5, 69]
-    assert collate(examples, [0], pad_id=9, multiple=8)["input_ids"].tolist() == [[1, 2, 3, 9, 9, 9, 9, 9]]
+    assert collate(examples, [0], pad_id=9)["input_ids"].tolist() == [[1, 2, 3] + [9] * 61]
 
 
 def test_collate_caps_at_max_length_and_pads_rows():
     examples = [_example(3, {2}), _example(70, {5})]
-    batch = collate(examples, [1, 0], pad_id=5, multiple=64, max_length=100, rows=4)
-    assert batch["input_ids"].shape == (4, 100)
+    batch = collate(examples, [1, 0], pad_id=5, max_length=71, rows=4)
+    assert batch["input_ids"].shape == (4, 71)
     assert (batch["input_ids"][2:] == 5).all() and not batch["attention_mask"][2:].any()
     assert not batch["loss_mask"][2:].any()
     with pytest.raises(ValueError, match="rows=1"):

@@ -1,8 +1,8 @@
 """Study: one linearized training step vs a plain step of the same scope vs PyTorch's torch.func.jvp.
 
 SmolLM2-135M shape (random weights), batch 4 x 128 tokens, scope `ffn`, AdamW; `--quick` uses the
-tiny preset. All three run in the same process and alternate. Without torch the PyTorch side is
-reported as unavailable and the JAX figures are still measured.
+tiny preset (4 x 32 tokens), `--size NAME` that preset. All three run in the same process and alternate.
+Without torch the PyTorch side is reported as unavailable and the JAX figures are still measured.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from enchtable_jax.models.init import init_params, preset_config
 from enchtable_jax.models.transformer import Params
 
 LR = 1e-5
+BATCHES = {"tiny": (4, 32), "smollm2-135m": (4, 128)}  # [examples, tokens] per preset (models.init)
+SIZES = tuple(BATCHES)  # the presets `--size` may choose
 
 
 def token_batch(vocab: int, batch: int, tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -61,8 +63,9 @@ def jax_step(config: ModelConfig, params0: Params, scope: Scope, batch: dict[str
     return run
 
 
-def run(quick: bool = False, repeats: int | None = None, scope_name: str = "ffn") -> dict:
-    preset, (batch_size, tokens) = ("tiny", (4, 32)) if quick else ("smollm2-135m", (4, 128))
+def run(quick: bool = False, repeats: int | None = None, scope_name: str = "ffn", size: str | None = None) -> dict:
+    preset = size or ("tiny" if quick else "smollm2-135m")
+    batch_size, tokens = BATCHES[preset]
     repeats = repeats or (3 if quick else 5)
     config = preset_config(preset)
     params0 = init_params(config, seed=0)
