@@ -11,7 +11,8 @@ and the smallest one that meets it is chosen. When none does, the candidate with
 among those within the over-refusal tolerance is returned (else the method's default), marked `met: False`
 with the reason: the caller always gets a model, and the record says plainly that it is a compromise.
 
-EnchTable's sweep costs one pair of decompositions per matrix, not one merge per candidate: for a safety
+EnchTable's sweep costs one pair of decompositions per matrix (one, where the safety vector's decomposition is
+cached: merging/decomposition.py), not one merge per candidate: for a safety
 delta scaled by α, ι = scale·(α·P + Q)/r² with P, Q and r from the unscaled deltas
 (`kernels.spectral.interference_terms`), so every candidate's weights w = exp(−ι) follow from two numbers
 per matrix. Baselines are merged in memory per candidate (cheap element-wise methods; TSV decomposes).
@@ -38,7 +39,7 @@ from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import unsafe_rate
 from enchtable_jax.kernels.spectral import interference_terms
-from enchtable_jax.merging import executor
+from enchtable_jax.merging import decomposition, executor
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
 from enchtable_jax.merging.sources import SafetyDelta, open_model
@@ -111,8 +112,9 @@ def rates(model: Model, tokenizer: Any, harmful: Sequence[str], benign: Sequence
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "solver"))
-def _terms(task: jax.Array, safety: jax.Array, keep: float, solver: str) -> tuple[jax.Array, jax.Array, int]:
-    return interference_terms(task, safety, keep, solver)
+def _terms(task: jax.Array, safety: jax.Array, keep: float, solver: str, known: dict | None = None
+           ) -> tuple[jax.Array, jax.Array, int]:
+    return interference_terms(task, safety, keep, solver, known)
 
 
 class EnchtableSweep:
@@ -130,11 +132,14 @@ class EnchtableSweep:
         self.plan = executor.plan(self.base, self.task, safety, "enchtable", alpha=None, beta=1.0, progress=progress)
         self.alpha_per_beta = self.plan.alpha  # α = β·‖τ_task‖/‖τ_safe‖
         self.terms: dict[str, tuple[float, float, int]] = {}
-        for name, entry in self.plan.tensors.items():
-            if entry.merge and len(entry.shape) == 2:
-                p, q, r = _terms(self._tau(name), self.safety.read(name).astype(np.float32),
-                                 options["keep"], options["solver"])
-                self.terms[name] = (float(p), float(q), int(r))
+        matrices = {n: e.shape for n, e in self.plan.tensors.items() if e.merge and len(e.shape) == 2}
+        cache = decomposition.Cache(safety.folder, options["keep"]) if safety.folder is not None else None
+        cached = cache is not None and cache.covers(matrices)  # the vector's stored triplets (merging/decomposition)
+        for name, shape in matrices.items():
+            known = {"safety": cache.read(name, shape)} if cached else None
+            p, q, r = _terms(self._tau(name), self.safety.read(name).astype(np.float32),
+                             options["keep"], options["solver"], known)
+            self.terms[name] = (float(p), float(q), int(r))
         # tensors copied from the task model are the same for every β: read them once
         self.copied = {n: jnp.asarray(self.task.read(n)) for n, e in self.plan.tensors.items() if not e.merge}
 
@@ -147,7 +152,7 @@ class EnchtableSweep:
         """Per-matrix safety weight w = exp(−ι) at strength β."""
         alpha = beta * self.alpha_per_beta
         scale = self.options["interference_scale"]
-        return {n: float(np.exp(-scale * (abs(alpha) * p + q) / r**2)) for n, (p, q, r) in self.terms.items()}
+        return {n: float(np.exp(-scale * (abs(alpha) * p + q) / max(r, 1) ** 2)) for n, (p, q, r) in self.terms.items()}
 
     def model(self, beta: float) -> Model:
         alpha = np.float32(beta * self.alpha_per_beta)

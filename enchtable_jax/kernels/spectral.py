@@ -6,6 +6,8 @@ k_i = ⌊γ·min(m, n)⌋ singular triplets of each, stack U = [U1 U2], S, V = [
 Each Ui has orthonormal columns, so UᵀU − I = [[0, A], [Aᵀ, 0]] with A = U1ᵀU2 (likewise B = V1ᵀV2)
 and R is block-diagonal: R = diag(A S2 Bᵀ, Aᵀ S1 B). `interference` uses that form; the direct
 product is kept as `interference_direct` for tests.
+Triplets whose singular value is numerically zero are dropped from both (`significant`): r counts
+the others, so a low-rank delta's ι does not depend on how its null space was completed.
 """
 
 from __future__ import annotations
@@ -86,17 +88,37 @@ def gram_triplets(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array
 
 
 SOLVERS = ("svd", "gram")
+Triplets = tuple[jax.Array, jax.Array, jax.Array]  # U [m, k], S [k] descending, V [n, k]
 
 
-def top_triplets(x: jax.Array, keep: float, solver: str = "svd") -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The leading ⌊keep · min(m, n)⌋ singular triplets of x, by a thin SVD or the Gram eigenproblem."""
+def top_triplets(x: jax.Array, keep: float, solver: str = "svd", known: Triplets | None = None) -> Triplets:
+    """The leading ⌊keep · min(m, n)⌋ singular triplets of x, by a thin SVD or the Gram eigenproblem.
+
+    `known`: x's leading triplets computed before (a cache, or the factors of a low-rank x), at least as many as
+    kept, or fewer when x has lower rank; they are sliced instead of decomposing x again.
+    """
     k = kept(x.shape, keep)
+    if known is not None:
+        u, s, v = known
+        return u[:, :k], s[:k], v[:, :k]
     if solver == "gram":
         return gram_triplets(x, k)
     if solver != "svd":
         raise EnchtableError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     u, s, v = thin_svd(x)
     return u[:, :k], s[:k], v[:, :k]
+
+
+def significant(triplets: Triplets, shape: tuple[int, ...]) -> Triplets:
+    """The triplets with the numerically zero ones zeroed: σ ≤ max(m, n)·ε·σ1 (numpy's matrix_rank tolerance).
+
+    Singular vectors of a zero singular value are any orthonormal completion, so they must not enter ι: without
+    this, a rank-r delta's interference would depend on the basis LAPACK happened to pick for its null space,
+    and its dense and factored (LoRA) decompositions would disagree.
+    """
+    u, s, v = triplets
+    live = s > s[0] * max(shape) * jnp.finfo(jnp.float32).eps
+    return u * live, jnp.where(live, s, 0.0), v * live
 
 
 def interference_blocks(u1, s1, v1, u2, s2, v2) -> jax.Array:
@@ -106,38 +128,43 @@ def interference_blocks(u1, s1, v1, u2, s2, v2) -> jax.Array:
     return jnp.sum(jnp.abs((a * s2) @ b.T)) + jnp.sum(jnp.abs((a.T * s1) @ b))
 
 
-def interference_terms(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP,
-                       solver: str = "svd") -> tuple[jax.Array, jax.Array, int]:
+def interference_terms(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP, solver: str = "svd",
+                       known: dict[str, Triplets] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(P, Q, r) with P = Σ|A S2 Bᵀ|, Q = Σ|Aᵀ S1 B| and r = k1 + k2, so that ι = scale·(P + Q)/r².
 
-    Scaling the safety delta by c keeps its singular vectors and multiplies S2 by |c|, so ι of
-    (task, c·safety) is scale·(|c|·P + Q)/r²: one pair of decompositions gives ι for every strength
-    (a calibration sweep, the learnable variant).
+    k1 and k2 count the kept triplets that are not numerically zero (`significant`). Scaling the safety delta by
+    c > 0 keeps its singular vectors and multiplies S2 by c, so ι of (task, c·safety) is scale·(c·P + Q)/r²: one
+    pair of decompositions gives ι for every strength (a calibration sweep, the learnable variant). `known`
+    holds precomputed triplets by role ("task", "safety"; `top_triplets`).
     """
-    u1, s1, v1 = top_triplets(task, keep, solver)
-    u2, s2, v2 = top_triplets(safety, keep, solver)
+    known = known or {}
+    u1, s1, v1 = significant(top_triplets(task, keep, solver, known.get("task")), task.shape)
+    u2, s2, v2 = significant(top_triplets(safety, keep, solver, known.get("safety")), safety.shape)
     a = u1.T @ u2
     b = v1.T @ v2
-    return jnp.sum(jnp.abs((a * s2) @ b.T)), jnp.sum(jnp.abs((a.T * s1) @ b)), s1.shape[0] + s2.shape[0]
+    r = jnp.count_nonzero(s1) + jnp.count_nonzero(s2)
+    return jnp.sum(jnp.abs((a * s2) @ b.T)), jnp.sum(jnp.abs((a.T * s1) @ b)), r
 
 
 def interference(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP, scale: float = DEFAULT_SCALE,
-                 solver: str = "svd") -> jax.Array:
-    """EnchTable interference ι of two same-shaped 2-D deltas (the safety one already scaled by α)."""
-    p, q, r = interference_terms(task, safety, keep, solver)
-    return scale * (p + q) / r**2
+                 solver: str = "svd", known: dict[str, Triplets] | None = None) -> jax.Array:
+    """EnchTable interference ι of two same-shaped 2-D deltas (the safety one already scaled by α, and so are the
+    "safety" triplets in `known`); 0 when both deltas are zero."""
+    p, q, r = interference_terms(task, safety, keep, solver, known)
+    return scale * (p + q) / jnp.maximum(r, 1) ** 2
 
 
 def interference_direct(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP,
                         scale: float = DEFAULT_SCALE) -> jax.Array:
     """ι from the full r×r product (UᵀU − I) diag(S) (VᵀV − I): the reference for `interference`."""
-    u1, s1, v1 = top_triplets(task, keep)
-    u2, s2, v2 = top_triplets(safety, keep)
+    u1, s1, v1 = significant(top_triplets(task, keep), task.shape)
+    u2, s2, v2 = significant(top_triplets(safety, keep), safety.shape)
+    live = jnp.concatenate([s1, s2]) > 0
     u, s, v = jnp.concatenate([u1, u2], 1), jnp.concatenate([s1, s2]), jnp.concatenate([v1, v2], 1)
-    r = s.shape[0]
-    eye = jnp.eye(r, dtype=jnp.float32)
+    eye = jnp.diag(live.astype(jnp.float32))  # the identity on the live triplets (the zeroed ones are not in R)
     residual = (u.T @ u - eye) @ jnp.diag(s) @ (v.T @ v - eye)
-    return scale * jnp.sum(jnp.abs(residual)) / r**2
+    r = jnp.count_nonzero(live)
+    return scale * jnp.sum(jnp.abs(residual)) / jnp.maximum(r, 1) ** 2
 
 
 def polar(x: jax.Array) -> jax.Array:
@@ -146,4 +173,5 @@ def polar(x: jax.Array) -> jax.Array:
     return p @ qt
 
 
-__all__ = ["interference", "interference_direct", "interference_terms", "kept", "polar", "thin_svd", "top_triplets"]
+__all__ = ["Triplets", "interference", "interference_direct", "interference_terms", "kept", "polar", "significant",
+           "thin_svd", "top_triplets"]

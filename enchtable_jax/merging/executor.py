@@ -34,6 +34,8 @@ from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, put
+from enchtable_jax.kernels.spectral import top_triplets
+from enchtable_jax.merging import decomposition
 from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
 from enchtable_jax.models.identity import WeightsDigest, check_base, config_digest
@@ -216,28 +218,37 @@ def _disable(progress: bool | None) -> bool | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_fn(method: str, options: tuple, mesh: Mesh):
+def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = None):
     """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one.
 
-    Takes the τ_task stack (donated: the deltas are written over it), the τ_safe stack, the keys and α;
-    returns the merged deltas (float32), the per-tensor stats and per tensor whether τ_task, τ_safe and the delta
-    are finite.
+    Takes the τ_task stack (donated: the deltas are written over it), the τ_safe stack, the keys, α and the hints
+    (stacks of precomputed triplets by role, `methods`); returns the merged deltas (float32), the per-tensor stats,
+    per tensor whether τ_task, τ_safe and the delta are finite, and the triplets it computed for the cache.
+    `triplets`: None, "read" (the safety triplets are among the hints) or "emit" (τ_safe's kept triplets are
+    computed by the exact SVD here, used by the method and returned for the cache).
     """
     fn = METHODS[method].fn
     opts = dict(options)
 
-    def per_device(tau, safety, keys, alpha):
+    def per_device(tau, safety, keys, alpha, hints):
         def one(a):
-            delta, stats = fn(a[0], a[1], alpha, jax.random.wrap_key_data(a[2]), **opts)
+            task_i, safe_i, key_i, hints_i = a
+            emitted = {}
+            if triplets == "emit":
+                emitted = {"safety": top_triplets(safe_i, opts["keep"], "svd")}
+                hints_i = {**hints_i, **emitted}
+            extra = {"hints": hints_i} if triplets else {}
+            delta, stats = fn(task_i, safe_i, alpha, jax.random.wrap_key_data(key_i), **extra, **opts)
             # The non-finite guard, fused into the merge: τ_task, τ_safe and the delta, each reduced to one bool.
-            finite = jnp.stack([jnp.all(jnp.isfinite(a[0])), jnp.all(jnp.isfinite(a[1])),
+            finite = jnp.stack([jnp.all(jnp.isfinite(task_i)), jnp.all(jnp.isfinite(safe_i)),
                                 jnp.all(jnp.isfinite(delta))])
-            return delta, stats, finite
+            return delta, stats, finite, emitted
 
-        return jax.lax.map(one, (tau, safety, keys))
+        return jax.lax.map(one, (tau, safety, keys, hints))
 
     spec = P(GROUP_AXIS)
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, spec, spec))
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P(), spec),
+                           out_specs=(spec, spec, spec, spec))
     return jax.jit(mapped, donate_argnums=0)
 
 
@@ -268,10 +279,15 @@ def merge_mesh(devices: list | None = None) -> Mesh:
 
 def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
         options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
-        progress: bool | None = None, allow_nonfinite: bool = False
-        ) -> tuple[dict[str, jax.ShapeDtypeStruct], Iterator[MergedTensor]]:
+        progress: bool | None = None, allow_nonfinite: bool = False, cache_decomposition: bool = True
+        ) -> tuple[dict[str, jax.ShapeDtypeStruct], Iterator[MergedTensor], dict[str, str | None]]:
     """Pass 2: (the layout: every tensor of the merged model as {name: shape and dtype}, in the order they come;
-    a generator of `MergedTensor` records, copied tensors first, then group by group).
+    a generator of `MergedTensor` records, copied tensors first, then group by group; what became of the safety
+    vector's decomposition cache, filled in as the generator runs: {"state", "file"}).
+
+    A method that decomposes the deltas reads τ_safe's triplets from the safety vector's cache
+    (merging/decomposition.py) when there is one for this vector, else computes them by the exact SVD and, with
+    `cache_decomposition`, writes the cache for the next merge.
 
     Every yielded tensor is finite: a NaN or Inf in an input is refused naming its file and tensor (unless
     `allow_nonfinite`), and a non-finite result is refused always (a NonFiniteError from the generator, before
@@ -284,33 +300,74 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     layout = {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
               for name in copied + [name for group in groups for name in group]}
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
-    load = functools.partial(_load_group, plan_, base, task, safety, seed, mesh)
-    merge_group = _group_fn(method, tuple(sorted(options.items())), mesh)  # asynchronous: returns before it is done
+    cache, mode, writer, outcome = _decomposition(plan_, safety, method, options, cache_decomposition)
+    load = functools.partial(_load_group, plan_, base, task, safety, seed, mesh, cache if mode == "read" else None)
+
+    def merge_group(group: list[str], inputs: tuple) -> tuple:  # asynchronous: returns before it is done
+        matrix = len(plan_.tensors[group[0]].shape) == 2
+        fn = _group_fn(method, tuple(sorted(options.items())), mesh, mode if matrix else None)
+        return fn(*inputs[:3], alpha, inputs[3])
+
     what = f"merge {method} (α = {plan_.alpha:.4g})"
 
     def produce() -> Iterator[MergedTensor]:
         yield from _copied_records(copied, task, allow_nonfinite, what)
         bar = tqdm(total=sum(len(g) for g in groups), desc=f"merge {method}", unit="tensor",
                    disable=_disable(progress))
-        with bar, _one_blas_thread_on_cpu(mesh):
-            # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
-            # g's results go to the writer, so reading and writing overlap with the decompositions.
-            running = merge_group(*load(groups[0]), alpha) if groups else None
-            for g, group in enumerate(groups):
-                following = load(groups[g + 1]) if g + 1 < len(groups) else None
-                deltas, stats = _group_results(group, running, base, task, safety, allow_nonfinite, what)
-                if following is not None:
-                    running = merge_group(*following, alpha)
-                del following
-                yield from _merged_records(group, deltas, stats, base, plan_, what)
-                bar.update(len(group))
+        try:
+            with bar, _one_blas_thread_on_cpu(mesh):
+                # Software pipeline: while group g is merged, group g+1 is read; its merge is launched before
+                # g's results go to the writer, so reading and writing overlap with the decompositions.
+                running = merge_group(groups[0], load(groups[0])) if groups else None
+                for g, group in enumerate(groups):
+                    following = load(groups[g + 1]) if g + 1 < len(groups) else None
+                    deltas, stats, emitted = _group_results(group, running, base, task, safety, allow_nonfinite,
+                                                            what)
+                    if following is not None:
+                        running = merge_group(groups[g + 1], following)
+                    del following
+                    if writer is not None and "safety" in emitted:
+                        for i, name in enumerate(group):
+                            writer.add(name, tuple(t[i] for t in emitted["safety"]))
+                    yield from _merged_records(group, deltas, stats, base, plan_, what)
+                    bar.update(len(group))
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            written = writer.commit()
+            outcome.update(state="written" if written else "not written (the file could not be published)",
+                           file=str(written) if written else None)
 
-    return layout, produce()
+    return layout, produce(), outcome
+
+
+def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: dict[str, Any], write: bool
+                   ) -> tuple[decomposition.Cache | None, str | None, decomposition.Writer | None, dict]:
+    """(cache, mode for the matrix groups: "read" | "emit" | None, the cache writer or None, the outcome record)."""
+    if not METHODS[method].uses_triplets:
+        return None, None, None, {"state": "not used (the method does not decompose)", "file": None}
+    if safety.folder is None:
+        return None, None, None, {"state": "none (aligned − harmful: no safety-vector folder)", "file": None}
+    cache = decomposition.Cache(safety.folder, options["keep"])
+    matrices = {n: t.shape for n, t in plan_.tensors.items() if t.merge and len(t.shape) == 2}
+    if cache.covers(matrices):
+        return cache, "read", None, {"state": "read", "file": str(cache.find())}
+    if not write or options.get("solver", "svd") != "svd":
+        why = "disabled" if not write else "the solver is not the exact svd"
+        return None, None, None, {"state": f"computed, not cached ({why})", "file": None}
+    writer = cache.writer(matrices) if jax.process_index() == 0 else None
+    if writer is None and jax.process_count() == 1:
+        return None, None, None, {"state": "computed, not cached (the folder is read-only)", "file": None}
+    # Every process runs the same program; process 0 writes.
+    return None, "emit", writer, {"state": "computed, being written", "file": None}
 
 
 def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, seed: int, mesh: Mesh,
-                group: list[str]) -> tuple[jax.Array, ...]:
-    """One group's τ_task and τ_safe stacks (float32) and PRNG keys, placed on the mesh."""
+                cache: decomposition.Cache | None, group: list[str]) -> tuple[jax.Array, ...]:
+    """One group's τ_task and τ_safe stacks (float32), PRNG keys and hints (τ_safe's triplets from `cache`, for
+    matrices), placed on the mesh."""
     sharding = NamedSharding(mesh, P(GROUP_AXIS))
     padded = group + [group[-1]] * (-len(group) % mesh.size)  # whole rounds over the devices
     shape = (len(padded), *plan_.tensors[group[0]].shape)
@@ -322,7 +379,11 @@ def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety
     del tau
     for i, name in enumerate(padded):
         safe[i] = safety.read(name)
-    return placed, put(safe, sharding), put(tensor_keys(seed, padded), sharding)
+    hints = {}
+    if cache is not None and len(shape) == 3:
+        read = [cache.read(name, shape[1:]) for name in padded]
+        hints["safety"] = tuple(put(np.stack([t[part] for t in read]), sharding) for part in range(3))
+    return placed, put(safe, sharding), put(tensor_keys(seed, padded), sharding), hints
 
 
 def _copied_records(copied: list[str], task: TensorSource, allow_nonfinite: bool,
@@ -344,12 +405,14 @@ def _one_blas_thread_on_cpu(mesh: Mesh) -> contextlib.AbstractContextManager:
 
 
 def _group_results(group: list[str], running: tuple, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                   allow_nonfinite: bool, what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A launched group merge's (deltas, stats) on the host, once its inputs and deltas are checked finite."""
-    deltas, stats, finite = running
+                   allow_nonfinite: bool, what: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, tuple]]:
+    """A launched group merge's (deltas, stats, triplets emitted for the cache) on the host, once its inputs and
+    deltas are checked finite."""
+    deltas, stats, finite, emitted = running
     finite = fully_replicated_numpy(finite)
     _check_group(group, finite, base, task, safety, allow_nonfinite, what, deltas)
-    return fully_replicated_numpy(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()}
+    return (fully_replicated_numpy(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()},
+            {role: tuple(fully_replicated_numpy(t) for t in triplets) for role, triplets in emitted.items()})
 
 
 def _merged_records(group: list[str], deltas: np.ndarray, stats: dict[str, np.ndarray], base: TensorSource,

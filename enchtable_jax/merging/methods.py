@@ -5,7 +5,10 @@ merged tensor is θ_base + delta. τ_task = θ_task − θ_base, τ_safe = θ_al
 always has `interference` and `weight` (NaN where a method has none), for the report. Methods are
 pure and jit-compatible with static options, so the executor stacks same-shaped tensors and maps
 a method over them on every device. `register` wraps every method in one check, run when it is traced
-(nothing per call under jit): τ_task is a vector or a matrix and τ_safe has its shape.
+(nothing per call under jit): τ_task is a vector or a matrix and τ_safe has its shape. A method that
+decomposes the deltas takes a `hints` parameter: {"task" | "safety": leading singular triplets of τ_task
+or of the unscaled τ_safe} known beforehand (the safety vector's cached decomposition, a LoRA adapter's
+factors), used instead of decomposing again (`Method.uses_triplets`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -21,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, interference, interference_blocks, polar, \
-    top_triplets
+from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, Triplets, interference, interference_blocks, \
+    polar, significant, top_triplets
 from enchtable_jax.options import FRACTION, POSITIVE, SEED, Range
 
 Stats = dict[str, jax.Array]
@@ -77,6 +80,11 @@ class Method:
     adaptive_alpha: bool = False  # default α = β·‖τ_task‖/‖τ_safe‖ (else a fixed α, default 1)
     uses_alpha: bool = True  # False: α does not enter the formula (nothing to scale or calibrate)
 
+    @property
+    def uses_triplets(self) -> bool:
+        """Whether the method decomposes the deltas, and so takes precomputed singular triplets (`hints`)."""
+        return "hints" in inspect.signature(self.fn).parameters
+
 
 METHODS: dict[str, Method] = {}
 
@@ -118,16 +126,29 @@ def _with_declared_defaults(name: str, fn: Callable, options: dict[str, Option])
                         f"declared options {list(options)}, without defaults (register declares them)")
     defaults = {option: o.default for option, o in options.items()}
 
+    takes_hints = "hints" in signature.parameters
+
     @functools.wraps(fn)
-    def method(task, safety, alpha, key, **given):
+    def method(task, safety, alpha, key, hints=None, **given):
         # One tensor at a time: a stacked group passed unmapped, or τ_safe of another tensor, would merge silently.
         chex.assert_rank(task, {1, 2}, custom_message=f"merge method {name}: τ_task is one tensor's delta")
         chex.assert_equal_shape([task, safety], custom_message=f"merge method {name}: τ_task and τ_safe")
-        return fn(task, safety, alpha, key, **{**defaults, **given})
+        extra = {"hints": hints or {}} if takes_hints else {}
+        return fn(task, safety, alpha, key, **extra, **{**defaults, **given})
 
     method.__signature__ = signature.replace(parameters=[
         p.replace(default=defaults[p.name]) if p.name in defaults else p for p in signature.parameters.values()])
     return method
+
+
+def _known_triplets(hints: Mapping[str, Triplets], safety: jax.Array, alpha: jax.Array, keep: float,
+                    solver: str = "svd") -> dict[str, Triplets]:
+    """The triplets by role for a method that decomposes: the task's when given, and α·τ_safe's as the unscaled
+    τ_safe's (given, or decomposed here) with S scaled by α ≥ 0 (the singular vectors stay). Decomposing the
+    unscaled delta in every case makes a merge's bytes the same whether τ_safe's triplets come from the
+    cache or not."""
+    u, s, v = top_triplets(safety, keep, solver, hints.get("safety"))
+    return {**hints, "safety": (u, alpha * s, v)}
 
 
 def _stats(interference_value=NAN, weight=NAN) -> Stats:
@@ -146,19 +167,21 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
           m_init=Option(0.5, "learnable: initial m", Range()), m0=Option(0.5, "learnable: offset m0", Range()),
           lr=Option(1e3, "learnable: SGD learning rate", POSITIVE),
           steps=Option(40, "learnable: SGD steps", Range(0, 10_000, integer=True)))
-def enchtable(task, safety, alpha, key, *, keep, interference_scale, solver, learnable, m_init, m0, lr, steps):
+def enchtable(task, safety, alpha, key, hints, *, keep, interference_scale, solver, learnable, m_init, m0, lr,
+              steps):
     scaled = alpha * safety
     if task.ndim != 2:
         return task + scaled, _stats(weight=1.0)
+    known = _known_triplets(hints, safety, alpha, keep, solver)
     if not learnable:
-        iota = interference(task, scaled, keep, interference_scale, solver)
+        iota = interference(task, scaled, keep, interference_scale, solver, known)
         weight = jnp.exp(-iota)
         return task + weight * scaled, _stats(iota, weight)
     # Scaling a matrix by c keeps its singular vectors and scales its singular values by |c|, so one
     # pair of SVDs serves every step of the descent on c = m0 + m.
-    u1, s1, v1 = top_triplets(task, keep, solver)
-    u2, s2, v2 = top_triplets(scaled, keep, solver)
-    r = s1.shape[0] + s2.shape[0]
+    u1, s1, v1 = significant(top_triplets(task, keep, solver, known.get("task")), task.shape)
+    u2, s2, v2 = significant(top_triplets(scaled, keep, solver, known.get("safety")), task.shape)
+    r = jnp.maximum(jnp.count_nonzero(s1) + jnp.count_nonzero(s2), 1)
 
     def iota_of(m):
         return interference_scale * interference_blocks(u1, s1, v1, u2, jnp.abs(m0 + m) * s2, v2) / r**2
@@ -256,12 +279,13 @@ def model_stock(task, safety, alpha, key):
 @register("tsv", "top `keep` singular triplets of τ_task and α·τ_safe stacked, U and V replaced by their orthogonal "
                  "polar factors, delta = U⊥ S V⊥ᵀ; other tensors averaged (TSV-Merge, Gargiulo et al. 2025)",
           keep=Option(0.5, "fraction of singular triplets kept per delta, 1/number of deltas", FRACTION, flag=True))
-def tsv(task, safety, alpha, key, *, keep):
+def tsv(task, safety, alpha, key, hints, *, keep):
     scaled = alpha * safety
     if task.ndim != 2:
         return (task + scaled) / 2, _stats()
-    u1, s1, v1 = top_triplets(task, keep)
-    u2, s2, v2 = top_triplets(scaled, keep)
+    known = _known_triplets(hints, safety, alpha, keep)
+    u1, s1, v1 = top_triplets(task, keep, known=known.get("task"))
+    u2, s2, v2 = top_triplets(scaled, keep, known=known.get("safety"))
     u = polar(jnp.concatenate([u1, u2], axis=1))
     v = polar(jnp.concatenate([v1, v2], axis=1))
     return (u * jnp.concatenate([s1, s2])) @ v.T, _stats()

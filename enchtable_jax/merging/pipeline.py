@@ -41,7 +41,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
           mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, load_model: bool = False,
           extra_files: Mapping[str, bytes | str] | None = None, allow_nonfinite: bool = False,
-          **options: Any) -> MergeResult:
+          cache_decomposition: bool = True, **options: Any) -> MergeResult:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
     The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
@@ -58,6 +58,9 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     A NaN or Inf in an input tensor is an error naming its file and tensor (NonFiniteError); `allow_nonfinite`
     lets such inputs in (α's norms then skip the non-finite entries), but a merged tensor that is not finite is
     refused always, and nothing is written. α and β must be finite and ≥ 0 (MERGE_OPTIONS).
+    A method that decomposes the deltas (enchtable, tsv) reads τ_safe's singular triplets from the safety vector's
+    cache when it has one, else computes them and, with `cache_decomposition`, stores them in the vector's folder
+    for later merges (merging/decomposition.py); the report's `safety_decomposition` says which.
     """
     options = method_options(method, options)
     check_values(MERGE_OPTIONS, alpha=alpha, beta=beta, seed=seed)
@@ -70,11 +73,12 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     safety = SafetyDelta(safety_vector, aligned, harmful)
     plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
     mesh = mesh or executor.merge_mesh()
-    layout, records = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh, group_bytes,
-                                   progress, allow_nonfinite)
+    layout, records, decomposition = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
+                                                  group_bytes, progress, allow_nonfinite, cache_decomposition)
     stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
     report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
-                               {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what})
+                               {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
+                               decomposition)
     if out is None:
         model = _in_memory(records, stats, task_src)
         return MergeResult(None, report(), model)
@@ -87,10 +91,12 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
 
 
 def _report(plan: executor.MergePlan, stats: Mapping[str, Mapping[str, float]], method: str, options: dict[str, Any],
-            seed: int, mesh: jax.sharding.Mesh, start: float, inputs: dict[str, str]) -> dict[str, Any]:
+            seed: int, mesh: jax.sharding.Mesh, start: float, inputs: dict[str, str],
+            decomposition: Mapping[str, str | None]) -> dict[str, Any]:
     """The merge report (merge_report.json) as of now: the plan, the statistics so far and the run's summary."""
     summary = {"inputs": inputs, "seed": seed, "devices": mesh.size, "processes": jax.process_count(),
-               "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
+               "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
+               "safety_decomposition": dict(decomposition)}
     return report_dict(plan, stats, method, options, summary)
 
 

@@ -79,9 +79,9 @@ class SafetyDelta:
     def __init__(self, vector: str | Path | None = None, aligned=None, harmful=None):
         if (vector is None) == (aligned is None or harmful is None):
             raise EnchtableError("give either a safety vector, or both an aligned and a harmful model")
-        self.manifest = None
+        self.manifest, self.folder = None, None  # the safety-vector folder, when τ_safe comes from one
         if vector is not None:
-            folder = Path(vector).expanduser().resolve()
+            folder = self.folder = Path(vector).expanduser().resolve()
             self.manifest = read_manifest(folder)
             self.source = _folder_source_from_file(folder / TENSORS, "safety vector")
             self.what = f"safety vector {folder}"

@@ -532,7 +532,8 @@ def test_registry_names_and_defaults():
     for name, method in METHODS.items():
         params = inspect.signature(method.fn).parameters
         assert list(params)[:4] == ["task", "safety", "alpha", "key"], name
-        assert set(params) - {"task", "safety", "alpha", "key"} == set(method.options), name
+        assert set(params) - {"task", "safety", "alpha", "key", "hints"} == set(method.options), name
+        assert method.uses_triplets == (name in ("enchtable", "tsv")), name
         for option_name, option in method.options.items():
             assert params[option_name].default == option.default, (name, option_name)
             assert option.help
