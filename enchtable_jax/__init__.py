@@ -9,12 +9,16 @@ Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describ
 `generate` and `evaluate` (more in `enchtable_jax.eval`); `run_demo`, the miniature world end to end.
 
 Importing the package asks JAX for one CPU device per core (`jax_num_cpu_devices`) when JAX has not started and
-no count was chosen (XLA_FLAGS, JAX_NUM_CPU_DEVICES), so that `merge` from Python uses every core as the CLI does.
+no count was chosen (XLA_FLAGS, JAX_NUM_CPU_DEVICES), so that `merge` from Python uses every core as the CLI does,
+and, where the TPU runtime is installed, turns on JAX's persistent compilation cache in a user cache folder
+(`use_compilation_cache` does it elsewhere, when called before the first computation).
 """
 
+from enchtable_jax.kernels.compile_cache import use_compilation_cache, use_compilation_cache_on_tpu
 from enchtable_jax.kernels.cpu_threads import use_every_core
 
 use_every_core()  # one CPU device per core for the merge's decompositions, before anything starts JAX's backend
+use_compilation_cache_on_tpu()  # TPU SVDs compile for minutes: once per machine and shape
 
 from enchtable_jax.api import CausalLM, Model, apply, describe, from_nnx, load, load_nnx, save, save_orbax
 from enchtable_jax.distillation.train import DistillOptions, distill
@@ -34,4 +38,5 @@ __version__ = "0.1.0"
 __all__ = ["CalibrationOptions", "CausalLM", "DistillOptions", "EnchantResult", "FinetuneOptions", "METHODS",
            "MergeResult", "Model", "ModelConfig", "SafetyVector", "apply", "calibrate", "calibrated_merge",
            "describe", "distill", "enchant", "evaluate", "finetune", "from_nnx", "generate", "is_orbax_checkpoint",
-           "load", "load_nnx", "load_safety_vector", "merge", "run_demo", "save", "save_orbax", "__version__"]
+           "load", "load_nnx", "load_safety_vector", "merge", "run_demo", "save", "save_orbax", "use_compilation_cache",
+           "__version__"]
