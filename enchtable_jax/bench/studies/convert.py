@@ -60,9 +60,13 @@ def _cold_load(code: str, args: dict, nbytes: int) -> dict:
     return {**got, "extra_rss_over_model": (got["peak_rss_bytes"] - got["rss_after_import_bytes"]) / nbytes}
 
 
-def run(quick: bool = False, repeats: int | None = None) -> dict:
-    preset, shard_size = ("tiny", "5GB") if quick else ("smollm2-135m", "256MB")
-    repeats = repeats or (3 if quick else 9)  # a full repeat takes ~2 s: more of them tame the noise
+SIZES = ("tiny", "smollm2-135m")  # `--quick` the first, full the second; `--size` either
+
+
+def run(quick: bool = False, repeats: int | None = None, size: str | None = None) -> dict:
+    preset = size or SIZES[0 if quick else 1]
+    shard_size = "5GB" if preset == "tiny" else "256MB"
+    repeats = repeats or (3 if preset == "tiny" else 9)  # a full repeat takes ~2 s: more of them tame the noise
     st, st_missing = optional_module("safetensors.numpy")
     config = preset_config(preset)
     with tempfile.TemporaryDirectory(prefix="convert-study-") as tmp:

@@ -25,8 +25,12 @@ from enchtable_jax.kernels.scopes import resolve_scope
 from enchtable_jax.models.init import init_params, preset_config
 
 
-def run(quick: bool = False, repeats: int | None = None, scope_name: str = "ffn") -> dict:
-    preset, (examples, tokens, chunk) = ("tiny", (4, 16, 4)) if quick else ("smollm2-135m", (8, 32, 4))
+SIZES = {"tiny": (4, 16, 4), "smollm2-135m": (8, 32, 4)}  # preset: (examples, tokens, chunk); `--quick` the first
+
+
+def run(quick: bool = False, repeats: int | None = None, scope_name: str = "ffn", size: str | None = None) -> dict:
+    preset = size or ("tiny" if quick else "smollm2-135m")
+    examples, tokens, chunk = SIZES[preset]
     repeats = repeats or 3
     config = preset_config(preset)
     model = api.Model(config, init_params(config, seed=0))
