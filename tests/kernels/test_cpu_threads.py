@@ -32,7 +32,7 @@ def test_blas_threads_limits_then_restores():
 
 
 def _fresh(code: str, **env: str) -> list[str]:
-    """The lines a fresh Python prints, with no device count chosen in its environment but the `env` given."""
+    """The words a fresh Python prints, with no device count chosen in its environment but the `env` given."""
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                           env={**clean, **env})
