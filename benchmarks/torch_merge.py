@@ -8,7 +8,8 @@ The same math as `merge('enchtable', ...)` (DESIGN §3), written the obvious way
 2. pass 2, tensor by tensor: τ_task = task − base and α·τ_safe in float32; for a 2-D tensor one
    `torch.linalg.svd(full_matrices=False)` of each, the top k = ⌊γ·min(m, n)⌋ triplets kept (γ = 0.5),
    interference by the block formula ι = scale·(Σ|A S2 Bᵀ| + Σ|Aᵀ S1 B|)/r² with A = U1ᵀU2,
-   B = V1ᵀV2, r = k1 + k2, weight w = exp(−ι); other tensors get w = 1;
+   B = V1ᵀV2, r = k1 + k2, weight w = exp(−ι), where triplets with σ ≤ max(m, n)·ε·σ1 (numerically zero,
+   their singular vectors arbitrary) are dropped from U, S, V and from k; other tensors get w = 1;
    merged = base + (τ_task + w·α·τ_safe), cast back to the task's dtype; tensors that are not merged
    are the task's, unchanged;
 3. written with `safetensors.torch.save_file`, in shards of at most `shard_size` bytes (an HF index
@@ -102,7 +103,8 @@ def top_triplets(x: torch.Tensor, keep: float, transpose_wide: bool = True):
     else:
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
     k = max(1, int(keep * min(x.shape)))
-    return u[:, :k], s[:k], vh[:k].T
+    live = s[:k] > s[0] * max(x.shape) * torch.finfo(torch.float32).eps  # numerically zero σ: dropped
+    return u[:, :k][:, live], s[:k][live], vh[:k][live].T
 
 
 def interference(task: torch.Tensor, scaled_safety: torch.Tensor, keep: float = 0.5, scale: float = 200.0,
@@ -110,7 +112,7 @@ def interference(task: torch.Tensor, scaled_safety: torch.Tensor, keep: float = 
     """ι of two 2-D deltas (the safety one already scaled by α), by the block-diagonal formula."""
     u1, s1, v1 = top_triplets(task, keep, transpose_wide)
     u2, s2, v2 = top_triplets(scaled_safety, keep, transpose_wide)
-    r = s1.shape[0] + s2.shape[0]
+    r = max(1, s1.shape[0] + s2.shape[0])
     a = u1.T @ u2
     b = v1.T @ v2
     total = torch.sum(torch.abs((a * s2) @ b.T)) + torch.sum(torch.abs((a.T * s1) @ b))

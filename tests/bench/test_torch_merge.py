@@ -121,3 +121,21 @@ def test_merge_study_agreement_measures_the_difference(world, tmp_path):
     got = agreement(tmp_path / "changed", tmp_path / "torch", world["task"], merged)
     assert got["safety_part"] == pytest.approx(0.01, rel=1e-3) and got["safety_part_tensor"] == name
     assert not got["copied_identical"]
+
+
+def test_reference_interference_of_a_low_rank_task_drops_its_null_triplets_as_ours_does():
+    """A rank-3 τ_task (a LoRA adapter's): both implementations give ι over its 3 live triplets only, whatever
+    basis their SVDs picked for its null space (oracle: the float64 formula, oracles.iota64)."""
+    import torch
+
+    from oracles import iota64
+
+    from enchtable_jax.kernels import spectral
+
+    rng = np.random.default_rng(0)
+    task = (rng.standard_normal((48, 3)) @ rng.standard_normal((3, 40)) * 0.1).astype(np.float32)
+    safety = (rng.standard_normal((48, 40)) * 0.05).astype(np.float32)
+    expected = iota64(task.astype(np.float64), safety.astype(np.float64), 0.5, 200.0)
+    theirs = float(torch_merge.interference(torch.from_numpy(task), torch.from_numpy(safety)))
+    ours = float(spectral.interference(jnp.asarray(task), jnp.asarray(safety)))
+    np.testing.assert_allclose([theirs, ours], [expected, expected], rtol=1e-4)

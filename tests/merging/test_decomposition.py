@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from jax import numpy as jnp
+from oracles import iota64
 
 from enchtable_jax.bench.studies.merge import build_world
 from enchtable_jax.calibration import EnchtableSweep
@@ -117,28 +118,12 @@ def test_calibration_sweep_reads_the_cache_and_gives_the_same_weights(world, tmp
     np.testing.assert_allclose(list(w1.values()), list(w0.values()), rtol=1e-5)
 
 
-def _iota64(task: np.ndarray, safety: np.ndarray, keep: float, scale: float) -> float:
-    """ι in float64 by its definition, over the kept triplets whose singular value is not (numerically) zero."""
-    def live(x):
-        u, s, vt = np.linalg.svd(x, full_matrices=False)
-        k = spectral.kept(x.shape, keep)
-        on = s[:k] > s[0] * max(x.shape) * np.finfo(np.float32).eps
-        return u[:, :k][:, on], s[:k][on], vt[:k][on].T
-
-    u1, s1, v1 = live(task)
-    u2, s2, v2 = live(safety)
-    u, s, v = np.hstack([u1, u2]), np.concatenate([s1, s2]), np.hstack([v1, v2])
-    r = len(s)
-    residual = (u.T @ u - np.eye(r)) @ np.diag(s) @ (v.T @ v - np.eye(r))
-    return scale * np.abs(residual).sum() / r**2
-
-
 def test_interference_of_a_low_rank_delta_ignores_its_null_space_basis():
     rng = np.random.default_rng(0)
     m, n, rank = 40, 30, 3
     task = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) * 0.1
     safety = rng.standard_normal((m, n)) * 0.05
-    expected = _iota64(task, safety, 0.5, 200.0)
+    expected = iota64(task, safety, 0.5, 200.0)
     dense = float(spectral.interference(jnp.asarray(task, jnp.float32), jnp.asarray(safety, jnp.float32)))
     np.testing.assert_allclose(dense, expected, rtol=1e-4)
     # Another orthonormal completion of the null space (LAPACK's is arbitrary) gives the same ι.
