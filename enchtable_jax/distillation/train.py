@@ -24,9 +24,10 @@ from enchtable_jax.converters.atomic import OutputExistsError, publish
 from enchtable_jax.converters.model_io import save
 from enchtable_jax.converters.outputs import check_outputs, template_input
 from enchtable_jax.converters.safety_vector import write_vector
+from enchtable_jax.kernels.low_rank_delta import VECTORS, LowRank
 from enchtable_jax.models.identity import versions
 from enchtable_jax.models.model import Model
-from enchtable_jax.options import option
+from enchtable_jax.options import OPTIONAL_COUNT, POSITIVE, option
 from enchtable_jax.training import loop
 
 
@@ -35,6 +36,14 @@ class DistillOptions(loop.TrainingOptions):
     """Training settings; the defaults follow the published recipe (1e-5, 4 epochs, 2 x 4, warm-up 10%)."""
 
     linearized: bool = option(True, "ordinary fine-tuning of the scope instead of linearized", flag="--plain")
+    lora_rank: int | None = option(None, "train each matrix of the scope as a rank-r LoRA update scale*B*A (PEFT's "
+                                         f"init; the scope's vectors train in {VECTORS}); the vector written is "
+                                         "still dense, of rank <= r per matrix (default: full rank)", OPTIONAL_COUNT)
+    lora_alpha: float = option(8.0, "LoRA alpha with --lora-rank: scale = alpha / r (PEFT's default alpha)", POSITIVE)
+
+    def low_rank(self) -> LowRank | None:
+        """The factorisation `--lora-rank` asks for, if any."""
+        return None if self.lora_rank is None else LowRank(self.lora_rank, self.lora_alpha)
 
 
 def distill(model: str | Path, data_path: str | Path, out: str | Path, options: DistillOptions = DistillOptions(),
@@ -179,7 +188,8 @@ def _distill(model: str | Path, data_path: str | Path, work: Path, options: Dist
     """Train in `work` (`out`, or its staging sibling) and write the vector there; returns the manifest."""
     run = loop.train(model, data_path, work / "checkpoints", options, linearized=options.linearized, resume=resume,
                      label="distill", purpose="distillation", on_step=on_step, progress=progress,
-                     allow_nonfinite=allow_nonfinite)  # NaN/Inf in the model: refused (or let in, Δ still checked)
+                     allow_nonfinite=allow_nonfinite,  # NaN/Inf in the model: refused (or let in, Δ still checked)
+                     low_rank=options.low_rank())
     model0, scope, delta = run.model0, run.scope, run.delta
     tau = {n: (-delta[n]).astype(model0.params[n].dtype) for n in scope.params}  # τ_safe = θ0 − θ_harm = −Δ
     manifest = {

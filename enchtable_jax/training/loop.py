@@ -30,9 +30,10 @@ from enchtable_jax.converters.hf import is_float
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.errors import EnchtableError, storage_error
 from enchtable_jax.kernels.linearize import zero_delta
+from enchtable_jax.kernels.low_rank_delta import LowRank, check_rank, dense_delta, init_factors
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, make_mesh, shard_tree
 from enchtable_jax.kernels.scopes import SCOPE_HELP, Scope, resolve_scope
-from enchtable_jax.kernels.train_step import init_opt_state, make_train_step
+from enchtable_jax.kernels.train_step import delta_itself, init_opt_state, make_train_step
 from enchtable_jax.models import chat
 from enchtable_jax.models.identity import identity
 from enchtable_jax.models.model import Model
@@ -137,9 +138,10 @@ def stack_step(examples, micro: list[list[int]], pad_id: int, rows: int, max_len
 def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: TrainingOptions, linearized: bool,
           resume: bool = False, label: str = "train", purpose: str = "training",
           on_step: Callable[[int, dict[str, float]], None] | None = None, progress: bool | None = None,
-          allow_nonfinite: bool = False) -> TrainResult:
+          allow_nonfinite: bool = False, low_rank: LowRank | None = None) -> TrainResult:
     """Train Δ on `options.scope` of the model at `model` on the records in `data_path`, checkpointing to
-    `ckpt_dir` (resuming from its newest checkpoint with `resume`).
+    `ckpt_dir` (resuming from its newest checkpoint with `resume`). With `low_rank`, each matrix's Δ is trained
+    as scale·B·A of that rank (`kernels.low_rank_delta`); the result is Δ, dense, either way.
 
     `label` names the progress bar, `purpose` the activity that needs the tokenizer (in its error).
     `on_step(step, metrics)` is called after every optimizer step. A model holding NaN or Inf is refused
@@ -148,15 +150,19 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
     model0 = load(model, progress=progress, allow_nonfinite=allow_nonfinite)
     base = identity(model0.config, model0.params)
     scope = resolve_scope(model0.config, options.scope, options.layers)
+    if low_rank is not None:
+        check_rank(model0.params, scope, low_rank.rank)
     examples, stats, pad_id = _render_examples(model0.source, data_path, options, purpose)
     total_steps = options.steps or options.epochs * _steps_per_epoch(len(examples), options)
     optimizer = make_optimizer(options, total_steps)
     check_learning_rate(options, total_steps)
     mesh = make_mesh(options.fsdp)
-    params0, state = _initial_state(model0.params, scope, optimizer, options.compute_dtype, mesh)
+    params0, state = _initial_state(model0.params, scope, optimizer, options.compute_dtype, mesh, low_rank,
+                                    options.seed)
     run_key = _run_key(base, data_path, options)
     mngr, start, state, losses = _open_checkpoints(ckpt_dir, resume, state, run_key)
-    step_fn = make_train_step(model0.config, scope, optimizer, linearized=linearized, mesh=mesh)
+    delta_of = delta_itself if low_rank is None else functools.partial(dense_delta, scale=low_rank.scale)
+    step_fn = make_train_step(model0.config, scope, optimizer, linearized=linearized, mesh=mesh, delta_of=delta_of)
     bar = _progress_bar(total_steps, start, f"{label} {scope.name}", progress)
     rows = math.ceil(options.batch_size / mesh.size) * mesh.size  # fixed rows: padding rows carry no targets
     step_batch = functools.partial(_step_batch, examples, [len(e.input_ids) for e in examples], options, pad_id, rows)
@@ -166,7 +172,7 @@ def train(model: str | Path, data_path: str | Path, ckpt_dir: Path, options: Tra
                             functools.partial(_save, mngr, options.save_every, total_steps, run_key), on_step)
     mngr.close()
     elapsed = time.perf_counter() - started
-    delta = {n: fully_replicated_numpy(v) for n, v in state["delta"].items()}
+    delta = {n: fully_replicated_numpy(v) for n, v in jax.jit(delta_of)(state["delta"]).items()}
     _check_delta(delta, f"{label} of {model0.source}", total_steps, losses)
     return TrainResult(model0=model0, base=base, scope=scope, stats=stats, data_sha256=run_key["data_sha256"],
                        delta=delta, losses=losses, total_steps=total_steps, devices=mesh.size,
@@ -194,12 +200,15 @@ def _steps_per_epoch(examples: int, options: TrainingOptions) -> int:
 
 
 def _initial_state(params: dict[str, Any], scope: Scope, optimizer: optax.GradientTransformation,
-                   compute_dtype: str | None, mesh) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """θ0 in the compute dtype and the state {Δ = 0 (float32 master values), optimizer state}, sharded on `mesh`."""
+                   compute_dtype: str | None, mesh, low_rank: LowRank | None = None,
+                   seed: int = 0) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """θ0 in the compute dtype and the state {Δ = 0 (float32 master values; with `low_rank`, its factors
+    initialised from `seed`), optimizer state}, sharded on `mesh`; the state keeps the key "delta" either way."""
     compute = jnp.dtype(compute_dtype) if compute_dtype else None
     params0 = shard_tree({n: v.astype(compute) if compute and is_float(v.dtype) else v
                           for n, v in params.items()}, mesh)
-    delta = shard_tree(zero_delta(params, scope), mesh)  # Δ = θ − θ0, float32 master values
+    delta = shard_tree(zero_delta(params, scope) if low_rank is None  # Δ = θ − θ0, float32 master values
+                       else init_factors(params, scope, low_rank.rank, seed), mesh)
     return params0, {"delta": delta, "opt": init_opt_state(optimizer, delta)}
 
 

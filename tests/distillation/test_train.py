@@ -225,3 +225,39 @@ def test_bfloat16_model_trains_a_float32_master_delta(world, tmp_path):
         assert fine.mean() > 0.5, name  # the master values carry bits bf16 has not
         assert delta[name].dtype == np.float32
         assert (-delta[name]).astype(ml_dtypes.bfloat16).tobytes() == t.tobytes(), name  # rounded once, at the end
+
+
+def test_lora_rank_writes_a_dense_vector_of_rank_at_most_r(world, tmp_path):
+    """--lora-rank 2: every written τ matrix has rank <= 2 (float64 SVD, float32 rounding tolerated), where the
+    full-rank baseline's have more; the manifest records the rank and alpha."""
+    options = ej.DistillOptions(**{**OPTIONS, "steps": 3, "save_every": 3, "lr": 1e-2, "lora_rank": 2})
+    manifest = ej.distill(world["model"], world["data"], tmp_path / "lora", options)
+    assert (manifest["training"]["lora_rank"], manifest["training"]["lora_alpha"]) == (2, 8.0)
+    tau, full = _vector(tmp_path / "lora"), _vector(world["baseline"])
+    assert set(tau) == set(full)
+
+    def rank(matrix):
+        x = np.asarray(matrix, np.float64)
+        return np.linalg.matrix_rank(x, tol=np.linalg.norm(x, 2) * max(x.shape) * np.finfo(np.float32).eps)
+
+    for name, t in tau.items():
+        assert 1 <= rank(t) <= 2 < rank(full[name]), name
+
+
+@pytest.mark.parametrize("rank", ["0", "-1"])
+def test_cli_refuses_a_lora_rank_below_1(world, tmp_path, capsys, rank):
+    from enchtable_jax.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--model", str(world["model"]), "--data", str(world["data"]), "--out", str(tmp_path / "o"),
+              f"--lora-rank={rank}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--lora-rank" in err, err
+
+
+def test_a_lora_rank_above_a_matrix_dimension_is_one_line(world, tmp_path, capsys):
+    from cli_checks import TRAIN, fails_in_one_line
+
+    fails_in_one_line(capsys, "distill", "--model", world["model"], "--data", world["data"], "--out",
+                      tmp_path / "o", *TRAIN, "--lora-rank", 65, needles=("--lora-rank", "[1, 64]", "got 65"))
+    assert not (tmp_path / "o").exists()
