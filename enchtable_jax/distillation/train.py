@@ -2,9 +2,10 @@
 
 θ0 = θ_aligned. The scope's tensors θ are trained (float32 master weights, AdamW with warm-up and
 cosine decay, gradient clipping and accumulation) through f(θ0) + J(θ0)(θ − θ0); the result is
-τ_safe = θ0 − θ_harm on the scope. Runs on every device of a ('data', 'fsdp') mesh, across hosts
-when `jax.distributed` is initialised, and resumes exactly from orbax checkpoints: the loop is
-`training.loop.train`, which `finetune` shares.
+τ_safe = θ0 − θ_harm on the scope. With `lora_rank` r each matrix's θ − θ0 is trained as (α/r)·B·A
+(`kernels.low_rank_delta`), so τ_safe, still written dense, has rank ≤ r per matrix. Runs on every
+device of a ('data', 'fsdp') mesh, across hosts when `jax.distributed` is initialised, and resumes exactly
+from orbax checkpoints: the loop is `training.loop.train`, which `finetune` shares.
 """
 
 from __future__ import annotations
