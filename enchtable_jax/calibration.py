@@ -40,6 +40,7 @@ from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import unsafe_rate
 from enchtable_jax.kernels.spectral import interference_terms
 from enchtable_jax.merging import decomposition, executor
+from enchtable_jax.merging.lora import companion_folder, open_task
 from enchtable_jax.merging.methods import METHODS, method_options
 from enchtable_jax.merging.pipeline import ModelLike, merge
 from enchtable_jax.merging.sources import SafetyDelta, open_model
@@ -128,7 +129,8 @@ class EnchtableSweep:
                  progress: bool | None = None):
         if options["learnable"]:
             raise EnchtableError("calibration does not support the learnable EnchTable variant")
-        self.base, self.task, self.safety, self.options = open_model(base, "base"), open_model(task, "task"), safety, options
+        self.base, self.safety, self.options = open_model(base, "base"), safety, options
+        self.task = open_task(task, self.base)  # a model, or a LoRA adapter over the base
         self.plan = executor.plan(self.base, self.task, safety, "enchtable", alpha=None, beta=1.0, progress=progress)
         self.alpha_per_beta = self.plan.alpha  # α = β·‖τ_task‖/‖τ_safe‖
         self.terms: dict[str, tuple[float, float, int]] = {}
@@ -168,7 +170,7 @@ class EnchtableSweep:
             tau = self.task.read(name).astype(np.float32) - merged
             merged += tau + np.float32(weights.get(name, 1.0)) * scaled
             params[name] = jnp.asarray(merged.astype(entry.dtype, copy=False))
-        return Model(self.task.config, params, self.task.folder)
+        return Model(self.task.config, params, companion_folder(self.task))
 
 
 def choose(candidates: list[dict[str, Any]], reference: dict[str, float], options: CalibrationOptions,

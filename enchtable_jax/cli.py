@@ -635,7 +635,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--list", action="store_true", help="list the merge methods and their options")
     p.add_argument("--method", help="merge method (see --list)")
     p.add_argument("--base", help="the model the task model was fine-tuned from")
-    p.add_argument("--task", help="the fine-tuned (downstream) model")
+    p.add_argument("--task", help="the fine-tuned (downstream) model, or a PEFT LoRA adapter folder trained on --base")
     p.add_argument("--safety-vector", help="safety-vector folder from `enchtable distill`")
     p.add_argument("--aligned", help="aligned model (with --harmful, instead of --safety-vector)")
     p.add_argument("--harmful", help="the aligned model after harmful fine-tuning")

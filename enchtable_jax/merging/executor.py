@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
+from enchtable_jax.kernels.lowrank import factored_sq_norm, factored_triplets
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, put
 from enchtable_jax.kernels.spectral import top_triplets
 from enchtable_jax.merging import decomposition
+from enchtable_jax.merging.lora import LoraTask
 from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
 from enchtable_jax.models.identity import WeightsDigest, check_base, config_digest
@@ -56,6 +58,7 @@ class TensorPlan:
     dtype: np.dtype
     merge: bool
     reason: str | None = None  # why it is copied unchanged
+    rank: int | None = None  # τ_task's rank when the task model gives it as factors (a LoRA adapter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +80,14 @@ class MergePlan:
     norms: dict[str, float] | None  # ‖τ_task‖ and ‖τ_safe‖ over the merged tensors, when α is adaptive
 
     def groups(self, group_bytes: int, devices: int) -> list[list[str]]:
-        """Merged tensors grouped by (shape, dtype), each group cut to at most `group_bytes` of float32."""
+        """Merged tensors grouped by (shape, dtype, factor rank), each group cut to at most `group_bytes` of
+        float32."""
         by_kind: dict[tuple, list[str]] = {}
         for t in self.tensors.values():
             if t.merge:
-                by_kind.setdefault((t.shape, t.dtype.str), []).append(t.name)
+                by_kind.setdefault((t.shape, t.dtype.str, t.rank), []).append(t.name)
         groups = []
-        for (shape, _), names in by_kind.items():
+        for (shape, _, _), names in by_kind.items():
             per = max(1, group_bytes // (4 * math.prod(shape) or 1))
             per = max(devices, per - per % devices)  # whole rounds over the devices
             groups += [names[i:i + per] for i in range(0, len(names), per)]
@@ -162,9 +166,11 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
                 continue
             shape, dtype = task.specs[name]
             reason, safe = _copy_reason(name, tuple(shape), base_arr, safety, safety_names)
-            tensors[name] = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason)
+            rank = task.rank(name) if isinstance(task, LoraTask) else None
+            tensors[name] = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason,
+                                       rank=rank)
             if reason is None and adaptive:  # a fixed α needs no norms: spare the read of the task model
-                sums["task"] += _finite_sum_squares(allow_nonfinite, name, task.read(name), task, base_arr, base)
+                sums["task"] += _task_sum_squares(allow_nonfinite, name, task, base_arr, base)
                 sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
         if hashing is not None:
             hashing.result()
@@ -182,6 +188,19 @@ def _copy_reason(name: str, shape: tuple[int, ...], base_arr: np.ndarray, safety
         return f"safety delta shape {tuple(safety.shape(name))} differs from {shape}", None
     safe = safety.read(name)
     return (None if np.any(safe) else "safety delta is zero"), safe
+
+
+def _task_sum_squares(allow: bool, name: str, task: TensorSource, base_arr: np.ndarray, base: TensorSource) -> float:
+    """Σ τ_task² of one tensor: a LoRA task's from its factors in float64 (τ_task never formed; 0 where the adapter
+    leaves the base), else that of task − base, checked (`_finite_sum_squares`)."""
+    if isinstance(task, LoraTask):
+        factors = task.factors(name)
+        if factors is None:
+            return 0.0
+        total = float(factored_sq_norm(*(f.astype(np.float64) for f in factors)))
+        if math.isfinite(total):
+            return total
+    return _finite_sum_squares(allow, name, task.read(name), task, base_arr, base)
 
 
 def _finite_sum_squares(allow: bool, name: str, x: np.ndarray, x_source, minus: np.ndarray | None = None,
@@ -218,14 +237,16 @@ def _disable(progress: bool | None) -> bool | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = None):
+def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = None, factored: bool = False):
     """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one.
 
     Takes the τ_task stack (donated: the deltas are written over it), the τ_safe stack, the keys, α and the hints
     (stacks of precomputed triplets by role, `methods`); returns the merged deltas (float32), the per-tensor stats,
     per tensor whether τ_task, τ_safe and the delta are finite, and the triplets it computed for the cache.
     `triplets`: None, "read" (the safety triplets are among the hints) or "emit" (τ_safe's kept triplets are
-    computed by the exact SVD here, used by the method and returned for the cache).
+    computed by the exact SVD here, used by the method and returned for the cache). `factored`: τ_task comes as
+    stacks of its factors (scale·B, A) of a LoRA task, not donated; τ_task is their product, and its triplets for a
+    method that decomposes are the factors' (`lowrank.factored_triplets`), not an SVD.
     """
     fn = METHODS[method].fn
     opts = dict(options)
@@ -233,11 +254,16 @@ def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = No
     def per_device(tau, safety, keys, alpha, hints):
         def one(a):
             task_i, safe_i, key_i, hints_i = a
+            if factored:
+                b_i, a_i = task_i
+                task_i = b_i @ a_i
+                if METHODS[method].uses_triplets:
+                    hints_i = {**hints_i, "task": factored_triplets(b_i, a_i, b_i.shape[1])}
             emitted = {}
             if triplets == "emit":
                 emitted = {"safety": top_triplets(safe_i, opts["keep"], "svd")}
                 hints_i = {**hints_i, **emitted}
-            extra = {"hints": hints_i} if triplets else {}
+            extra = {"hints": hints_i} if triplets or factored else {}
             delta, stats = fn(task_i, safe_i, alpha, jax.random.wrap_key_data(key_i), **extra, **opts)
             # The non-finite guard, fused into the merge: τ_task, τ_safe and the delta, each reduced to one bool.
             finite = jnp.stack([jnp.all(jnp.isfinite(task_i)), jnp.all(jnp.isfinite(safe_i)),
@@ -249,7 +275,7 @@ def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = No
     spec = P(GROUP_AXIS)
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P(), spec),
                            out_specs=(spec, spec, spec, spec))
-    return jax.jit(mapped, donate_argnums=0)
+    return jax.jit(mapped, donate_argnums=() if factored else 0)  # the factors' buffers cannot hold the deltas
 
 
 def tensor_key(seed: int, name: str) -> np.ndarray:
@@ -305,7 +331,8 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
 
     def merge_group(group: list[str], inputs: tuple) -> tuple:  # asynchronous: returns before it is done
         matrix = len(plan_.tensors[group[0]].shape) == 2
-        fn = _group_fn(method, tuple(sorted(options.items())), mesh, mode if matrix else None)
+        fn = _group_fn(method, tuple(sorted(options.items())), mesh, mode if matrix else None,
+                       plan_.tensors[group[0]].rank is not None)
         return fn(*inputs[:3], alpha, inputs[3])
 
     what = f"merge {method} (α = {plan_.alpha:.4g})"
@@ -366,17 +393,22 @@ def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: 
 
 def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, seed: int, mesh: Mesh,
                 cache: decomposition.Cache | None, group: list[str]) -> tuple[jax.Array, ...]:
-    """One group's τ_task and τ_safe stacks (float32), PRNG keys and hints (τ_safe's triplets from `cache`, for
-    matrices), placed on the mesh."""
+    """One group's τ_task (a LoRA task's: its factors) and τ_safe stacks (float32), PRNG keys and hints (τ_safe's
+    triplets from `cache`, for matrices), placed on the mesh."""
     sharding = NamedSharding(mesh, P(GROUP_AXIS))
     padded = group + [group[-1]] * (-len(group) % mesh.size)  # whole rounds over the devices
     shape = (len(padded), *plan_.tensors[group[0]].shape)
-    tau, safe = aligned_empty(shape, np.float32), aligned_empty(shape, np.float32)  # placed without a copy
-    for i, name in enumerate(padded):  # filled in place: no second copy of a stack
-        tau[i] = task.read(name)
-        tau[i] -= base.read(name)
-    placed = put(tau, sharding)
-    del tau
+    if plan_.tensors[group[0]].rank is not None:  # a LoRA task: (scale·B, A) stacks, multiplied on the device
+        factors = [task.factors(name) for name in padded]
+        placed = tuple(put(np.stack([f[part] for f in factors]), sharding) for part in range(2))
+    else:
+        tau = aligned_empty(shape, np.float32)  # placed without a copy
+        for i, name in enumerate(padded):  # filled in place: no second copy of a stack
+            tau[i] = task.read(name)
+            tau[i] -= base.read(name)
+        placed = put(tau, sharding)
+        del tau
+    safe = aligned_empty(shape, np.float32)
     for i, name in enumerate(padded):
         safe[i] = safety.read(name)
     hints = {}

@@ -15,6 +15,7 @@ from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, HFWriter
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.merging import executor
+from enchtable_jax.merging.lora import companion_folder, open_task
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, report_dict, report_files
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource, open_model
@@ -69,7 +70,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         out = check_output(out, {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
                                  "--safety-vector": safety_vector}, overwrite)
     start = time.perf_counter()
-    base_src, task_src = open_model(base, "base"), open_model(task, "task")
+    base_src = open_model(base, "base")
+    task_src = open_task(task, base_src)
     safety = SafetyDelta(safety_vector, aligned, harmful)
     plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
     mesh = mesh or executor.merge_mesh()
@@ -107,7 +109,7 @@ def _in_memory(records: Iterable[executor.MergedTensor], stats: dict[str, Mappin
     for record in records:
         params[record.name], stats[record.name] = record.array, record.stats
     return Model(task_src.config, {n: jax.numpy.asarray(params[n]) for n in task_src.specs if n in params},
-                 task_src.folder)
+                 companion_folder(task_src))
 
 
 def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeStruct],
@@ -116,8 +118,8 @@ def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeSt
            extra_files: Mapping[str, bytes | str] | None) -> dict[str, Any]:
     """Stream the records into the HF folder `out` with the report's files and `extra_files`; `stats` filled on the
     way. Returns the final report."""
-    with HFWriter(out, task_src.config, layout, like=task_src.folder, shard_size=shard_size, overwrite=overwrite,
-                  progress=progress, check_finite=False) as writer:  # the executor checked every tensor
+    with HFWriter(out, task_src.config, layout, like=companion_folder(task_src), shard_size=shard_size,
+                  overwrite=overwrite, progress=progress, check_finite=False) as writer:  # the executor checked them
         for record in records:
             writer.add(record.name, record.array)
             stats[record.name] = record.stats
