@@ -1,11 +1,12 @@
-"""Every SVD algorithm this machine's first device has, timed at the merge's matrix shapes, with EnchTable's accuracy bound.
+"""Every SVD algorithm of this machine's first device, timed at the merge's matrix shapes, with ι's accuracy bound.
 
-For each shape and each `jax.lax.linalg.SvdAlgorithm` (and `table`: what `kernels.spectral.thin_svd` picks from
-SVD_ALGORITHMS here), one jitted ι of a float32 pair (τ_task, τ_safe) — two thin SVDs, the kept triplets, the block
-formula, as the merge computes it per matrix — is timed (best of 3; of 1 above LARGE entries, compiled ahead so a
-long SVD does not run a warm-up) and compared with ι in float64: numpy's SVDs up to NUMPY_ORACLE entries, above
-that JAX's default SVD in float64 on the same device (numpy would take minutes per 14336×4096 matrix). `ok`: within
-BOUND relative, the merge's accuracy bound. An algorithm the platform lacks is recorded as unsupported. Gaussian
+For each shape and each `jax.lax.linalg.SvdAlgorithm` (the one `kernels.spectral.thin_svd` picks here from
+SVD_ALGORITHMS is marked "(table)"; that its platform dispatch picks it is checked first), one jitted ι of a
+float32 pair (τ_task, τ_safe) — two thin SVDs, the kept triplets, the block formula, as the merge computes it per
+matrix — is timed (best of 3; of 1 above LARGE entries, compiled ahead so a long SVD runs no warm-up) and
+compared with ι in float64: numpy's SVDs up to NUMPY_ORACLE entries, above that JAX's default SVD in float64 on
+the same device (numpy would take minutes per 14336×4096 matrix). `ok`: within BOUND relative, the merge's
+accuracy bound. An algorithm the platform lacks is recorded as unsupported. Gaussian
 matrices like the merge study's deltas; τ_safe shares a fifth of τ_task so that ι is well above zero.
 
 benchmarks/device_check.sh runs it on an accelerator so that the first session with a GPU can confirm or change
@@ -40,6 +41,9 @@ SHAPES = ((576, 576), (1536, 576), (1024, 1024), (4096, 4096), (14336, 4096))  #
 QUICK_SHAPES = ((96, 64), (64, 160))
 NUMPY_ORACLE = 2**21  # entries up to which numpy computes the float64 reference
 BOUND = 1e-4
+# the likely fastest first, so that a run stopped by its time limit has the comparisons that matter
+ORDER = (SvdAlgorithm.POLAR, SvdAlgorithm.DEFAULT, SvdAlgorithm.QR, SvdAlgorithm.DIVIDE_AND_CONQUER,
+         SvdAlgorithm.JACOBI)
 
 
 def pair(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +116,20 @@ def measure(algorithm: SvdAlgorithm | None, task: jax.Array, safety: jax.Array, 
     repeats = 1 if task.size > LARGE else 3
     if repeats > 1:
         jax.block_until_ready(compiled(task, safety))  # first call: solver handles and workspaces
-    seconds = best_of(lambda: jax.block_until_ready(compiled(task, safety)), repeats)
-    error = abs(float(compiled(task, safety)) - expected) / expected
+    values = []
+    seconds = best_of(lambda: values.append(jax.block_until_ready(compiled(task, safety))), repeats)
+    error = abs(float(values[-1]) - expected) / expected
     return {"seconds": seconds, "relative_error": error, "ok": error <= BOUND}
+
+
+def table_dispatch_matches(device: jax.Device) -> bool:
+    """Whether `thin_svd` without an algorithm gives, bit for bit, the singular values of the table's algorithm on
+    this device (its `lax.platform_dependent` dispatch picked the entry of this platform)."""
+    x = jax.device_put(test_matrix((96, 64)), device)
+    chosen = svd_algorithm(lowering_platform(device), x.shape)
+    table = jax.jit(lambda a: thin_svd(a)[1])(x)
+    explicit = jax.jit(lambda a: thin_svd(a, chosen)[1])(x)
+    return bool(np.array_equal(np.asarray(table), np.asarray(explicit)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                "command": " ".join(["python benchmarks/svd_algorithms.py", *(argv or sys.argv[1:])]),
                "device": f"{device.platform} {device.device_kind}", "cores": os.cpu_count(), "bound": BOUND,
                "rows": []}
+    results["table_dispatch_matches"] = table_dispatch_matches(device)
+    print(f"thin_svd without an algorithm runs the table's entry for {lowering_platform(device)}: "
+          f"{results['table_dispatch_matches']}\n")
     print("| shape | algorithm | seconds per ι (2 SVDs) | relative error of ι | within 1e-4 | reference |")
     print("|---|---|---|---|---|---|", flush=True)
     one_thread = blas_threads(1) if device.platform == "cpu" else contextlib.nullcontext()  # as the merge runs LAPACK
@@ -142,9 +160,9 @@ def measure_all(shapes, device: jax.Device, results: dict, out: Path) -> None:
         expected, where = reference(task_np, safety_np)
         reference_seconds = time.perf_counter() - start
         task, safety = jax.device_put(task_np), jax.device_put(safety_np)
-        for algorithm in [None, *SvdAlgorithm]:
-            chosen = svd_algorithm(lowering_platform(device), shape).name
-            name = f"table ({chosen})" if algorithm is None else algorithm.name
+        chosen = svd_algorithm(lowering_platform(device), shape)
+        for algorithm in ORDER:
+            name = f"{algorithm.name} (table)" if algorithm == chosen else algorithm.name
             row = {"shape": list(shape), "algorithm": name, "reference": where, "reference_iota": expected,
                    "reference_seconds": reference_seconds, **measure(algorithm, task, safety, expected)}
             results["rows"].append(row)
