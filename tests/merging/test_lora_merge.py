@@ -5,11 +5,13 @@ tolerance, through the Python API and the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import enchtable_jax as ej
 from enchtable_jax.calibration import EnchtableSweep
@@ -17,6 +19,7 @@ from enchtable_jax.cli import main
 from enchtable_jax.merging.methods import method_options
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.merging.sources import SafetyDelta
+from enchtable_jax.nonfinite import NonFiniteError
 from lora_models import CONFIGS, make_adapter
 
 
@@ -87,3 +90,16 @@ def test_calibration_sweep_reads_an_adapter(lora_world):
     sweep = EnchtableSweep(lora_world["base"], lora_world["adapter"], safety, method_options("enchtable", {}))
     want = _merge(lora_world, "adapter", "enchtable", beta=0.3).model
     chex.assert_trees_all_close(sweep.model(0.3).params, want.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, options", [("enchtable", {}), ("ties", {"alpha": 0.7})])
+def test_nonfinite_factor_refused_naming_the_adapter_file(lora_world, tmp_path, method, options):
+    """A NaN in a factor is found by α's norms (adaptive) or by the merge's guard (fixed α), and named."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_world["adapter"], adapter)
+    tensors = safetensors.numpy.load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"][3, 1] = np.nan
+    safetensors.numpy.save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(NonFiniteError, match=r"task adapter .*adapter_model.safetensors: tensor "
+                                             r"model.layers.1.mlp.up_proj.weight holds"):
+        _merge({**lora_world, "broken": adapter}, "broken", method, **options)
