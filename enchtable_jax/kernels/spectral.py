@@ -173,5 +173,5 @@ def polar(x: jax.Array) -> jax.Array:
     return p @ qt
 
 
-__all__ = ["Triplets", "interference", "interference_direct", "interference_terms", "kept", "polar", "significant",
-           "thin_svd", "top_triplets"]
+__all__ = ["SVD_ALGORITHMS", "Triplets", "interference", "interference_direct", "interference_terms", "kept", "polar",
+           "significant", "svd_algorithm", "thin_svd", "top_triplets"]

@@ -98,8 +98,8 @@ class Cache:
         with open(path, "rb") as f:
             u, s, v = (stf.read_tensor(f, infos[f"{name}.{part}"]) for part in _PARTS)
         if u.shape[0] != shape[0] or v.shape[0] != shape[1] or s.shape[0] < k:
-            raise EnchtableError(f"{path}: triplets of {name} have shapes {u.shape}, {s.shape}, {v.shape}, not those of "
-                                 f"a {shape} matrix at keep {self.keep:g}; delete the file to recompute it")
+            raise EnchtableError(f"{path}: triplets of {name} have shapes {u.shape}, {s.shape}, {v.shape}, not "
+                                 f"those of a {shape} matrix at keep {self.keep:g}; delete the file to recompute it")
         return u[:, :k], s[:k], v[:, :k]
 
     def writer(self, shapes: dict[str, tuple[int, int]]) -> Writer | None:

@@ -238,13 +238,19 @@ def _disable(progress: bool | None) -> bool | None:
 
 @functools.lru_cache(maxsize=64)
 def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = None, factored: bool = False):
-    """jit(shard_map(lax.map(method))) for one group shape: every device merges its tensors one by one.
+    """jit(`_mapped`) for one group shape (the τ_task stack donated when dense: the deltas are written over it)."""
+    return jax.jit(_mapped(method, options, mesh, triplets, factored),
+                   donate_argnums=() if factored else 0)  # the factors' buffers cannot hold the deltas
 
-    Takes the τ_task stack (donated: the deltas are written over it), the τ_safe stack, the keys, α and the hints
+
+def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, factored: bool):
+    """shard_map(lax.map(method)) for one group shape: every device merges its tensors one by one.
+
+    Takes the τ_task stack, the τ_safe stack, the keys, α and the hints
     (stacks of precomputed triplets by role, `methods`); returns the merged deltas (float32), the per-tensor stats,
     per tensor whether τ_task, τ_safe and the delta are finite, and the triplets it computed for the cache.
-    `triplets`: None, "read" (the safety triplets are among the hints) or "emit" (τ_safe's kept triplets are
-    computed by the exact SVD here, used by the method and returned for the cache). `factored`: τ_task comes as
+    `triplets`: None, "read" (triplets are among the hints) or "emit" (τ_safe's kept triplets, from the hints or
+    computed here by the exact SVD, used by the method and returned for the cache). `factored`: τ_task comes as
     stacks of its factors (scale·B, A) of a LoRA task, not donated; τ_task is their product, and its triplets for a
     method that decomposes are the factors' (`lowrank.factored_triplets`), not an SVD.
     """
@@ -261,7 +267,8 @@ def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = No
                     hints_i = {**hints_i, "task": factored_triplets(b_i, a_i, b_i.shape[1])}
             emitted = {}
             if triplets == "emit":
-                emitted = {"safety": top_triplets(safe_i, opts["keep"], "svd")}
+                emitted = {"safety": hints_i["safety"] if "safety" in hints_i else
+                           top_triplets(safe_i, opts["keep"], "svd")}
                 hints_i = {**hints_i, **emitted}
             extra = {"hints": hints_i} if triplets or factored else {}
             delta, stats = fn(task_i, safe_i, alpha, jax.random.wrap_key_data(key_i), **extra, **opts)
@@ -273,9 +280,33 @@ def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = No
         return jax.lax.map(one, (tau, safety, keys, hints))
 
     spec = P(GROUP_AXIS)
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P(), spec),
-                           out_specs=(spec, spec, spec, spec))
-    return jax.jit(mapped, donate_argnums=() if factored else 0)  # the factors' buffers cannot hold the deltas
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P(), spec),
+                         out_specs=(spec, spec, spec, spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _split_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None, count: int):
+    """Like `_group_fn`, for a group of `count` dense matrices that does not fill whole rounds of the devices: the
+    2·count decompositions (τ_task's and τ_safe's) are first spread over the devices as independent jobs, then
+    the method runs with both as hints. A lone matrix's two SVDs (an 8B layer's down projection) thus run on two
+    devices at once, instead of one device doing both while another repeats them as padding. Each job is the
+    same single-device `top_triplets` as in `_group_fn`, so the bytes do not change."""
+    opts = dict(options)
+    spec = P(GROUP_AXIS)
+    decompose = jax.shard_map(
+        lambda x: jax.lax.map(lambda a: top_triplets(a, opts["keep"], opts.get("solver", "svd")), x),
+        mesh=mesh, in_specs=spec, out_specs=spec)
+    merge_ = _mapped(method, options, mesh, "emit" if triplets == "emit" else "read", False)
+
+    def split(tau, safety, keys, alpha, hints):
+        jobs = jnp.concatenate([tau[:count], safety[:count]])
+        jobs = jnp.concatenate([jobs, jnp.zeros((-jobs.shape[0] % mesh.size, *jobs.shape[1:]), jobs.dtype)])
+        u, s, v = decompose(jobs)
+        row = jnp.minimum(jnp.arange(tau.shape[0]), count - 1)  # padding rows repeat the last tensor
+        hints = {**hints, "task": (u[row], s[row], v[row]), "safety": (u[count + row], s[count + row], v[count + row])}
+        return merge_(tau, safety, keys, alpha, hints)
+
+    return jax.jit(split, donate_argnums=0)
 
 
 def tensor_key(seed: int, name: str) -> np.ndarray:
@@ -327,12 +358,19 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
               for name in copied + [name for group in groups for name in group]}
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
     cache, mode, writer, outcome = _decomposition(plan_, safety, method, options, cache_decomposition)
-    load = functools.partial(_load_group, plan_, base, task, safety, seed, mesh, cache if mode == "read" else None)
+    # Every tensor's PRNG key up front: computed per group, the keys would queue behind the running group on the
+    # device, and reading the next group would wait for it (the pipeline would stall).
+    keys = dict(zip(layout, tensor_keys(seed, list(layout)))) if layout else {}
+    load = functools.partial(_load_group, plan_, base, task, safety, keys, mesh, cache if mode == "read" else None)
 
     def merge_group(group: list[str], inputs: tuple) -> tuple:  # asynchronous: returns before it is done
         matrix = len(plan_.tensors[group[0]].shape) == 2
-        fn = _group_fn(method, tuple(sorted(options.items())), mesh, mode if matrix else None,
-                       plan_.tensors[group[0]].rank is not None)
+        factored = plan_.tensors[group[0]].rank is not None
+        settings = tuple(sorted(options.items()))
+        if matrix and not factored and mode != "read" and METHODS[method].uses_triplets and len(group) % mesh.size:
+            fn = _split_fn(method, settings, mesh, mode, len(group))
+        else:
+            fn = _group_fn(method, settings, mesh, mode if matrix else None, factored)
         return fn(*inputs[:3], alpha, inputs[3])
 
     what = f"merge {method} (α = {plan_.alpha:.4g})"
@@ -391,8 +429,9 @@ def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: 
     return None, "emit", writer, {"state": "computed, being written", "file": None}
 
 
-def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, seed: int, mesh: Mesh,
-                cache: decomposition.Cache | None, group: list[str]) -> tuple[jax.Array, ...]:
+def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
+                keys: dict[str, np.ndarray], mesh: Mesh, cache: decomposition.Cache | None, group: list[str]
+                ) -> tuple[jax.Array, ...]:
     """One group's τ_task (a LoRA task's: its factors) and τ_safe stacks (float32), PRNG keys and hints (τ_safe's
     triplets from `cache`, for matrices), placed on the mesh."""
     sharding = NamedSharding(mesh, P(GROUP_AXIS))
@@ -415,7 +454,7 @@ def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety
     if cache is not None and len(shape) == 3:
         read = [cache.read(name, shape[1:]) for name in padded]
         hints["safety"] = tuple(put(np.stack([t[part] for t in read]), sharding) for part in range(3))
-    return placed, put(safe, sharding), put(tensor_keys(seed, padded), sharding), hints
+    return placed, put(safe, sharding), put(np.stack([keys[name] for name in padded]), sharding), hints
 
 
 def _copied_records(copied: list[str], task: TensorSource, allow_nonfinite: bool,
