@@ -11,6 +11,8 @@ transformers.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -215,6 +217,21 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> np.ndarray:
     if f.readinto(view) != info.nbytes:
         raise SafetensorsError(f"{getattr(f, 'name', 'file')}: tensor {info.name} is truncated")
     return out
+
+
+def map_tensor(f: BinaryIO, info: TensorInfo) -> np.ndarray:
+    """A read-only view of one tensor's bytes through a memory map of its pages alone, unmapped once the array is
+    dropped: no copy into fresh pages, for a reader that copies the tensor into something else anyway (the merge
+    fills its stacks from three models; SmolLM2-135M's 540 MB into float32 stacks: 0.11 s mapped, 0.12 s read,
+    best of 7 on the shared 2-core machine). Like any map, it assumes the file is not cut short while in use."""
+    if info.nbytes == 0:
+        return read_tensor(f, info)
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    try:
+        pages = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start)
+    except ValueError as error:  # the file shrank since its header was read
+        raise SafetensorsError(f"{getattr(f, 'name', 'file')}: tensor {info.name} is truncated") from error
+    return np.frombuffer(pages, info.dtype, math.prod(info.shape), info.start - start).reshape(info.shape)
 
 
 def header_bytes(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:

@@ -19,6 +19,8 @@ from enchtable_jax.models.model import Model
 from enchtable_jax.nonfinite import host_finite
 from enchtable_jax.safe_io import check_inside
 
+_CHUNK = 1 << 16  # entries of τ_safe per step of `SafetyDelta.any_nonzero`: 256 KiB of float32, cache-sized
+
 
 class TensorSource:
     """Names, shapes and dtypes of a model's tensors, and `read(name)` of one of them (host numpy)."""
@@ -67,7 +69,7 @@ def _folder_source(path: Path, what: str, config: ModelConfig | None) -> TensorS
         spec = index.tensors[name]
         if spec.file not in handles:
             handles[spec.file] = open(spec.file, "rb")  # noqa: SIM115 - kept open for the whole merge
-        return stf.read_tensor(handles[spec.file], index.infos[name])
+        return stf.map_tensor(handles[spec.file], index.infos[name])
 
     specs = {n: (s.shape, s.dtype) for n, s in index.tensors.items()}
     return TensorSource(what, config, specs, read, path, {n: s.file for n, s in index.tensors.items()})
@@ -138,6 +140,26 @@ class SafetyDelta:
                 return source.where(name), arr
         return None
 
+    def any_nonzero(self, name: str) -> bool:
+        """Whether τ_safe[name] has an entry that is not zero (NaN counts, as for `np.any`), computed chunk by chunk
+        up to the first such entry: a delta is rarely zero, so this reads a few pages rather than two tensors."""
+        parts = [self.source.read(name)] if self.source is not None else [self.aligned.read(name),
+                                                                          self.harmful.read(name)]
+        flat = [p.reshape(-1) for p in parts]
+        for start in range(0, flat[0].size, _CHUNK):
+            chunk = [f[start:start + _CHUNK].astype(np.float32, copy=False) for f in flat]
+            if np.any(chunk[0] if len(chunk) == 1 else chunk[0] - chunk[1]):
+                return True
+        return False
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """`read(name)` written into `out` (float32, of its shape) in one pass, with no temporary: the merge fills
+        its group stacks so."""
+        if self.source is not None:
+            np.copyto(out, self.source.read(name), casting="same_kind")
+        else:
+            np.subtract(self.aligned.read(name), self.harmful.read(name), out=out, dtype=np.float32)
+
     def read(self, name: str) -> np.ndarray:
         if self.source is not None:
             return self.source.read(name).astype(np.float32, copy=False)
@@ -150,5 +172,5 @@ def _folder_source_from_file(file: Path, what: str) -> TensorSource:
     infos, _ = stf.read_header(file)
     handle = open(file, "rb")  # noqa: SIM115 - kept open for the whole merge
     specs = {n: (i.shape, i.dtype) for n, i in infos.items()}
-    return TensorSource(what, None, specs, lambda n: stf.read_tensor(handle, infos[n]), file.parent,
+    return TensorSource(what, None, specs, lambda n: stf.map_tensor(handle, infos[n]), file.parent,
                         dict.fromkeys(specs, file))
