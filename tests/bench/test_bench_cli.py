@@ -168,9 +168,11 @@ def test_references_missing_from_an_install_are_reported(monkeypatch, tmp_path):
 
     figures = merge.run(quick=True, repeats=1)
     assert figures["unavailable"] == {"torch": why}
-    assert set(figures["seconds"]) == {"ours/tiny", "ours cold process/tiny", "floor (io + flops)/tiny"}
+    assert set(figures["seconds"]) == {"ours/tiny", "ours_cached/tiny", "ours_lora/tiny", "ours cold process/tiny",
+                                       "floor (io + flops)/tiny", "exact-SVD bound/tiny"}
     assert "merge_speedup_vs_torch" not in figures and figures["merge_peak_rss_over_floor"]["median"] > 0
-    assert bench.targets({"merge": figures})[0].keys() == {"merge_peak_rss_over_floor"}
+    assert figures["merge_over_svd_bound"]["median"] > 0
+    assert bench.targets({"merge": figures})[0].keys() == {"merge_peak_rss_over_floor", "merge_over_svd_bound"}
     assert "| tiny |" in "\n".join(merge.markdown(figures))
 
 

@@ -9,12 +9,20 @@ layer with its 128k-vocabulary embedding and head; 7 matrices, 14 SVDs).
 
 Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<preset>"):
 - ours = `enchtable_jax.merge('enchtable', base, task, safety_vector=..., out=..., progress=False,
-  overwrite=True)`; torch = `merge` of `benchmarks/torch_merge.py` (same math, same
-  output; where that file or torch is missing, ours is measured alone and the reason recorded). Both
-  alternate in this process (`timing.alternate`, order rotating every repeat); the first call of each
-  is a warm-up (JAX compilation) except for llama3-8b-layer, where one call takes minutes and
-  compilation about a second of it (warm-up 0). The machine load average before and after is recorded
-  (other processes slow both sides, torch's OpenMP threads markedly more).
+  overwrite=True)` as a first merge: the vector's decomposition cache (merging/decomposition.py) is deleted
+  before each call, so the call decomposes both deltas and writes the cache; ours_cached = the same merge with
+  the cache in place (one SVD per matrix); ours_lora = the merge of a rank-16 PEFT adapter on every decoder
+  matrix (`bench.synthetic.write_lora_adapter`) as the task, over the base, cache in place; torch = `merge` of
+  `benchmarks/torch_merge.py` (same math, same output; where that file or torch is missing, ours is measured
+  alone and the reason recorded) on the dense task model, and torch_lora the same on the adapter's dense
+  merged model (base + scale·B·A written as a folder beforehand; its merging is not counted). All alternate
+  in this process (`timing.alternate`, order rotating every repeat); the first call of each is a warm-up
+  (JAX compilation) except for llama3-8b-layer, where one call takes minutes and compilation about a second
+  of it (warm-up 0). The machine load average before and after is recorded (other processes slow every
+  side, torch's OpenMP threads markedly more).
+- the exact-SVD bound (`bench.svd_bound`): the single-threaded SVD seconds of every merged matrix's two
+  decompositions (the faster of ours and torch's per shape) over the cores: no exact-SVD first merge can
+  be faster; `merge_over_svd_bound` = ours / that bound.
 - cold process: each implementation once more in a fresh `python -c` process, which also gives its peak
   RSS (a process maximum: VmHWM on Linux, since `ru_maxrss` there carries the parent's size over fork
   and exec) and its RSS after imports (the runtime's own memory). The torch process loads
@@ -31,7 +39,9 @@ Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<
 
 Headline figures (bench.json `targets`):
 - `merge_speedup_vs_torch`: torch seconds / ours seconds, per repeat (paired by alternation), for the
-  size where its median is smallest (so a target holds for every size);
+  size where its median is smallest (so a target holds for every size); likewise
+  `merge_cached_speedup_vs_torch` (torch / ours_cached), `merge_lora_speedup_vs_torch` (torch_lora /
+  ours_lora) and `merge_over_svd_bound` (ours / the bound, largest over sizes);
 - `merge_peak_rss_over_floor`: our cold-process peak RSS over the memory the streaming merge cannot
   avoid: 4 × the largest float32 group stack our executor forms (base, task and safety stacks and the
   merged stack, `MergePlan.groups` at the default group size and this process's device count, padded
@@ -54,15 +64,19 @@ import numpy as np
 
 from enchtable_jax.bench.optional import reference_module
 from enchtable_jax.bench.process import run_fresh
-from enchtable_jax.bench.synthetic import folder_bytes, layer_matrices, perturbed, shapes_of, write_model, \
-    write_safety_vector
+from enchtable_jax.bench.svd_bound import svd_bound
+from enchtable_jax.bench.synthetic import base_tensor, folder_bytes, layer_matrices, perturbed, shapes_of, \
+    write_lora_adapter, write_model, write_safety_vector
 from enchtable_jax.bench.timing import alternate, ratio, summary
+from enchtable_jax.converters.peft import open_adapter
 from enchtable_jax.merging.executor import DEFAULT_GROUP_BYTES, MergePlan, TensorPlan
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.merging.sources import open_model
 from enchtable_jax.models.init import preset_config
 
 TASK_STD, SAFETY_STD = 0.002, 0.003
+LORA_RANK = 16
+SIZES = ("tiny", "smollm2-135m", "llama3-8b-layer")  # presets (models.init) that `--size` may choose
 
 # Run by `process.run_fresh` (after its PRELUDE: peak_rss_bytes() and ARGS); print one JSON line.
 _OURS = """
@@ -89,15 +103,31 @@ print(json.dumps({"seconds": seconds, "rss_after_import_bytes": rss0, "peak_rss_
 """
 
 
-def build_world(root: Path, preset: str) -> dict:
-    """base, task and safety-vector folders under `root`, written tensor by tensor (never a whole model)."""
+def build_world(root: Path, preset: str, lora: bool = False) -> dict:
+    """base, task and safety-vector folders under `root`, written tensor by tensor (never a whole model); with
+    `lora`, also a rank-LORA_RANK adapter over the base ("adapter") and its dense merged model ("lora_task")."""
     config = preset_config(preset)
     shapes = shapes_of(config)
     names = layer_matrices(shapes)
     folders = {"base": write_model(root / "base", config),
                "task": write_model(root / "task", config, perturbed(1, TASK_STD)),
                "vector": write_safety_vector(root / "vector", root / "base", names, seed=2, std=SAFETY_STD)}
+    if lora:
+        folders["adapter"] = write_lora_adapter(root / "adapter", config, LORA_RANK, seed=3)
+        adapter = open_adapter(folders["adapter"])
+
+        def merged(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            x = base_tensor(name, shape)
+            return x + adapter.delta(name) if name in adapter.targets else x
+
+        folders["lora_task"] = write_model(root / "lora-task", config, merged)
     return {"config": config, "shapes": shapes, "merged": names, **folders}
+
+
+def _clear_cache(vector: Path) -> None:
+    """Delete the safety vector's decomposition cache, so the next merge is a first merge."""
+    for path in vector.glob("safety_svd.*.safetensors"):
+        path.unlink()
 
 
 def svd_flops(m: int, n: int) -> float:
@@ -178,26 +208,43 @@ def agreement(ours: Path, torch_out: Path, task: Path, merged: list[str]) -> dic
             "safety_part_tensor": worst_safety[1]}
 
 
-def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) -> dict:
-    """All figures for one size (see the module docstring); ours alone when the PyTorch reference is missing."""
+def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict, measured: dict) -> dict:
+    """All figures for one size (see the module docstring); ours alone when the PyTorch reference is missing.
+    `measured`: single-threaded SVD seconds per shape, shared between sizes (`svd_bound`)."""
     torch_merge, missing = reference_module("torch_merge")
-    world = build_world(root, preset)
-    out_ours, out_torch = root / "out-ours", root / "out-torch"
+    lora = preset != "llama3-8b-layer"  # two more minutes-long torch merges there: the LoRA figure is measured below
+    world = build_world(root, preset, lora=lora)
+    outs = {impl: root / f"out-{impl}" for impl in ("ours", "ours_cached", "ours_lora", "torch", "torch_lora")}
     args = {"base": str(world["base"]), "task": str(world["task"]), "vector": str(world["vector"])}
-    fns = {"ours": lambda: merge("enchtable", world["base"], world["task"], safety_vector=world["vector"],
-                                 out=out_ours, progress=False, overwrite=True)}
+
+    def ours(task: Path, out: Path, first: bool) -> None:
+        if first:
+            _clear_cache(world["vector"])
+        merge("enchtable", world["base"], task, safety_vector=world["vector"], out=out, progress=False,
+              overwrite=True)
+
+    fns = {"ours": lambda: ours(world["task"], outs["ours"], True),
+           "ours_cached": lambda: ours(world["task"], outs["ours_cached"], False)}
+    if lora:
+        fns["ours_lora"] = lambda: ours(world["adapter"], outs["ours_lora"], False)
     if torch_merge is not None:
-        fns["torch"] = lambda: torch_merge.merge(world["base"], world["task"], out_torch,
+        fns["torch"] = lambda: torch_merge.merge(world["base"], world["task"], outs["torch"],
                                                  safety_vector=world["vector"], overwrite=True)
+        if lora:
+            fns["torch_lora"] = lambda: torch_merge.merge(world["base"], world["lora_task"], outs["torch_lora"],
+                                                          safety_vector=world["vector"], overwrite=True)
     load = [os.getloadavg()[0]]  # other processes on the machine slow both sides; recorded to judge the noise
     times = alternate(fns, repeats, warmup=warmup)
     load.append(os.getloadavg()[0])
-    cold = {"ours": run_fresh(_OURS, {**args, "out": str(out_ours)})}
+    _clear_cache(world["vector"])
+    cold = {"ours": run_fresh(_OURS, {**args, "out": str(outs["ours"])})}
     if torch_merge is not None:
-        cold["torch"] = run_fresh(_TORCH, {**args, "out": str(out_torch), "module": torch_merge.__file__})
+        cold["torch"] = run_fresh(_TORCH, {**args, "out": str(outs["torch"]), "module": torch_merge.__file__})
+    bound = svd_bound(preset, with_torch=preset != "llama3-8b-layer", measured=measured)
+    bound_seconds = min(bound["perfect_parallel_seconds"].values())
 
     shapes = world["shapes"]
-    out_bytes = folder_bytes(out_ours)
+    out_bytes = folder_bytes(outs["ours"])
     vector_file = world["vector"] / "safety_vector.safetensors"
     moved = (folder_bytes(world["task"]) + sum(4 * math.prod(shapes[n]) for n in world["merged"])
              + vector_file.stat().st_size + out_bytes)
@@ -216,7 +263,9 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
         "floor": {"bytes_moved": moved, "seconds_io": floor_io, "svd_flops": flops_svd,
                   "interference_flops": flops_interference, "seconds_flops": floor_flops,
                   "seconds": floor_io + floor_flops, **memory},
+        "svd_bound": bound,
         "ours_over_floor_seconds": summary([t / (floor_io + floor_flops) for t in times["ours"]]),
+        "merge_over_svd_bound": summary([t / bound_seconds for t in times["ours"]]),
         "merge_peak_rss_over_floor": peak / memory["floor_bytes"],
         "merge_peak_rss_over_floor_plus_runtime": peak / (memory["floor_bytes"]
                                                           + cold["ours"]["rss_after_import_bytes"]),
@@ -224,32 +273,47 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict) 
     }
     if torch_merge is None:
         return {**figures, "unavailable": {"torch": missing}}
-    return {**figures,
-            "merge_speedup_vs_torch": ratio(times["torch"], times["ours"]),
-            "merge_speedup_vs_torch_cold_process": cold["torch"]["seconds"] / cold["ours"]["seconds"],
-            "torch_peak_rss_over_ours": cold["torch"]["peak_rss_bytes"] / peak,
-            "agreement_with_torch": agreement(out_ours, out_torch, world["task"], world["merged"])}
+    figures.update({
+        "merge_speedup_vs_torch": ratio(times["torch"], times["ours"]),
+        "merge_cached_speedup_vs_torch": ratio(times["torch"], times["ours_cached"]),
+        "merge_speedup_vs_torch_cold_process": cold["torch"]["seconds"] / cold["ours"]["seconds"],
+        "torch_peak_rss_over_ours": cold["torch"]["peak_rss_bytes"] / peak,
+        "agreement_with_torch": agreement(outs["ours"], outs["torch"], world["task"], world["merged"])})
+    if lora:
+        figures["merge_lora_speedup_vs_torch"] = ratio(times["torch_lora"], times["ours_lora"])
+        figures["lora_agreement_with_torch"] = agreement(outs["ours_lora"], outs["torch_lora"], world["lora_task"],
+                                                         world["merged"])
+    return figures
 
 
-def run(quick: bool = False, repeats: int | None = None) -> dict:
-    presets = ["tiny"] if quick else ["smollm2-135m", "llama3-8b-layer"]
-    bandwidth = memory_bandwidth((256 if quick else 1024) * 2**20)
-    matmul = matmul_rate(1024 if quick else 4096)
+# figure -> whether the worst size is the one with the smallest median (speed-ups) or the largest (ratios of time)
+HEADLINE = {"merge_speedup_vs_torch": min, "merge_cached_speedup_vs_torch": min, "merge_lora_speedup_vs_torch": min,
+            "merge_over_svd_bound": max}
+
+
+def run(quick: bool = False, repeats: int | None = None, size: str | None = None) -> dict:
+    presets = [size] if size else ["tiny"] if quick else ["smollm2-135m", "llama3-8b-layer"]
+    small = quick or size == "tiny"
+    bandwidth = memory_bandwidth((256 if small else 1024) * 2**20)
+    matmul = matmul_rate(1024 if small else 4096)
     rates = {"memory_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": max(matmul.values()),
              "matmul_flops_per_s_by_library": matmul}
-    sizes = {}
+    sizes, measured = {}, {}
     for preset in presets:
         big = preset == "llama3-8b-layer"
-        count = repeats or 3
+        count = repeats or (1 if big else 3)
         with tempfile.TemporaryDirectory(prefix=f"merge-study-{preset}-") as tmp:
-            sizes[preset] = study_size(Path(tmp), preset, count, 0 if big else 1, rates)
+            sizes[preset] = study_size(Path(tmp), preset, count, 0 if big else 1, rates, measured)
     seconds = {}
     for preset, s in sizes.items():
+        for impl, t in s["seconds"].items():
+            if isinstance(t, dict):
+                seconds[f"{impl}/{preset}"] = t
         for impl in ("ours", "torch"):
-            if impl in s["seconds"]:
-                seconds[f"{impl}/{preset}"] = s["seconds"][impl]
+            if f"{impl}_cold_process" in s["seconds"]:
                 seconds[f"{impl} cold process/{preset}"] = summary([s["seconds"][f"{impl}_cold_process"]])
         seconds[f"floor (io + flops)/{preset}"] = summary([s["floor"]["seconds"]])
+        seconds[f"exact-SVD bound/{preset}"] = summary([min(s["svd_bound"]["perfect_parallel_seconds"].values())])
     heaviest = max(sizes.values(), key=lambda s: s["merge_peak_rss_over_floor"])
     figures = {
         "preset": ", ".join(presets), "scope": "all 2-D layer matrices", "batch": "-",
@@ -258,21 +322,29 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         "merge_peak_rss_over_floor": {**summary([heaviest["merge_peak_rss_over_floor"]]),
                                       "preset": heaviest["preset"]},
     }
-    compared = [s for s in sizes.values() if "merge_speedup_vs_torch" in s]
-    if not compared:
-        return {**figures, "unavailable": next(iter(sizes.values()))["unavailable"]}
-    slowest = min(compared, key=lambda s: s["merge_speedup_vs_torch"]["median"])
-    return {**figures, "merge_speedup_vs_torch": {**slowest["merge_speedup_vs_torch"], "preset": slowest["preset"]}}
+    for key, worst in HEADLINE.items():
+        having = [s for s in sizes.values() if key in s]
+        if having:
+            chosen = worst(having, key=lambda s: s[key]["median"])
+            figures[key] = {**chosen[key], "preset": chosen["preset"]}
+    if "merge_speedup_vs_torch" not in figures:
+        figures["unavailable"] = next(iter(sizes.values()))["unavailable"]
+    return figures
 
 
 def markdown(figures: dict) -> list[str]:
-    """Per size: seconds, speed-up, peak RSS over the floor, and agreement with the PyTorch reference."""
-    lines = ["| size | ours s | torch s | torch / ours | peak RSS / floor | max abs diff / max | diff / safety part |",
-             "|---|---|---|---|---|---|---|"]
+    """Per size: seconds of each side, speed-ups, the exact-SVD bound, peak RSS over the floor, and agreement."""
+    lines = ["| size | ours s (first) | cached s | LoRA s | torch s | torch LoRA s | torch / ours | torch / cached | "
+             "torch LoRA / LoRA | ours / SVD bound | peak RSS / floor | max abs diff / max | diff / safety part |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = {"median": float("nan")}
     for preset, s in figures["sizes"].items():
         agree = s.get("agreement_with_torch", {})
-        lines.append(f"| {preset} | {s['seconds']['ours']['median']:.3g} | {s['seconds'].get('torch', nan)['median']:.3g} | "
-                     f"{s.get('merge_speedup_vs_torch', nan)['median']:.3g} | {s['merge_peak_rss_over_floor']:.3g} | "
-                     f"{agree.get('max_abs_over_max', float('nan')):.2g} | {agree.get('safety_part', float('nan')):.2g} |")
+        cells = [s["seconds"].get(impl, nan)["median"] for impl in ("ours", "ours_cached", "ours_lora", "torch",
+                                                                     "torch_lora")]
+        cells += [s.get(key, nan)["median"] for key in ("merge_speedup_vs_torch", "merge_cached_speedup_vs_torch",
+                                                        "merge_lora_speedup_vs_torch", "merge_over_svd_bound")]
+        cells += [s["merge_peak_rss_over_floor"], agree.get("max_abs_over_max", float("nan")),
+                  agree.get("safety_part", float("nan"))]
+        lines.append(f"| {preset} | " + " | ".join(f"{c:.3g}" for c in cells) + " |")
     return lines
