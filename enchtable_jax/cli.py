@@ -197,6 +197,9 @@ def _merge(args: argparse.Namespace) -> None:
         raise EnchtableError(f"merge needs --{', --'.join(missing)} (or --list)")
     if not args.calibrate:  # --calibrate refuses both itself
         check_strength(args.method, args.alpha, args.beta, ("--alpha", "--beta"))
+    elif args.no_decomposition_cache:
+        raise EnchtableError("--no-decomposition-cache applies to a plain merge, not with --calibrate (the sweep "
+                             "reads a stored decomposition when there is one and writes none)")
     if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
         raise EnchtableError("give either --safety-vector, or both --aligned and --harmful")
     check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
@@ -216,7 +219,8 @@ def _merge(args: argparse.Namespace) -> None:
         result = merge(args.method, args.base, args.task, aligned=args.aligned, harmful=args.harmful,
                        safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta,
                        seed=args.seed, overwrite=args.overwrite, shard_size=args.shard_size,
-                       allow_nonfinite=args.allow_nonfinite, **_method_options(args))
+                       allow_nonfinite=args.allow_nonfinite, cache_decomposition=not args.no_decomposition_cache,
+                       **_method_options(args))
     if jax.process_index() != 0:  # process 0 writes the folder and reports
         return
     report = result.report
@@ -640,6 +644,9 @@ def _add_merge(sub) -> None:
     p.add_argument("--aligned", help="aligned model (with --harmful, instead of --safety-vector)")
     p.add_argument("--harmful", help="the aligned model after harmful fine-tuning")
     p.add_argument("--out", help="output HF folder")
+    p.add_argument("--no-decomposition-cache", action="store_true",
+                   help="do not store the safety vector's singular triplets beside it (by default the first "
+                        "enchtable or tsv merge does, and later merges read them instead of decomposing again)")
     _add_merge_options(p)
     _add_nonfinite_option(p)
     _add_calibration_options(p)

@@ -6,6 +6,7 @@ whose singular value is not zero.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -140,3 +141,16 @@ def test_interference_of_a_low_rank_delta_ignores_its_null_space_basis():
     np.testing.assert_allclose(float(spectral.interference_direct(jnp.asarray(task, jnp.float32),
                                                                    jnp.asarray(safety, jnp.float32))),
                                expected, rtol=1e-4)
+
+
+def test_cli_stores_the_decomposition_unless_told_not_to(world, tmp_path):
+    from enchtable_jax.cli import main
+
+    args = ["merge", "--method", "enchtable", "--base", str(world["base"]), "--task", str(world["task"]),
+            "--safety-vector", str(world["vector"])]
+    assert main([*args, "--out", str(tmp_path / "a"), "--no-decomposition-cache"]) == 0
+    assert _cache_files(world) == []
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert len(_cache_files(world)) == 1
+    report = json.loads((tmp_path / "b" / "merge_report.json").read_text())
+    assert report["safety_decomposition"]["state"] == "written"
