@@ -12,20 +12,31 @@ density 0.5 (mergekit `normalize: true`), DARE density 0.5 (mergekit `dare_linea
 weights 1/p and α/p, our 1/density rescale), breadcrumbs density 0.9, gamma 0.01, Model Stock per
 tensor (`filter_wise: false`). mergekit runs on the CPU with its defaults otherwise (torch threads).
 
-Each method's two implementations alternate (first call of each is a warm-up); both write into a
-folder that is replaced every call. `speedup_vs_mergekit[method]` = mergekit seconds / ours, per
-repeat. `max_abs_difference[method]` compares the two last outputs, tensor by tensor (not for DARE,
-whose random masks differ). At SmolLM2-135M's shape TIES and breadcrumbs differ by up to about one
+Each side runs in a child process of its own (`_Worker`), and for each method the two alternate (first
+call of each is a warm-up); each times its own call and then syncs the disk, outside its time. In one process the
+two can disturb each other: torch's worker threads outlive mergekit's call, and mergekit returns with its output's
+540 MB still dirty in the page cache (it does not fsync; ours does), so the kernel writes it back during our next
+call. Measured at SmolLM2-135M's shape on the shared 2-core machine (load 5-8, noisy): our task
+arithmetic took 2.7-5.0 s alone and 5.5-8.6 s alternating with mergekit in the same process. Both write
+into a folder that is replaced every call. `speedup_vs_mergekit[method]` = mergekit seconds / ours, per
+repeat; `slowest_speedup_vs_mergekit` the smallest of them over the methods, per repeat.
+`max_abs_difference[method]` compares the two last outputs, tensor by tensor (not for DARE, whose random
+masks differ). At SmolLM2-135M's shape TIES and breadcrumbs differ by up to about one
 delta entry: among the 28M entries of the embedding many float32 magnitudes are equal, and the two
-implementations keep different ones of those tied at the top-k threshold. Sizes: `--quick` the tiny
-preset; full: SmolLM2-135M's shape (TIES and breadcrumbs rank the magnitudes of every delta, 28M entries
-for the embedding).
+implementations keep different ones of those tied at the top-k threshold. Sizes (`SIZES`; `--size` either):
+`--quick` the tiny preset; full: SmolLM2-135M's shape (TIES and breadcrumbs rank the magnitudes of every delta,
+28M entries for the embedding).
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import shutil
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +62,9 @@ METHODS = {
     "model_stock": ({}, "model_stock", (None, None), {"filter_wise": False}, {}),
 }
 RANDOM = {"dare"}
+SIDES = ("ours", "mergekit")
+SIZES = ("tiny", "smollm2-135m")  # `--quick` the first, full the second
+WARMUP = 1
 
 
 def mergekit_config(method: str, folders: dict[str, Path]) -> dict:
@@ -81,6 +95,58 @@ def _ours_runner(method: str, folders: dict[str, Path], out: Path):
                          alpha=ALPHA, out=out, progress=False, overwrite=True, **options)
 
 
+def _serve(conn, side: str, folders: dict[str, Path], outs: dict[str, Path]) -> None:
+    """A child process's loop: on each request (a method) run one merge of `side` into `outs[method]`, time it, sync
+    the disk (outside the time, so that the writeback of this output cannot land in the other side's next call) and
+    answer with the seconds, or with ("error", traceback); None ends it."""
+    try:
+        if side == "ours":  # torch is not even imported here
+            calls = {m: _ours_runner(m, folders, outs[m]) for m in METHODS}
+        else:
+            modules = {part: optional_module(f"mergekit.{part}")[0] for part in ("config", "merge")}
+            calls = {m: _mergekit_runner(modules, m, folders, outs[m]) for m in METHODS}
+        while (method := conn.recv()) is not None:
+            start = time.perf_counter()
+            calls[method]()
+            seconds = time.perf_counter() - start
+            os.sync()
+            conn.send(seconds)
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+
+
+class _Worker:
+    """One side's merges in a fresh process of its own (spawned: no state shared with this one or the other side)."""
+
+    def __init__(self, side: str, folders: dict[str, Path], outs: dict[str, Path]):
+        context = multiprocessing.get_context("spawn")
+        self.side, (self._conn, child) = side, context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, side, folders, outs), daemon=True)
+        self._process.start()
+        child.close()
+        self.seconds: list[float] = []
+
+    def runner(self, method: str):
+        """A call that runs one merge of `method` and appends its seconds (as the child measured them) to `seconds`."""
+
+        def call() -> None:
+            self._conn.send(method)
+            got = self._conn.recv()
+            if isinstance(got, tuple):
+                raise RuntimeError(f"the {self.side} side failed in its process:\n{got[1]}")
+            self.seconds.append(got)
+
+        return call
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            with contextlib.suppress(OSError):  # a child that failed has gone, and its end of the pipe with it
+                self._conn.send(None)
+        self._process.join(60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
 def max_abs_difference(a: Path, b: Path) -> float:
     """Largest |a − b| over every tensor of two HF folders with the same tensors (float64)."""
     index_a, index_b = index_weights(a), index_weights(b)
@@ -91,37 +157,51 @@ def max_abs_difference(a: Path, b: Path) -> float:
                for n, x in iter_tensors(index_a))
 
 
-def run(quick: bool = False, repeats: int | None = None) -> dict:
-    preset = "tiny" if quick else "smollm2-135m"
+def run(quick: bool = False, repeats: int | None = None, size: str | None = None) -> dict:
+    preset = size or SIZES[0 if quick else 1]
     repeats = repeats or 2
     modules = {part: optional_module(f"mergekit.{part}") for part in ("config", "merge")}
     missing = next((why for _, why in modules.values() if why), None)
-    setup = f"{preset}, every tensor merged, α = {ALPHA}, {repeats} repeats after a warm-up"
+    setup = f"{preset}, every tensor merged, α = {ALPHA}, {repeats} repeats after a warm-up, each side in its process"
     if missing:
         return {"preset": preset, "setup": setup, "repeats": repeats, "seconds": {},
                 "unavailable": {f"mergekit/{m}": missing for m in METHODS}}
-    mergekit = {part: module for part, (module, _) in modules.items()}
     config = preset_config(preset)
-    seconds, speedup, difference, samples = {}, {}, {}, {}
+    seconds, speedup, difference, samples, per_repeat = {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="mergekit-study-") as tmp:
         tmp = Path(tmp)
         folders = {"base": write_model(tmp / "base", config),
                    "task": write_model(tmp / "task", config, perturbed(1, TASK_STD)),
                    "safe": write_model(tmp / "safe", config, perturbed(2, SAFETY_STD))}
-        for method in METHODS:
-            outs = {"ours": tmp / f"ours-{method}", "mergekit": tmp / f"mergekit-{method}"}
-            times = alternate({"ours": _ours_runner(method, folders, outs["ours"]),
-                               "mergekit": _mergekit_runner(mergekit, method, folders, outs["mergekit"])}, repeats)
-            for impl, t in times.items():
-                seconds[f"{impl}/{method}"] = summary(t)
-                samples[f"{impl}/{method}"] = t
-            speedup[method] = ratio(times["mergekit"], times["ours"])
-            if method not in RANDOM:
-                difference[method] = max_abs_difference(outs["ours"], outs["mergekit"])
-            for out in outs.values():
-                shutil.rmtree(out, ignore_errors=True)
+        outs = {side: {m: tmp / f"{side}-{m}" for m in METHODS} for side in SIDES}
+        workers = {side: _Worker(side, folders, outs[side]) for side in SIDES}
+        try:
+            for method in METHODS:
+                for worker in workers.values():
+                    worker.seconds.clear()
+                alternate({side: w.runner(method) for side, w in workers.items()}, repeats, warmup=WARMUP)
+                times = {side: worker.seconds[WARMUP:] for side, worker in workers.items()}
+                for side, t in times.items():
+                    seconds[f"{side}/{method}"] = summary(t)
+                    samples[f"{side}/{method}"] = t
+                speedup[method] = ratio(times["mergekit"], times["ours"])
+                per_repeat[method] = [m / o for m, o in zip(times["mergekit"], times["ours"])]
+                if method not in RANDOM:
+                    difference[method] = max_abs_difference(outs["ours"][method], outs["mergekit"][method])
+                for side in SIDES:
+                    shutil.rmtree(outs[side][method], ignore_errors=True)
+        finally:
+            for worker in workers.values():
+                worker.close()
     return {"preset": preset, "setup": setup, "repeats": repeats, "alpha": ALPHA, "seconds": seconds,
-            "speedup_vs_mergekit": speedup, "max_abs_difference": difference, "samples": samples}
+            "speedup_vs_mergekit": speedup, "slowest_speedup_vs_mergekit": slowest(per_repeat, speedup),
+            "max_abs_difference": difference, "samples": samples}
+
+
+def slowest(per_repeat: dict[str, list[float]], speedup: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The smallest speedup over the methods, per repeat, summarised; `of_medians` the smallest ratio of medians."""
+    return {**summary([min(r) for r in zip(*per_repeat.values())]),
+            "of_medians": min(s["of_medians"] for s in speedup.values())}
 
 
 def markdown(figures: dict) -> list[str]:
