@@ -140,9 +140,9 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
 def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safety_names: set[str], adaptive: bool,
               check: bool, progress: bool | None, allow_nonfinite: bool
               ) -> tuple[dict[str, TensorPlan], dict[str, float], WeightsDigest, list[str]]:
-    """Read the base tensors in name order: (each task tensor's plan, the sums of squares of τ_task and τ_safe over
-    the merged tensors when α is `adaptive`, the digest of the base weights when `check`, the task tensors whose
-    base is not finite, found when `check`)."""
+    """Go through the base tensors in name order, reading them only for the digest or α's norms: (each task tensor's
+    plan, the sums of squares of τ_task and τ_safe over the merged tensors when α is `adaptive`, the digest of the
+    base weights when `check`, the task tensors whose base is not finite, found when `check`)."""
     digest = WeightsDigest()
     sums = {"task": 0.0, "safety": 0.0}
     tensors: dict[str, TensorPlan] = {}
@@ -158,14 +158,17 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
     with ThreadPoolExecutor(1) as hasher:
         hashing = None
         for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
-            base_arr = base.read(name)
+            # Read only for the digest or α's norms: shapes come from the specs, and a zero delta is found by
+            # `SafetyDelta.any_nonzero`, which stops at its first non-zero entry.
+            base_arr = base.read(name) if check or (adaptive and name in task) else None
             if hashing is not None:
                 hashing.result()
             hashing = hasher.submit(hash_and_check, name, base_arr) if check else None
             if name not in task:
                 continue
             shape, dtype = task.specs[name]
-            reason, safe = _copy_reason(name, tuple(shape), base_arr, safety, safety_names)
+            reason, safe = _copy_reason(name, tuple(shape), tuple(base.specs[name][0]), safety, safety_names,
+                                        read=adaptive)
             rank = task.rank(name) if isinstance(task, LoraTask) else None
             tensors[name] = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason,
                                        rank=rank)
@@ -177,15 +180,18 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
     return tensors, sums, digest, nonfinite_base
 
 
-def _copy_reason(name: str, shape: tuple[int, ...], base_arr: np.ndarray, safety: SafetyDelta,
-                 safety_names: set[str]) -> tuple[str | None, np.ndarray | None]:
-    """Why tensor `name` is copied unchanged from the task model (None: it is merged), and τ_safe when it was read."""
-    if tuple(base_arr.shape) != shape:
-        return f"shape {shape} differs from the base's {tuple(base_arr.shape)} (resized vocabulary?)", None
+def _copy_reason(name: str, shape: tuple[int, ...], base_shape: tuple[int, ...], safety: SafetyDelta,
+                 safety_names: set[str], read: bool) -> tuple[str | None, np.ndarray | None]:
+    """Why tensor `name` is copied unchanged from the task model (None: it is merged), and τ_safe when `read` (α's
+    norms need it whole; otherwise only as much of it is read as it takes to find a non-zero entry)."""
+    if base_shape != shape:
+        return f"shape {shape} differs from the base's {base_shape} (resized vocabulary?)", None
     if name not in safety_names:
         return "no safety delta for this tensor (outside the safety vector's scope)", None
     if tuple(safety.shape(name)) != shape:
         return f"safety delta shape {tuple(safety.shape(name))} differs from {shape}", None
+    if not read:
+        return (None if safety.any_nonzero(name) else "safety delta is zero"), None
     safe = safety.read(name)
     return (None if np.any(safe) else "safety delta is zero"), safe
 
@@ -442,14 +448,13 @@ def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety
         placed = tuple(put(np.stack([f[part] for f in factors]), sharding) for part in range(2))
     else:
         tau = aligned_empty(shape, np.float32)  # placed without a copy
-        for i, name in enumerate(padded):  # filled in place: no second copy of a stack
-            tau[i] = task.read(name)
-            tau[i] -= base.read(name)
+        for i, name in enumerate(padded):  # filled in place, one pass per tensor: no second copy of a stack
+            np.subtract(task.read(name), base.read(name), out=tau[i], dtype=np.float32)
         placed = put(tau, sharding)
         del tau
     safe = aligned_empty(shape, np.float32)
     for i, name in enumerate(padded):
-        safe[i] = safety.read(name)
+        safety.read_into(name, safe[i])
     hints = {}
     if cache is not None and len(shape) == 3:
         read = [cache.read(name, shape[1:]) for name in padded]
@@ -490,8 +495,7 @@ def _merged_records(group: list[str], deltas: np.ndarray, stats: dict[str, np.nd
                     plan_: MergePlan, what: str) -> Iterator[MergedTensor]:
     """Each tensor of a group: base + delta (the base re-read) in the task model's dtype, checked finite."""
     for i, name in enumerate(group):
-        merged = base.read(name).astype(np.float32)
-        merged += deltas[i]
+        merged = np.add(base.read(name), deltas[i], dtype=np.float32)  # one pass: cast, add, fresh array
         merged = merged.astype(plan_.tensors[name].dtype, copy=False)
         check_output(merged, what, name, " (overflow in the output dtype, or a non-finite base tensor "
                                          "let through by allow_nonfinite)")

@@ -1,5 +1,5 @@
 """The merge's reads: a tensor mapped from its file equals what the safetensors package reads, and τ_safe's zero test
-(chunked, stopping early) and its in-place read follow the float64 difference of the two files."""
+(chunked, stopping early), its in-place read and pass 1's reads of the base behave as the float64 formulas say."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import safetensors.numpy
 from enchtable_jax.bench.synthetic import base_tensor, write_model
 from enchtable_jax.converters import SafetensorsError
 from enchtable_jax.converters import safetensors_format as stf
-from enchtable_jax.merging import sources
-from enchtable_jax.merging.sources import SafetyDelta
+from enchtable_jax.merging import executor, sources
+from enchtable_jax.merging.sources import SafetyDelta, open_model
 from enchtable_jax.models import preset_config
 
 
@@ -103,3 +103,20 @@ def test_zero_test_and_in_place_read_follow_the_float64_difference(pair):
         np.testing.assert_array_equal(safety.read(name), tau.astype(np.float32))
     assert safety.any_nonzero(cases["last"]) and safety.any_nonzero(cases["nan_both"])
     assert sum(safety.any_nonzero(n) for n in safety.names()) == 2  # the others, ±0 included, are zero
+
+
+def test_pass_one_reads_the_base_only_for_the_digest_or_the_norms(pair, tmp_path, monkeypatch):
+    safety, cases = pair
+    base = open_model(safety.harmful.folder, "base")
+    task = open_model(safety.aligned.folder, "task")
+    reads = []
+    reader = base._reader
+    monkeypatch.setattr(base, "_reader", lambda name: reads.append(name) or reader(name))
+    fixed = executor.plan(base, task, safety, "task_arithmetic", 1.0, None, progress=False)
+    assert reads == []
+    merged = {n for n, t in fixed.tensors.items() if t.merge}
+    assert merged == {cases["last"], cases["nan_both"]}
+    assert fixed.tensors[cases["signed_zero"]].reason == "safety delta is zero"
+    with pytest.raises(Exception, match="NaN"):  # adaptive α reads the base (and τ_safe) for the norms
+        executor.plan(base, task, safety, "task_arithmetic", None, 0.1, progress=False)
+    assert reads
