@@ -25,10 +25,13 @@ from lora_models import CONFIGS, make_adapter
 
 @pytest.fixture(scope="module")
 def lora_world(tmp_path_factory):
-    """base, adapter (on every projection, ranks 2, 3 and 4 by rank_pattern: same-shaped tensors of different ranks),
-    PEFT's merged model (dense) and a harmful model (base + noise on the decoder matrices) as folders."""
+    """base, adapter (on every projection, ranks 2, 3 and 4 by rank_pattern: same-shaped tensors of different ranks;
+    and on the embeddings and head, which the safety delta does not cover: copied as base + delta), PEFT's merged
+    model (dense) and a harmful model (base + noise on the decoder matrices) as folders."""
     root = tmp_path_factory.mktemp("lora")
-    base, adapter, dense, _ = make_adapter(root, **CONFIGS["patterns"])
+    config = CONFIGS["patterns"]
+    base, adapter, dense, _ = make_adapter(root, **{**config, "target_modules": [*config["target_modules"],
+                                                                                  "embed_tokens", "lm_head"]})
     model = ej.load(base)
     rng = np.random.default_rng(3)
     harmful = {n: np.asarray(v) + (0.05 * rng.standard_normal(v.shape, np.float32) if ".layers." in n and v.ndim == 2
