@@ -284,8 +284,10 @@ def tsv(task, safety, alpha, key, hints, *, keep):
     if task.ndim != 2:
         return (task + scaled) / 2, _stats()
     known = _known_triplets(hints, safety, alpha, keep)
-    u1, s1, v1 = top_triplets(task, keep, known=known.get("task"))
-    u2, s2, v2 = top_triplets(scaled, keep, known=known.get("safety"))
+    # Numerically zero triplets dropped (`significant`): their arbitrary singular vectors would steer the polar
+    # factors, so a low-rank (LoRA) task would merge differently from its dense product.
+    u1, s1, v1 = significant(top_triplets(task, keep, known=known.get("task")), task.shape)
+    u2, s2, v2 = significant(top_triplets(scaled, keep, known=known.get("safety")), task.shape)
     u = polar(jnp.concatenate([u1, u2], axis=1))
     v = polar(jnp.concatenate([v1, v2], axis=1))
     return (u * jnp.concatenate([s1, s2])) @ v.T, _stats()
