@@ -59,6 +59,7 @@ class Cache:
         self._digest = pool.submit(_digest, self.folder / TENSORS)
         pool.shutdown(wait=False)
         self._found: tuple[Path, dict[str, stf.TensorInfo]] | None | bool = False
+        self._handle = None
 
     @property
     def digest(self) -> str:
@@ -95,8 +96,10 @@ class Cache:
         """(U, S, V) of matrix `name` for our keep (the stored ones sliced when kept for a larger fraction)."""
         path, infos = self._found
         k = kept(shape, self.keep)
-        with open(path, "rb") as f:
-            u, s, v = (stf.read_tensor(f, infos[f"{name}.{part}"]) for part in _PARTS)
+        if self._handle is None:
+            self._handle = open(path, "rb")  # noqa: SIM115 - kept open for the merge, like the models' files
+        # Views of the file's pages (no copy): the caller stacks them into one group array, the only copy.
+        u, s, v = (stf.map_tensor(self._handle, infos[f"{name}.{part}"]) for part in _PARTS)
         if u.shape[0] != shape[0] or v.shape[0] != shape[1] or s.shape[0] < k:
             raise EnchtableError(f"{path}: triplets of {name} have shapes {u.shape}, {s.shape}, {v.shape}, not "
                                  f"those of a {shape} matrix at keep {self.keep:g}; delete the file to recompute it")
