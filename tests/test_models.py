@@ -243,8 +243,9 @@ BASE = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size
     ({**BASE, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
      ["'llama3'", "low_freq_factor", "high_freq_factor"]),
     ({**BASE, "hidden_act": "swish_xyz"}, ["'swish_xyz'"]),
+    ({**BASE, "num_hidden_layers": 2 ** 70}, ["'num_hidden_layers'", "4096"]),
 ], ids=["gpt2", "no-model-type", "yarn", "dynamic", "no-hidden", "no-vocab", "zero-ffn", "heads-6-kv-4",
-        "llama3-missing", "bad-act"])
+        "llama3-missing", "bad-act", "layers-2^70"])
 def test_config_errors_name_the_field(raw, needles):
     with pytest.raises(ConfigError) as info:
         ModelConfig.from_hf(raw, source="some/dir/config.json")

@@ -35,6 +35,7 @@ _DEFAULTED = {
               "max_window_layers"),
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+MAX_LAYERS = 4096  # far above any released model (Llama-3.1-405B: 126); a larger count is a corrupt config
 
 
 class ConfigError(EnchtableError):
@@ -85,6 +86,9 @@ class ModelConfig:
         d = _with_defaults(raw, model_type)
         for name in _REQUIRED:
             _positive_int(d.get(name), name, source)
+        if d["num_hidden_layers"] > MAX_LAYERS:  # per-layer tuples of that length would not fit in memory
+            raise ConfigError(f"{source}: field 'num_hidden_layers' is {d['num_hidden_layers']:.3g}, more than "
+                              f"{MAX_LAYERS} layers; not a real model's config")
         heads = d["num_attention_heads"]
         kv_heads, head_dim = _attention_shape(d, source)
         _check_flags_norm_and_activation(d, source)
