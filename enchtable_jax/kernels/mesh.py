@@ -70,6 +70,23 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda x: param_sharding(mesh, np.shape(x)), tree)
 
 
+def host_rows(x: jax.Array) -> list[np.ndarray]:
+    """The rows (first-axis entries) of an array split over its first axis, on the host: views of each device's
+    shard where this process holds them all (no copy on CPU devices: one less stack in memory than gathering),
+    else rows of `fully_replicated_numpy`."""
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return list(fully_replicated_numpy(x))
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows, seen = [], set()
+    for shard in shards:
+        start = shard.index[0].start or 0
+        if start in seen:  # a replicated copy of rows already taken
+            continue
+        seen.add(start)
+        rows += list(np.asarray(shard.data))
+    return rows
+
+
 def fully_replicated_numpy(x: jax.Array) -> np.ndarray:
     """A host copy of a (possibly multi-process sharded) array."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

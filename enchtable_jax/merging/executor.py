@@ -34,7 +34,7 @@ from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
 from enchtable_jax.kernels.lowrank import factored_sq_norm, factored_triplets
-from enchtable_jax.kernels.mesh import fully_replicated_numpy, put
+from enchtable_jax.kernels.mesh import fully_replicated_numpy, host_rows, put
 from enchtable_jax.kernels.spectral import top_triplets
 from enchtable_jax.merging import decomposition
 from enchtable_jax.merging.lora import LoraTask
@@ -481,14 +481,15 @@ def _one_blas_thread_on_cpu(mesh: Mesh) -> contextlib.AbstractContextManager:
 
 
 def _group_results(group: list[str], running: tuple, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                   allow_nonfinite: bool, what: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, tuple]]:
+                   allow_nonfinite: bool, what: str) -> tuple[list[np.ndarray], dict[str, np.ndarray], dict[str, tuple]]:
     """A launched group merge's (deltas, stats, triplets emitted for the cache) on the host, once its inputs and
     deltas are checked finite."""
     deltas, stats, finite, emitted = running
     finite = fully_replicated_numpy(finite)
     _check_group(group, finite, base, task, safety, allow_nonfinite, what, deltas)
-    return (fully_replicated_numpy(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()},
-            {role: tuple(fully_replicated_numpy(t) for t in triplets) for role, triplets in emitted.items()})
+    # Rows as views of the devices' buffers where possible: a gathered host copy would be one more stack in memory.
+    return (host_rows(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()},
+            {role: tuple(host_rows(t) for t in triplets) for role, triplets in emitted.items()})
 
 
 def _merged_records(group: list[str], deltas: np.ndarray, stats: dict[str, np.ndarray], base: TensorSource,
