@@ -159,11 +159,19 @@ def test_torch_missing_is_reported(monkeypatch):
 
 
 def test_references_missing_from_an_install_are_reported(monkeypatch, tmp_path):
-    """A wheel install has no benchmarks/ folder: the merge study measures ours alone and says why."""
+    """A wheel install has no benchmarks/ folder: the reference is reported missing, naming where it was looked for."""
     monkeypatch.setenv(BENCHMARKS_ENV, str(tmp_path / "nowhere"))
     monkeypatch.delitem(sys.modules, "enchtable_benchmarks.torch_merge", raising=False)
     module, why = reference_module("torch_merge")
     assert module is None and str(tmp_path / "nowhere" / "torch_merge.py") in why and BENCHMARKS_ENV in why
+
+
+@pytest.mark.slow  # 13 s: the whole quick merge study; .ci/smoke runs it on the plain install, without torch
+def test_merge_study_measures_ours_alone_without_the_reference(monkeypatch, tmp_path):
+    """Without the reference, the merge study measures ours alone and says why."""
+    monkeypatch.setenv(BENCHMARKS_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.delitem(sys.modules, "enchtable_benchmarks.torch_merge", raising=False)
+    _, why = reference_module("torch_merge")
     from enchtable_jax.bench.studies import merge
 
     figures = merge.run(quick=True, repeats=1)

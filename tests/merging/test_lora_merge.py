@@ -55,7 +55,7 @@ def _stats(report) -> dict[str, tuple]:
     return {t["name"]: (t.get("interference"), t.get("weight")) for t in report["tensors"] if t["merged"]}
 
 
-@pytest.mark.parametrize("method", ["enchtable", "ties", "tsv"])
+@pytest.mark.parametrize("method", ["enchtable", pytest.param("ties", marks=pytest.mark.slow), "tsv"])
 def test_adapter_merge_equals_the_merge_of_peft_merged_model(lora_world, dense_enchtable, method):
     options = {} if method == "enchtable" else {"alpha": 0.7}
     lora = _merge(lora_world, "adapter", method, **options)

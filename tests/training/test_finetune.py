@@ -202,6 +202,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 10 s; the loop's kill -9 resume is also checked through distill in the default suite
 def test_kill_9_then_resume_is_bitwise_identical(world, tmp_path):
     out = tmp_path / "killed"
     code = _KILLED_RUN.format(options=OPTIONS, model=str(world["model"]), data=str(world["data"]), out=str(out))

@@ -18,7 +18,7 @@ Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<
   merged model (base + scale·B·A written as a folder beforehand; its merging is not counted). All alternate
   in this process (`timing.alternate`, order rotating every repeat); the first call of each is a warm-up
   (JAX compilation) except for llama3-8b-layer, where one call takes minutes and compilation about a second
-  of it (warm-up 0). The machine load average before and after is recorded (other processes slow every
+  of it, and for the `--quick` smoke run (warm-up 0). The machine load average before and after is recorded (other processes slow every
   side, torch's OpenMP threads markedly more).
 - the exact-SVD bound (`bench.svd_bound`): the single-threaded SVD seconds of every merged matrix's two
   decompositions (the faster of ours and torch's per shape) over the cores: no exact-SVD first merge can
@@ -303,7 +303,8 @@ def run(quick: bool = False, repeats: int | None = None, size: str | None = None
         big = preset == "llama3-8b-layer"
         count = repeats or (1 if big else 3)
         with tempfile.TemporaryDirectory(prefix=f"merge-study-{preset}-") as tmp:
-            sizes[preset] = study_size(Path(tmp), preset, count, 0 if big else 1, rates, measured)
+            # No warm-up for the 8B layer (a call takes minutes, compiling a second of it) nor for the quick smoke run.
+            sizes[preset] = study_size(Path(tmp), preset, count, 0 if big or small else 1, rates, measured)
     seconds = {}
     for preset, s in sizes.items():
         for impl, t in s["seconds"].items():
