@@ -35,7 +35,7 @@ from jax.lax.linalg import SvdAlgorithm
 from enchtable_jax.bench.svd_bound import LARGE, best_of, test_matrix
 from enchtable_jax.kernels.cpu_threads import blas_threads
 from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, interference_blocks, kept, svd_algorithm, \
-    thin_svd
+    thin_svd, top_triplets
 
 SHAPES = ((576, 576), (1536, 576), (1024, 1024), (4096, 4096), (14336, 4096))  # SmolLM2's, then Llama-3-8B's
 QUICK_SHAPES = ((96, 64), (64, 160))
@@ -67,12 +67,7 @@ def iota_numpy(task: np.ndarray, safety: np.ndarray) -> float:
 
 def thin_top(algorithm: SvdAlgorithm | None):
     """The kept triplets by `thin_svd(·, algorithm)` in float32, as the merge takes them."""
-    def top(x):
-        u, s, v = thin_svd(x, algorithm)
-        k = kept(x.shape, DEFAULT_KEEP)
-        return u[:, :k], s[:k], v[:, :k]
-
-    return top
+    return lambda x: top_triplets(x, DEFAULT_KEEP, algorithm=algorithm)
 
 
 def float64_top(x):

@@ -91,11 +91,13 @@ SOLVERS = ("svd", "gram")
 Triplets = tuple[jax.Array, jax.Array, jax.Array]  # U [m, k], S [k] descending, V [n, k]
 
 
-def top_triplets(x: jax.Array, keep: float, solver: str = "svd", known: Triplets | None = None) -> Triplets:
+def top_triplets(x: jax.Array, keep: float, solver: str = "svd", known: Triplets | None = None,
+                 algorithm: SvdAlgorithm | None = None) -> Triplets:
     """The leading ⌊keep · min(m, n)⌋ singular triplets of x, by a thin SVD or the Gram eigenproblem.
 
     `known`: x's leading triplets computed before (a cache, or the factors of a low-rank x), at least as many as
-    kept, or fewer when x has lower rank; they are sliced instead of decomposing x again.
+    kept, or fewer when x has lower rank; they are sliced instead of decomposing x again. `algorithm`: the thin
+    SVD's (`thin_svd`; None: the platform's, from SVD_ALGORITHMS).
     """
     k = kept(x.shape, keep)
     if known is not None:
@@ -105,7 +107,7 @@ def top_triplets(x: jax.Array, keep: float, solver: str = "svd", known: Triplets
         return gram_triplets(x, k)
     if solver != "svd":
         raise EnchtableError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    u, s, v = thin_svd(x)
+    u, s, v = thin_svd(x, algorithm)
     return u[:, :k], s[:k], v[:, :k]
 
 

@@ -2,7 +2,7 @@
 EnchTable's interference within 1e-4 relative of a float64 numpy computation, and `thin_svd` follows the table.
 
 Spectra like a fine-tuning delta's (decaying as 1/i and exp(−i/30)), tall and wide, float32 inputs; the oracle is
-the direct r×r formula on float64 numpy SVDs of the same (float32-rounded) matrices.
+the direct r×r formula on float64 numpy SVDs of the same (float32-rounded) matrices (`oracles.iota64`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from jax.lax.linalg import SvdAlgorithm
 
-from enchtable_jax.kernels.spectral import SVD_ALGORITHMS, interference_blocks, kept, svd_algorithm, thin_svd
+from oracles import iota64
+
+from enchtable_jax.kernels.spectral import SVD_ALGORITHMS, interference_blocks, svd_algorithm, thin_svd, \
+    top_triplets
 
 KEEP, SCALE = 0.5, 200.0
 CPU_ALGORITHMS = (SvdAlgorithm.DEFAULT, SvdAlgorithm.QR, SvdAlgorithm.DIVIDE_AND_CONQUER)  # JACOBI, POLAR: GPU only
@@ -29,28 +32,11 @@ def spectrum_matrix(shape: tuple[int, int], decay: str, seed: int) -> np.ndarray
     return ((u * sigma) @ v.T).astype(np.float32)
 
 
-def iota_float64(task: np.ndarray, safety: np.ndarray) -> float:
-    """ι = scale·Σ|R|/r² with R = (UᵀU − I) diag(S) (VᵀV − I), in float64."""
-    parts = []
-    for x in (task, safety):
-        u, s, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
-        k = kept(x.shape, KEEP)
-        parts.append((u[:, :k], s[:k], vt[:k].T))
-    u, s, v = (np.concatenate(p, axis=a) for p, a in zip(zip(*parts), (1, 0, 1)))
-    eye = np.eye(s.size)
-    return SCALE * np.abs((u.T @ u - eye) @ np.diag(s) @ (v.T @ v - eye)).sum() / s.size**2
-
-
 def iota_with(algorithm: SvdAlgorithm | None, task: np.ndarray, safety: np.ndarray) -> float:
     """Our float32 ι from `thin_svd(·, algorithm)` and the block formula."""
-    def top(x):
-        u, s, v = thin_svd(x, algorithm)
-        k = kept(x.shape, KEEP)
-        return u[:, :k], s[:k], v[:, :k]
-
     @jax.jit
     def iota(a, b):
-        (u1, s1, v1), (u2, s2, v2) = top(a), top(b)
+        (u1, s1, v1), (u2, s2, v2) = (top_triplets(x, KEEP, algorithm=algorithm) for x in (a, b))
         return SCALE * interference_blocks(u1, s1, v1, u2, s2, v2) / (s1.size + s2.size) ** 2
 
     return float(iota(task, safety))
@@ -62,7 +48,7 @@ def iota_with(algorithm: SvdAlgorithm | None, task: np.ndarray, safety: np.ndarr
 def test_every_cpu_algorithm_keeps_the_float32_bound(algorithm, shape, decay):
     task = spectrum_matrix(shape, decay, seed=1)
     safety = 0.3 * spectrum_matrix(shape, decay, seed=2) + 0.2 * task  # overlapping subspaces: ι well above zero
-    expected = iota_float64(task, safety)
+    expected = iota64(task, safety, KEEP, SCALE)  # full-rank spectra: no triplet is dropped as zero
     assert expected > 1e-3
     assert abs(iota_with(algorithm, task, safety) - expected) <= 1e-4 * expected
 
