@@ -15,6 +15,7 @@ import concurrent.futures
 import hashlib
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 from enchtable_jax.converters import safetensors_format as stf
-from enchtable_jax.converters.atomic import OutputExistsError, rename_noreplace
+from enchtable_jax.converters.atomic import OutputExistsError, recover, rename_noreplace
 from enchtable_jax.converters.safety_vector import TENSORS
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.spectral import kept
@@ -109,17 +110,24 @@ class Cache:
         """A writer of a new cache file holding the triplets of `shapes` ({name: matrix shape}), or None when the
         folder cannot take one (read-only, or a file of this name appeared)."""
         path = self.folder / file_name(self.keep, self.digest)
-        if path.exists():
-            return None
         specs = [(f"{name}.{part}", jax.ShapeDtypeStruct(s, np.float32)) for name, shape in shapes.items()
                  for part, s in triplet_shapes(shape, self.keep).items()]
-        tmp = self.folder / f".{path.name}.{os.getpid()}.tmp"
         try:
+            recover(path)  # the temporary files of killed merges, named as every output's (converters/atomic.py)
+            if path.exists():
+                return None
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=self.folder)
+        except OSError:
+            return None
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the published file should read like the vector's
             files = stf.FileWriter(tmp, specs, {"format": FORMAT, "vector_sha256": self.digest,
                                                 "keep": f"{self.keep:g}", "solver": "svd"})
         except OSError:
+            Path(tmp).unlink(missing_ok=True)
             return None
-        return Writer(files, tmp, path)
+        return Writer(files, Path(tmp), path)
 
 
 class Writer:

@@ -7,6 +7,7 @@ whose singular value is not zero.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -154,3 +155,23 @@ def test_cli_stores_the_decomposition_unless_told_not_to(world, tmp_path):
     assert len(_cache_files(world)) == 1
     report = json.loads((tmp_path / "b" / "merge_report.json").read_text())
     assert report["safety_decomposition"]["state"] == "written"
+
+
+def test_a_killed_merges_temporary_file_is_removed_by_the_next_write(world, tmp_path):
+    """The cache is written as `.NAME.tmp-PID-XXXXXXXX` and renamed, like every output (converters/atomic.py): the
+    temporary file of a merge killed mid-write (its process gone) is deleted when the next merge writes the file;
+    one of a live process is left alone."""
+    import subprocess
+    import sys
+
+    digest = decomposition.Cache(world["vector"], 0.5).digest
+    name = decomposition.file_name(0.5, digest)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    killed = world["vector"] / f".{name}.tmp-{dead}-abcd1234"
+    live = world["vector"] / f".{name}.tmp-{os.getpid()}-abcd1234"
+    killed.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    assert _merge(world, tmp_path / "a").report["safety_decomposition"]["state"] == "written"
+    assert not killed.exists() and live.exists()
+    assert _cache_files(world) == [name]
