@@ -134,7 +134,7 @@ class EnchtableSweep:
         self.plan = executor.plan(self.base, self.task, safety, "enchtable", alpha=None, beta=1.0, progress=progress)
         self.alpha_per_beta = self.plan.alpha  # α = β·‖τ_task‖/‖τ_safe‖
         self.terms: dict[str, tuple[float, float, int]] = {}
-        matrices = {n: e.shape for n, e in self.plan.tensors.items() if e.merge and len(e.shape) == 2}
+        matrices = self.plan.matrices()
         cache = decomposition.Cache(safety.folder, options["keep"]) if safety.folder is not None else None
         cached = cache is not None and cache.covers(matrices)  # the vector's stored triplets (merging/decomposition)
         for name, shape in matrices.items():

@@ -79,6 +79,10 @@ class MergePlan:
     alpha: float
     norms: dict[str, float] | None  # ‖τ_task‖ and ‖τ_safe‖ over the merged tensors, when α is adaptive
 
+    def matrices(self) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of the merged matrices: the tensors whose triplets a decomposing method uses."""
+        return {n: t.shape for n, t in self.tensors.items() if t.merge and len(t.shape) == 2}
+
     def groups(self, group_bytes: int, devices: int) -> list[list[str]]:
         """Merged tensors grouped by (shape, dtype, factor rank), each group cut to at most `group_bytes` of
         float32."""
@@ -422,7 +426,7 @@ def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: 
     if safety.folder is None:
         return None, None, None, {"state": "none (aligned − harmful: no safety-vector folder)", "file": None}
     cache = decomposition.Cache(safety.folder, options["keep"])
-    matrices = {n: t.shape for n, t in plan_.tensors.items() if t.merge and len(t.shape) == 2}
+    matrices = plan_.matrices()
     if cache.covers(matrices):
         return cache, "read", None, {"state": "read", "file": str(cache.find())}
     if not write or options.get("solver", "svd") != "svd":
@@ -492,7 +496,7 @@ def _group_results(group: list[str], running: tuple, base: TensorSource, task: T
             {role: tuple(host_rows(t) for t in triplets) for role, triplets in emitted.items()})
 
 
-def _merged_records(group: list[str], deltas: np.ndarray, stats: dict[str, np.ndarray], base: TensorSource,
+def _merged_records(group: list[str], deltas: list[np.ndarray], stats: dict[str, np.ndarray], base: TensorSource,
                     plan_: MergePlan, what: str) -> Iterator[MergedTensor]:
     """Each tensor of a group: base + delta (the base re-read) in the task model's dtype, checked finite."""
     for i, name in enumerate(group):
