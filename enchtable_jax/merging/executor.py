@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
-from enchtable_jax.kernels.lowrank import factored_sq_norm, factored_triplets
+from enchtable_jax.kernels.factored import factored_sq_norm, factored_triplets
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, host_rows, put
 from enchtable_jax.kernels.spectral import top_triplets
 from enchtable_jax.merging import decomposition
@@ -262,7 +262,7 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
     `triplets`: None, "read" (triplets are among the hints) or "emit" (τ_safe's kept triplets, from the hints or
     computed here by the exact SVD, used by the method and returned for the cache). `factored`: τ_task comes as
     stacks of its factors (scale·B, A) of a LoRA task, not donated; τ_task is their product, and its triplets for a
-    method that decomposes are the factors' (`lowrank.factored_triplets`), not an SVD.
+    method that decomposes are the factors' (`factored.factored_triplets`), not an SVD.
     """
     fn = METHODS[method].fn
     opts = dict(options)

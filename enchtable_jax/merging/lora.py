@@ -2,7 +2,7 @@
 
 The task model is base + scale·B·A on the tensors the adapter covers and the base elsewhere. The merge reads
 τ_task of a covered tensor as its factors (scale·B [m, r], A [r, n]): exact (no task − base rounding), r·(m + n)
-numbers instead of m·n, and their product's singular triplets come from the factors (kernels/lowrank.py).
+numbers instead of m·n, and their product's singular triplets come from the factors (kernels/factored.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from enchtable_jax.kernels.lowrank import factored_sq_norm, factored_triplets
+from enchtable_jax.kernels.factored import factored_sq_norm, factored_triplets
 
 
 def factors(m: int, n: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
