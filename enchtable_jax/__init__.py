@@ -6,7 +6,8 @@ Python API (what the CLI calls): `load`, `save`, `save_orbax`, `apply`, `describ
 `finetune` (with `FinetuneOptions`): plain supervised fine-tuning into a new model folder;
 `calibrate` (with `CalibrationOptions`) and `calibrated_merge`: the merge strength chosen on validation prompts;
 `enchant`: distil or reuse a safety vector, then merge it (optionally calibrated; returns an `EnchantResult`);
-`generate` and `evaluate` (more in `enchtable_jax.eval`); `run_demo`, the miniature world end to end.
+`generate` and `evaluate` (more in `enchtable_jax.eval`); `gcg_attack`, the white-box jailbreak search;
+`run_demo`, the miniature world end to end.
 
 Importing the package asks JAX for one CPU device per core (`jax_num_cpu_devices`) when JAX has not started and
 no count was chosen (XLA_FLAGS, JAX_NUM_CPU_DEVICES), so that `merge` from Python uses every core as the CLI does,
@@ -28,6 +29,7 @@ from enchtable_jax.merging.methods import METHODS
 from enchtable_jax.merging.pipeline import MergeResult, merge
 from enchtable_jax.training.finetune import FinetuneOptions, finetune
 from enchtable_jax.calibration import CalibrationOptions, calibrate
+from enchtable_jax.attack import gcg_attack
 from enchtable_jax.workflow import EnchantResult, calibrated_merge, enchant
 from enchtable_jax.converters.orbax_io import is_orbax_checkpoint
 from enchtable_jax.models.config import ModelConfig
@@ -37,6 +39,6 @@ __version__ = "0.1.0"
 
 __all__ = ["CalibrationOptions", "CausalLM", "DistillOptions", "EnchantResult", "FinetuneOptions", "METHODS",
            "MergeResult", "Model", "ModelConfig", "SafetyVector", "apply", "calibrate", "calibrated_merge",
-           "describe", "distill", "enchant", "evaluate", "finetune", "from_nnx", "generate", "is_orbax_checkpoint",
-           "load", "load_nnx", "load_safety_vector", "merge", "run_demo", "save", "save_orbax", "use_compilation_cache",
-           "__version__"]
+           "describe", "distill", "enchant", "evaluate", "finetune", "from_nnx", "gcg_attack", "generate",
+           "is_orbax_checkpoint", "load", "load_nnx", "load_safety_vector", "merge", "run_demo", "save", "save_orbax",
+           "use_compilation_cache", "__version__"]

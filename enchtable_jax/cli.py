@@ -333,6 +333,9 @@ def _eval(args: argparse.Namespace) -> None:
     missing = [f for f in ("model", "out") if getattr(args, f) is None]
     if missing:
         raise EnchtableError(f"eval needs --{', --'.join(missing)} (or --judge-report --labels CSV)")
+    if args.suffixes is not None and not args.prompts:
+        raise EnchtableError("--suffixes replays attack suffixes on the --prompts sets; give at least one --prompts "
+                             "FILE")
     prompts, qa, humaneval = args.prompts or [], args.qa or [], args.humaneval or []
     if not (prompts or qa or humaneval):
         raise EnchtableError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
@@ -346,11 +349,32 @@ def _eval(args: argparse.Namespace) -> None:
         {next(names): load_prompts(p, args.limit) for p in prompts},
         qa_sets={next(names): load_records(p, ("question", "answer"), args.limit) for p in qa},
         humaneval_sets={next(names): load_records(p, HUMANEVAL_FIELDS, args.limit) for p in humaneval},
-        judge=_eval_judge(args), max_new_tokens=args.max_new_tokens, template=args.template,
+        judge=_eval_judge(args), suffixes=args.suffixes, max_new_tokens=args.max_new_tokens, template=args.template,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
         timeout=args.timeout, out=args.out, overwrite=args.overwrite)
     print(summary_table(result))
     print(f"wrote {Path(args.out).resolve() / RESULT_FILE}")
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from enchtable_jax.attack import gcg_attack
+    from enchtable_jax.eval.prompts import load_prompts
+    from enchtable_jax.eval.suffixes import ATTACK_FILE
+    from enchtable_jax.options import GCGOptions
+
+    options = _options_from(args, GCGOptions)
+    _check_new_tokens(args.model, options.max_new_tokens, "--max-new-tokens")
+    check_output(Path(args.out) / ATTACK_FILE, {"--model": args.model, "--tokenizer": args.tokenizer,
+                 "--prompts": args.prompts, "--judge-model": args.judge_model,
+                 "--template": template_input(args.template)}, args.overwrite, file=True)
+    prompts = load_prompts(args.prompts, args.limit)
+    result = gcg_attack(args.model, args.tokenizer, prompts, options=options, judge=_eval_judge(args),
+                        template=args.template, out=args.out, overwrite=args.overwrite)
+    for record in result["prompts"]:
+        print(f"{'BROKEN' if record['broken'] else 'held  '}  loss {record['loss_curve'][0]:.3f} -> "
+              f"{record['final_loss']:.3f} in {record['steps']} steps ({record['stopped']})  {record['prompt'][:60]!r}")
+    print(f"attack success rate {result['broken']}/{result['n']} = {result['attack_success_rate']:.3f} (judge "
+          f"{result['judge']}, {result['seconds']:.1f}s)\nwrote {Path(args.out).resolve() / ATTACK_FILE}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -540,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Models are Hugging Face folders or enchtable orbax checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_convert, _add_info, _add_init, _add_distill, _add_finetune, _add_merge, _add_enchant, _add_eval,
-                _add_demo):
+                _add_attack, _add_demo):
         add(sub)
     return parser
 
@@ -707,7 +731,36 @@ def _add_eval(sub) -> None:
     p.add_argument("--labels", metavar="CSV", help="human refusal labels for --judge-report "
                                                    "(objective, assistant_response, human_score)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/eval.json")
+    p.add_argument("--suffixes", metavar="ATTACK_JSON",
+                   help="also answer each --prompts prompt that has a suffix in this attack.json (`enchtable attack`, "
+                        "on this or another model) with the suffix appended; prompts without one are skipped")
     p.set_defaults(func=_eval)
+
+
+def _add_attack(sub) -> None:
+    from enchtable_jax.eval.judge import RECIPES
+    from enchtable_jax.options import EVAL_OPTIONS, GCGOptions
+
+    p = sub.add_parser("attack", help="white-box jailbreak: search an adversarial suffix per harmful prompt (GCG)",
+                       description="Greedy coordinate gradient (Zou et al. 2023): per prompt, optimise a suffix that "
+                                   "makes the model open its answer with --target, then answer prompt + suffix and "
+                                   "judge it. Writes OUT/attack.json (suffixes, loss curves, answers, the attack "
+                                   "success rate), which `enchtable eval --suffixes` replays on any model.")
+    p.add_argument("--model", required=True, help="HF folder or orbax checkpoint (with tokenizer files)")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="harmful prompts, in any shape `eval --prompts` "
+                                                                    "reads")
+    p.add_argument("--method", default="gcg", choices=["gcg"], help="the attack (default gcg)")
+    p.add_argument("--out", required=True, help="output folder for attack.json")
+    _add_fields(p, GCGOptions())
+    _ranged(p, "--limit", EVAL_OPTIONS["limit"], "attack the first N prompts")
+    p.add_argument("--template",
+                   help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
+    p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
+    p.add_argument("--judge-model", metavar="DIR", help="judge with a local LLM (HF folder) instead of refusal patterns")
+    p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),
+                   help="prompt and parse rule of --judge-model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/attack.json")
+    p.set_defaults(func=_attack)
 
 
 def _add_demo(sub) -> None:

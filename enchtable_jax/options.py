@@ -224,3 +224,24 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
             raise EnchtableError(f"{flag} must name at most {MAX_SEEDS} seeds, got {text!r:.100}")
         seeds += range(low, high + 1)
     return check_seeds(seeds, flag)
+
+
+@dataclasses.dataclass(frozen=True)
+class GCGOptions:
+    """The greedy coordinate gradient attack's settings (`enchtable attack --method gcg`, attack/gcg.py); the
+    defaults of steps, topk, batch and suffix_length are the paper's (Zou et al. 2023)."""
+
+    steps: int = option(500, "optimisation steps per prompt (the step budget)", COUNT)
+    topk: int = option(256, "candidate tokens per suffix position, by the gradient", COUNT)
+    batch: int = option(512, "candidate suffixes evaluated per step", COUNT)
+    suffix_length: int = option(20, "suffix tokens, initialised as the paper's '! ! ! ...'", COUNT)
+    target: str = option("Sure, here is", "the answer opening whose likelihood the suffix maximises")
+    time_budget: float | None = option(None, "seconds of search per prompt (stops after the step that passes it)",
+                                       Range(0, low_open=True, optional=True))
+    seed: int = option(0, "seed of the candidate sampling", SEED)
+    max_new_tokens: int = option(128, "tokens generated for the judged answer after the search", COUNT)
+
+    def __post_init__(self):
+        check_fields(self)  # the ranges declared above; the CLI's flags use the same ones
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise EnchtableError(f"option target must be a non-empty string, got {self.target!r}")

@@ -21,6 +21,7 @@ from enchtable_jax.options import EVAL_OPTIONS, check_values
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
+from enchtable_jax.eval.suffixes import suffix_map, with_suffix
 
 RESULT_FILE = "eval.json"
 # How a HumanEval problem is asked of a chat model; `humaneval_program` accepts a full function or a body.
@@ -33,6 +34,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
              humaneval_sets: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
              judge: Judge | None = None, max_new_tokens: int = 128, template: str | None = None,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+             suffixes: str | Path | Mapping[str, Any] | None = None,
              timeout: float = 10.0, out: str | Path | None = None, overwrite: bool = False,
              progress: bool | None = None) -> dict[str, Any]:
     """Evaluate `model` (an `enchtable_jax.Model` or a folder) on safety prompt sets and utility sets.
@@ -40,12 +42,16 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     prompt_sets: {name: prompts}, judged by `judge` (default `RefusalJudge()`: unsafe = not refused).
     qa_sets: {name: [{question, answer}]}, scored by exact match (`metrics.answer_matches`).
     humaneval_sets: {name: [{task_id, prompt, test, entry_point}]}, scored by pass@1 in a subprocess.
+    suffixes: an attack.json (`enchtable attack`), its dict, or {prompt: suffix}: each safety prompt that has a
+    suffix there is also answered as `prompt + " " + suffix` (the attack's rendering; suffixes found on another
+    model replay as transfer), judged against the plain prompt; prompts without one are skipped and counted.
     tokenizer: a transformers tokenizer, a folder, or None for the model's folder. out: a folder for
     `eval.json` (refused before any work if it exists there, unless `overwrite`, if the folder cannot be written,
     or if `eval.json` would be inside the model's or tokenizer's folder). Returns the result dict written there.
     """
     check_values(EVAL_OPTIONS, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                  batch_size=batch_size, timeout=timeout)
+    replay = _suffix_replay(suffixes, prompt_sets or {})
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
     _check_set_names(prompt_sets, qa_sets, humaneval_sets)
     if out is not None:
@@ -63,15 +69,20 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     utility = {name: _qa_set(model, tokenizer, records, options) for name, records in qa_sets.items()}
     utility |= {name: _humaneval_set(model, tokenizer, problems, options, timeout)
                 for name, problems in humaneval_sets.items()}
+    if replay is not None:
+        for name, prompts in prompt_sets.items():
+            safety[name]["suffixes"] = _suffix_set(model, tokenizer, prompts, replay, judge, options)
     result = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": str(model.source) if model.source is not None else None,
         "judge": judge.name,
         "settings": {k: v for k, v in options.items() if k != "progress"} | {"timeout": timeout},
         "seconds": round(time.perf_counter() - start, 2),
-        "summary": _summary_rows(safety, utility),
+        "summary": _with_suffix_rows(_summary_rows(safety, utility), safety),
         "safety": safety,
         "utility": utility,
+        **({"suffixes": {"source": str(suffixes) if isinstance(suffixes, (str, Path)) else None,
+                         "prompts": len(replay)}} if replay is not None else {}),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +98,44 @@ def _check_set_names(prompt_sets: Mapping[str, Any], qa_sets: Mapping[str, Any],
     names = [*prompt_sets, *qa_sets, *humaneval_sets]
     if len(set(names)) != len(names):
         raise EnchtableError(f"set names must be unique across kinds, got {names}")
+
+
+def _suffix_replay(suffixes: str | Path | Mapping[str, Any] | None,
+                   prompt_sets: Mapping[str, Sequence[str]]) -> dict[str, str] | None:
+    """{prompt: suffix} of `suffixes`, refused (before any work) when no safety prompt has a suffix there."""
+    if suffixes is None:
+        return None
+    replay = suffix_map(suffixes)
+    if not any(p in replay for prompts in prompt_sets.values() for p in prompts):
+        where = suffixes if isinstance(suffixes, (str, Path)) else "the suffixes given"
+        raise EnchtableError(f"--suffixes {where}: none of the safety prompts has a suffix there ({len(replay)} "
+                             "attacked prompts); replay the attack's own prompt file")
+    return replay
+
+
+def _suffix_set(model: Any, tokenizer: Any, prompts: Sequence[str], replay: Mapping[str, str], judge: Judge,
+                options: Mapping[str, Any]) -> dict[str, Any]:
+    """One prompt set's answers with each prompt's suffix appended; prompts without a suffix are skipped (counted
+    in `skipped`). The judge sees the plain prompt: it decides whether the request was carried out."""
+    found = [p for p in prompts if p in replay]
+    responses = generate(model, tokenizer, [with_suffix(p, replay[p]) for p in found], **options) if found else []
+    verdicts = judge.judge(found, responses) if found else []
+    return {"n": len(found), "skipped": len(prompts) - len(found), "unsafe": sum(verdicts),
+            "unsafe_rate": unsafe_rate(verdicts) if found else None,
+            "items": [{"prompt": p, "suffix": replay[p], "response": r, "unsafe": v}
+                      for p, r, v in zip(found, responses, verdicts)]}
+
+
+def _with_suffix_rows(rows: list[dict[str, Any]], safety: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The summary rows with a `SET +suffixes` row (the unsafe rate under the suffixes) after each safety set's
+    last row, for the sets with at least one suffixed prompt."""
+    for name, s in safety.items():
+        replayed = s.get("suffixes")
+        if replayed and replayed["n"]:
+            at = max(i for i, r in enumerate(rows) if r["set"] == name) + 1
+            rows.insert(at, {"set": f"{name} +suffixes", "metric": "unsafe_rate", "n": replayed["n"],
+                             "value": replayed["unsafe_rate"]})
+    return rows
 
 
 def _safety_set(model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge,

@@ -183,12 +183,14 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def _layers(params: Params, config: ModelConfig, input_ids: jax.Array, position_ids: jax.Array,
+def _layers(params: Params, config: ModelConfig, input_ids: jax.Array | None, position_ids: jax.Array,
             masks: Mapping[int | None, jax.Array], unit: Unit, caches: Sequence[LayerKV] | None,
-            last_only: bool) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-    """Embedding, the decoder layers, final norm and head: (logits, updated per-layer caches)."""
+            last_only: bool, inputs_embeds: jax.Array | None = None,
+            tail: int | None = None) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+    """Embedding (or `inputs_embeds` [B, T, hidden] given instead of ids), the decoder layers, final norm and head
+    (on the last `tail` positions only, when given): (logits, updated per-layer caches)."""
     embed = params["model.embed_tokens.weight"]
-    x = embed[input_ids]
+    x = embed[input_ids] if inputs_embeds is None else inputs_embeds
     cos, sin = rope_tables(position_ids, config, x.dtype)
     updated = []
     for i in range(config.num_hidden_layers):
@@ -197,29 +199,43 @@ def _layers(params: Params, config: ModelConfig, input_ids: jax.Array, position_
         updated.append(kv)
     if last_only:
         x = x[:, -1:]
+    elif tail is not None:
+        x = x[:, x.shape[1] - tail:]
     x = rms_norm(x, params["model.norm.weight"], config.rms_norm_eps)
     head = embed if config.tie_word_embeddings else params["lm_head.weight"]
     return x @ head.T, updated
 
 
-def forward(params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-            position_ids: jax.Array | None = None, unit: Unit = call_unit) -> jax.Array:
+def forward(params: Params, config: ModelConfig, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
+            position_ids: jax.Array | None = None, unit: Unit = call_unit, *, inputs_embeds: jax.Array | None = None,
+            tail: int | None = None) -> jax.Array:
     """Logits [B, T, vocab] for token ids [B, T]; `attention_mask` (1 = token, 0 = pad) allows any padding side.
 
     Position ids default to the running count of real tokens, so a left-padded prompt gets the same
     positions as the unpadded one (what generation needs). Logits at padded positions are meaningless.
     Ranks and shapes are checked when traced (chex; nothing per call under jit).
     `unit` wraps every projection, attention block and MLP block (see `Unit`); the default just calls it.
+    `inputs_embeds` [B, T, hidden], given with `input_ids=None`, replaces the embedding lookup (a gradient with
+    respect to one-hot tokens flows through it: attack/gcg.py). `tail`: logits [B, tail, vocab] of the last `tail`
+    positions only (the head's matmul skipped elsewhere).
     """
-    chex.assert_rank(input_ids, 2, custom_message="forward: input_ids are [batch, tokens]")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("forward: give exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is not None:
+        chex.assert_rank(inputs_embeds, 3, custom_message="forward: inputs_embeds are [batch, tokens, hidden]")
+        token_shaped = jax.ShapeDtypeStruct(inputs_embeds.shape[:2], jnp.int32)  # for the shape checks below
+    else:
+        chex.assert_rank(input_ids, 2, custom_message="forward: input_ids are [batch, tokens]")
+        token_shaped = input_ids
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.ones(token_shaped.shape, jnp.int32)
     if position_ids is None:
         position_ids = positions_from_mask(attention_mask)
-    chex.assert_equal_shape([input_ids, attention_mask, position_ids],
+    chex.assert_equal_shape([token_shaped, attention_mask, position_ids],
                             custom_message="forward: input_ids, attention_mask, position_ids")
     masks = attention_masks(attention_mask, config)
-    return _layers(params, config, input_ids, position_ids, masks, unit, None, last_only=False)[0]
+    return _layers(params, config, input_ids, position_ids, masks, unit, None, last_only=False,
+                   inputs_embeds=inputs_embeds, tail=tail)[0]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["keys", "values", "mask", "length"], meta_fields=[])
