@@ -176,6 +176,7 @@ def check_values(ranges: dict[str, Range], **values: Any) -> None:
 EVAL_OPTIONS = {
     "max_new_tokens": COUNT,
     "limit": OPTIONAL_COUNT,
+    "limit_templates": OPTIONAL_COUNT,  # eval --jailbreak-templates: the first N templates
     "batch_size": COUNT,
     "temperature": NON_NEGATIVE,
     "top_p": FRACTION,

@@ -2,10 +2,12 @@
 
 `evaluate` runs a whole evaluation (what `enchtable eval` calls); the pieces are usable on their own:
 `generate` (batched, KV-cached, greedy or seeded sampling), the judges (`RefusalJudge`, `LLMJudge`,
-`is_refusal`, `refusal_report`), `load_prompts`, and the metrics (`unsafe_rate`, `exact_match`, `pass_at_1`).
+`is_refusal`, `refusal_report`), `load_prompts`, the metrics (`unsafe_rate`, `exact_match`, `pass_at_1`), and the
+static jailbreak templates (`load_templates`: PyRIT-format YAML/JSON, filled exactly).
 """
 
 from enchtable_jax.eval.generate import complete, eos_ids, generate, generate_ids
+from enchtable_jax.eval.jailbreaks import JailbreakTemplate, TemplateSet, load_templates
 from enchtable_jax.eval.judge import (
     RECIPES,
     Judge,
@@ -18,6 +20,6 @@ from enchtable_jax.eval.metrics import exact_match, pass_at_1, unsafe_rate
 from enchtable_jax.eval.pipeline import evaluate, summary_table
 from enchtable_jax.eval.prompts import load_prompts, load_records
 
-__all__ = ["RECIPES", "Judge", "LLMJudge", "RefusalJudge", "complete", "eos_ids", "evaluate", "exact_match", "generate",
-           "generate_ids", "is_refusal", "load_prompts", "load_records", "pass_at_1", "refusal_report",
-           "summary_table", "unsafe_rate"]
+__all__ = ["RECIPES", "JailbreakTemplate", "Judge", "LLMJudge", "RefusalJudge", "TemplateSet", "complete", "eos_ids",
+           "evaluate", "exact_match", "generate", "generate_ids", "is_refusal", "load_prompts", "load_records",
+           "load_templates", "pass_at_1", "refusal_report", "summary_table", "unsafe_rate"]
