@@ -320,6 +320,7 @@ def _set_names(paths: list[str]) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from enchtable_jax.eval.jailbreaks import load_templates
     from enchtable_jax.eval.metrics import HUMANEVAL_FIELDS
     from enchtable_jax.eval.pipeline import RESULT_FILE, evaluate, summary_table
     from enchtable_jax.eval.prompts import load_prompts, load_records
@@ -339,10 +340,23 @@ def _eval(args: argparse.Namespace) -> None:
     prompts, qa, humaneval = args.prompts or [], args.qa or [], args.humaneval or []
     if not (prompts or qa or humaneval):
         raise EnchtableError("eval needs at least one of --prompts FILE, --qa FILE.jsonl, --humaneval FILE.jsonl")
+    if args.jailbreak_templates is not None and not prompts:
+        raise EnchtableError("--jailbreak-templates wraps the --prompts sets; give at least one --prompts FILE")
+    if args.limit_templates is not None and args.jailbreak_templates is None:
+        raise EnchtableError("--limit-templates is read only with --jailbreak-templates PATH; add it, or drop "
+                             "--limit-templates")
     _check_new_tokens(args.model, args.max_new_tokens, "--max-new-tokens")
     check_output(Path(args.out) / RESULT_FILE, {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": prompts,
                  "--qa": qa, "--humaneval": humaneval, "--judge-model": args.judge_model,
-                 "--template": template_input(args.template)}, args.overwrite, file=True)
+                 "--template": template_input(args.template), "--jailbreak-templates": args.jailbreak_templates},
+                 args.overwrite, file=True)
+    jailbreaks = None
+    if args.jailbreak_templates is not None:
+        jailbreaks = load_templates(args.jailbreak_templates, args.limit_templates)
+        print(f"jailbreak templates: {len(jailbreaks.templates)} from {args.jailbreak_templates}, "
+              f"{len(jailbreaks.skipped)} skipped (eval.json lists them)")
+        for file, reason in jailbreaks.skipped[:3]:
+            print(f"  skipped {file}: {reason}")
     names = iter(_set_names([*prompts, *qa, *humaneval]))
     result = evaluate(
         args.model, args.tokenizer,
@@ -351,7 +365,7 @@ def _eval(args: argparse.Namespace) -> None:
         humaneval_sets={next(names): load_records(p, HUMANEVAL_FIELDS, args.limit) for p in humaneval},
         judge=_eval_judge(args), suffixes=args.suffixes, max_new_tokens=args.max_new_tokens, template=args.template,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-        timeout=args.timeout, out=args.out, overwrite=args.overwrite)
+        timeout=args.timeout, out=args.out, overwrite=args.overwrite, jailbreak_templates=jailbreaks)
     print(summary_table(result))
     print(f"wrote {Path(args.out).resolve() / RESULT_FILE}")
 
@@ -722,6 +736,11 @@ def _add_eval(sub) -> None:
     _ranged(p, "--top-p", EVAL_OPTIONS["top_p"], "nucleus sampling mass (with --temperature > 0)", default=1.0)
     _ranged(p, "--seed", EVAL_OPTIONS["seed"], "sampling seed", default=0)
     _ranged(p, "--timeout", EVAL_OPTIONS["timeout"], "seconds per HumanEval program", default=10.0)
+    p.add_argument("--jailbreak-templates", metavar="PATH",
+                   help="also answer every --prompts set with each prompt wrapped in each jailbreak template of a "
+                        "YAML/JSON file or folder (PyRIT's format, {{ prompt }}); reports per-template unsafe rates "
+                        "and the attack success rate")
+    _ranged(p, "--limit-templates", EVAL_OPTIONS["limit_templates"], "use the first N jailbreak templates")
     p.add_argument("--judge-model", metavar="DIR",
                    help="judge with a local LLM (HF folder) instead of refusal patterns")
     p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),

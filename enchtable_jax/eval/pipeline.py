@@ -19,11 +19,13 @@ from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.options import EVAL_OPTIONS, check_values
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
+from enchtable_jax.eval.jailbreaks import JailbreakTemplate, TemplateSet, score, summary_rows, template_set, wrap
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import answer_matches, pass_at_1, unsafe_rate
 from enchtable_jax.eval.suffixes import suffix_map, with_suffix
 
 RESULT_FILE = "eval.json"
+TEMPLATE_ROWS = 10  # per-template rows a summary table shows per set (the highest unsafe rates; eval.json has all)
 # How a HumanEval problem is asked of a chat model; `humaneval_program` accepts a full function or a body.
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the complete function in a single "
                          "```python code block.\n\n```python\n{prompt}```")
@@ -36,7 +38,8 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
              suffixes: str | Path | Mapping[str, Any] | None = None,
              timeout: float = 10.0, out: str | Path | None = None, overwrite: bool = False,
-             progress: bool | None = None) -> dict[str, Any]:
+             progress: bool | None = None,
+             jailbreak_templates: str | Path | Mapping[str, str] | TemplateSet | None = None) -> dict[str, Any]:
     """Evaluate `model` (an `enchtable_jax.Model` or a folder) on safety prompt sets and utility sets.
 
     prompt_sets: {name: prompts}, judged by `judge` (default `RefusalJudge()`: unsafe = not refused).
@@ -48,15 +51,22 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     tokenizer: a transformers tokenizer, a folder, or None for the model's folder. out: a folder for
     `eval.json` (refused before any work if it exists there, unless `overwrite`, if the folder cannot be written,
     or if `eval.json` would be inside the model's or tokenizer's folder). Returns the result dict written there.
+    jailbreak_templates: a template file or folder, {name: template text} or a loaded `TemplateSet`
+    (`eval/jailbreaks.py`): every safety set is also answered with each prompt wrapped in each template (one
+    `generate` call per set), judged against the plain prompt, and scored per template and as an attack success rate.
     """
     check_values(EVAL_OPTIONS, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                  batch_size=batch_size, timeout=timeout)
     replay = _suffix_replay(suffixes, prompt_sets or {})
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
     _check_set_names(prompt_sets, qa_sets, humaneval_sets)
+    jailbreaks = template_set(jailbreak_templates) if jailbreak_templates is not None else None
+    if jailbreaks is not None and not prompt_sets:
+        raise EnchtableError("jailbreak templates wrap the safety prompt sets; give at least one prompt set")
     if out is not None:
         inputs = {"--model": model, "--tokenizer": tokenizer, "--template": template_input(template),
-                  "--judge-model": getattr(judge, "model", None)}
+                  "--judge-model": getattr(judge, "model", None),
+                  "--jailbreak-templates": jailbreaks.source if jailbreaks is not None else None}
         out = check_output(Path(out) / RESULT_FILE, inputs, overwrite, file=True).parent
     if isinstance(model, (str, Path)):
         model = load(model, progress=progress)
@@ -66,6 +76,9 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
                "seed": seed, "batch_size": batch_size, "progress": progress}
     start = time.perf_counter()
     safety = {name: _safety_set(model, tokenizer, prompts, judge, options) for name, prompts in prompt_sets.items()}
+    if jailbreaks is not None:
+        for name, prompts in prompt_sets.items():
+            safety[name]["jailbreaks"] = _jailbreak_set(model, tokenizer, prompts, jailbreaks.templates, judge, options)
     utility = {name: _qa_set(model, tokenizer, records, options) for name, records in qa_sets.items()}
     utility |= {name: _humaneval_set(model, tokenizer, problems, options, timeout)
                 for name, problems in humaneval_sets.items()}
@@ -84,6 +97,8 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
         **({"suffixes": {"source": str(suffixes) if isinstance(suffixes, (str, Path)) else None,
                          "prompts": len(replay)}} if replay is not None else {}),
     }
+    if jailbreaks is not None:
+        result["jailbreak_templates"] = jailbreaks.record()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RESULT_FILE, result, overwrite=overwrite)
@@ -147,6 +162,15 @@ def _safety_set(model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge
             "items": [{"prompt": p, "response": r, "unsafe": v} for p, r, v in zip(prompts, responses, verdicts)]}
 
 
+def _jailbreak_set(model: Any, tokenizer: Any, prompts: Sequence[str], templates: Sequence[JailbreakTemplate],
+                   judge: Judge, options: Mapping[str, Any]) -> dict[str, Any]:
+    """One prompt set's answers with every prompt in every template, all in one `generate` call, scored by
+    `jailbreaks.score`. The judge sees the plain prompt: it decides whether the request was carried out."""
+    responses = generate(model, tokenizer, wrap(templates, prompts), **options)
+    verdicts = judge.judge([p for _ in templates for p in prompts], responses)
+    return score(templates, prompts, responses, verdicts)
+
+
 def _qa_set(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]],
             options: Mapping[str, Any]) -> dict[str, Any]:
     """One question/answer set's answers, each marked correct or not, and its exact-match score."""
@@ -168,15 +192,43 @@ def _humaneval_set(model: Any, tokenizer: Any, problems: Sequence[Mapping[str, s
 
 
 def _summary_rows(safety: Mapping[str, Any], utility: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per set: its name, metric, size and value."""
-    return ([{"set": n, "metric": "unsafe_rate", "n": s["n"], "value": s["unsafe_rate"]} for n, s in safety.items()]
-            + [{"set": n, "metric": u["metric"], "n": u["n"], "value": u["score"]} for n, u in utility.items()])
+    """One row per set: its name, metric, size and value; a set's jailbreak rows (with `template`) after its own."""
+    rows = []
+    for n, s in safety.items():
+        rows.append({"set": n, "metric": "unsafe_rate", "n": s["n"], "value": s["unsafe_rate"]})
+        if "jailbreaks" in s:
+            rows += summary_rows(n, s["jailbreaks"])
+    return rows + [{"set": n, "metric": u["metric"], "n": u["n"], "value": u["score"]} for n, u in utility.items()]
 
 
-def summary_table(result: Mapping[str, Any]) -> str:
-    """A plain-text table of a result's summary rows: set, metric, n, value."""
-    rows = [("set", "metric", "n", "value")] + [(r["set"], r["metric"], str(r["n"]), f"{r['value']:.3f}")
-                                                 for r in result["summary"]]
+def _table_rows(summary: Sequence[Mapping[str, Any]], template_rows: int) -> list[tuple[str, str, str, str]]:
+    """The table's cells: a template's row is named `set [template]`; of a set's template rows only the
+    `template_rows` highest are shown, then how many more eval.json holds."""
+    cells: list[tuple[str, str, str, str]] = []
+    held: list[Mapping[str, Any]] = []
+
+    def flush() -> None:
+        for r in sorted(held, key=lambda r: -r["value"])[:template_rows]:
+            name = r["template"] if len(r["template"]) <= 40 else r["template"][:39] + "…"
+            cells.append((f"{r['set']} [{name}]", r["metric"], str(r["n"]), f"{r['value']:.3f}"))
+        if len(held) > template_rows:
+            cells.append((f"{held[0]['set']} [{len(held) - template_rows} more templates: eval.json]", "", "", ""))
+        held.clear()
+
+    for r in summary:
+        if "template" in r:
+            held.append(r)
+            continue
+        flush()
+        cells.append((r["set"], r["metric"], str(r["n"]), f"{r['value']:.3f}"))
+    flush()
+    return cells
+
+
+def summary_table(result: Mapping[str, Any], template_rows: int = TEMPLATE_ROWS) -> str:
+    """A plain-text table of a result's summary rows: set, metric, n, value (per-template rows: the
+    `template_rows` highest unsafe rates of each set)."""
+    rows = [("set", "metric", "n", "value"), *_table_rows(result["summary"], template_rows)]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
