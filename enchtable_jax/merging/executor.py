@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,7 +38,7 @@ from enchtable_jax.kernels.mesh import fully_replicated_numpy, host_rows, put
 from enchtable_jax.kernels.spectral import top_triplets
 from enchtable_jax.merging import decomposition
 from enchtable_jax.merging.lora import LoraTask
-from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, method_options
+from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, HostForm, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
 from enchtable_jax.models.identity import WeightsDigest, check_base, config_digest
 from enchtable_jax.nonfinite import check_output, host_finite, input_error, output_error
@@ -46,6 +46,7 @@ from enchtable_jax.nonfinite import check_output, host_finite, input_error, outp
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads", "head_dim")
 DEFAULT_GROUP_BYTES = 512 * 2**20
+_HOST_CHUNK = 1 << 16  # entries per step of a host-form merge: 256 KiB of float32 per buffer, cache-sized
 GROUP_AXIS = "groups"
 
 
@@ -367,6 +368,14 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     layout = {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
               for name in copied + [name for group in groups for name in group]}
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
+    what = f"merge {method} (α = {plan_.alpha:.4g})"
+    form = METHODS[method].host
+    if form is not None and all(plan_.tensors[name].rank is None for group in groups for name in group):
+        # An element-wise method on dense deltas: on the host, fused with the reads (DESIGN.md, Merging).
+        merged = [name for group in groups for name in group]
+        records = _host_records(merged, plan_, base, task, safety, form, allow_nonfinite, what)
+        return layout, _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
+                                 progress), {"state": "not used (the method does not decompose)", "file": None}
     cache, mode, writer, outcome = _decomposition(plan_, safety, method, options, cache_decomposition)
     # Every tensor's PRNG key up front: computed per group, the keys would queue behind the running group on the
     # device, and reading the next group would wait for it (the pipeline would stall).
@@ -382,8 +391,6 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         else:
             fn = _group_fn(method, settings, mesh, mode if matrix else None, factored)
         return fn(*inputs[:3], alpha, inputs[3])
-
-    what = f"merge {method} (α = {plan_.alpha:.4g})"
 
     def produce() -> Iterator[MergedTensor]:
         yield from _copied_records(copied, task, allow_nonfinite, what)
@@ -416,6 +423,78 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                            file=str(written) if written else None)
 
     return layout, produce(), outcome
+
+
+def _with_bar(copied: Iterator[MergedTensor], merged: Iterator[MergedTensor], count: int, method: str,
+              progress: bool | None) -> Iterator[MergedTensor]:
+    """The copied records, then the merged ones under a progress bar of `count` tensors."""
+    yield from copied
+    with tqdm(total=count, desc=f"merge {method}", unit="tensor", disable=_disable(progress)) as bar:
+        for record in merged:
+            yield record
+            bar.update()
+
+
+def _host_records(names: list[str], plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
+                  form: HostForm, allow_nonfinite: bool, what: str) -> Iterator[MergedTensor]:
+    """Each of `names` merged by the method's host form: τ_task, τ_safe, the delta and base + delta computed chunk by
+    chunk in cache-sized buffers, from the mapped inputs straight into the output array (no stacks, no devices)."""
+    alpha = np.float32(plan_.alpha)
+    scratch = [np.empty(_HOST_CHUNK, np.float32) for _ in range(2)] + \
+        [np.empty(_HOST_CHUNK, np.float64) for _ in range(2 if form.uses_sums else 0)]
+    for name in names:
+        yield _host_merge(name, plan_.tensors[name], base, task, safety, form, alpha, scratch, allow_nonfinite, what)
+
+
+def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
+                form: HostForm, alpha: np.float32, scratch: list[np.ndarray], allow_nonfinite: bool,
+                what: str) -> MergedTensor:
+    """One tensor by `form`, checked finite: a non-finite input always reaches the delta (`HostForm`), so the one
+    check of the result also finds a bad input, which is then named as the device path names it."""
+    b, t, parts = base.read(name).reshape(-1), task.read(name).reshape(-1), safety.parts(name)
+    n = b.size
+
+    def chunks() -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:  # (where, τ_task, τ_safe) in the scratch
+        for i in range(0, n, _HOST_CHUNK):
+            at = slice(i, min(i + _HOST_CHUNK, n))
+            tau, safe = scratch[0][:at.stop - i], scratch[1][:at.stop - i]
+            np.subtract(t[at], b[at], out=tau, dtype=np.float32)
+            if len(parts) == 1:
+                np.copyto(safe, parts[0][at], casting="same_kind")
+            else:
+                np.subtract(parts[0][at], parts[1][at], out=safe, dtype=np.float32)
+            yield at, tau, safe
+
+    sums = None
+    if form.uses_sums:  # accumulated in float64, each chunk's products too
+        totals = np.zeros(3)
+        for at, tau, safe in chunks():
+            x, y = scratch[2][:tau.size], scratch[3][:tau.size]
+            np.copyto(x, tau)
+            np.copyto(y, safe)
+            # einsum, not np.dot: BLAS's threads spin while they wait, and a busy machine then stalls each call
+            totals += (np.einsum("i,i", x, x), np.einsum("i,i", y, y), np.einsum("i,i", x, y))
+        sums = tuple(float(v) for v in totals)
+    apply, stats = form.prepare(alpha, sums)
+    merged = np.empty(spec.shape, spec.dtype)
+    flat = merged.reshape(-1)
+    for at, tau, safe in chunks():
+        apply(tau, safe)
+        if spec.dtype == np.float32:
+            np.add(b[at], safe, out=flat[at], dtype=np.float32)
+        else:  # added in float32, then rounded once to the dtype, as `_merged_records` does
+            np.add(b[at], safe, out=safe, dtype=np.float32)
+            flat[at] = safe
+    if not host_finite(merged):
+        tau = np.subtract(task.read(name), base.read(name), dtype=np.float32)
+        delta = np.array(safety.read(name), np.float32)
+        finite = [host_finite(tau), host_finite(delta)]
+        apply(tau.reshape(-1), delta.reshape(-1))
+        _check_group([name], np.array([finite + [host_finite(delta)]]), base, task, safety, allow_nonfinite, what,
+                     lambda _: delta)
+        check_output(merged, what, name, " (overflow in the output dtype, or a non-finite base tensor let through "
+                                         "by allow_nonfinite)")
+    return MergedTensor(name, merged, stats)
 
 
 def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: dict[str, Any], write: bool
@@ -490,7 +569,8 @@ def _group_results(group: list[str], running: tuple, base: TensorSource, task: T
     deltas are checked finite."""
     deltas, stats, finite, emitted = running
     finite = fully_replicated_numpy(finite)
-    _check_group(group, finite, base, task, safety, allow_nonfinite, what, deltas)
+    _check_group(group, finite, base, task, safety, allow_nonfinite, what,
+                 lambda i: fully_replicated_numpy(deltas)[i])
     # Rows as views of the devices' buffers where possible: a gathered host copy would be one more stack in memory.
     return (host_rows(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()},
             {role: tuple(host_rows(t) for t in triplets) for role, triplets in emitted.items()})
@@ -508,7 +588,7 @@ def _merged_records(group: list[str], deltas: list[np.ndarray], stats: dict[str,
 
 
 def _check_group(group: list[str], finite: np.ndarray, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                 allow: bool, what: str, deltas) -> None:
+                 allow: bool, what: str, delta_of: Callable[[int], np.ndarray]) -> None:
     """Refuse a group whose inputs (τ_task = task − base, τ_safe) or deltas are not finite, naming the tensor and,
     for an input, the file that holds the NaN or Inf (found by re-reading the few tensors concerned)."""
     for i, name in enumerate(group):
@@ -525,4 +605,4 @@ def _check_group(group: list[str], finite: np.ndarray, base: TensorSource, task:
         if not delta_ok:
             why = "; an input holds NaN or Inf (allowed by allow_nonfinite)" if not (tau_ok and safe_ok) else \
                 "; the method's arithmetic overflowed"
-            raise output_error(what, name, fully_replicated_numpy(deltas)[i], why)
+            raise output_error(what, name, delta_of(i), why)

@@ -22,6 +22,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, Triplets, interference, interference_blocks, \
@@ -69,6 +70,22 @@ class Option:
         return value if self.range is None else self.range.check(name, value)
 
 
+Sums = tuple[float, float, float]  # Σ τ_task², Σ τ_safe², Σ τ_task·τ_safe of one tensor (float64)
+Apply = Callable[[np.ndarray, np.ndarray], None]  # (τ_task chunk, τ_safe chunk): the delta written over τ_safe
+
+
+@dataclasses.dataclass(frozen=True)
+class HostForm:
+    """An element-wise method's formula in numpy, for the executor to run on the host chunk by chunk, fused with
+    the reads and the base add (DESIGN.md, Merging: why): `prepare(α, sums)` gives the chunk function and the
+    tensor's stats; `sums` (needed when `uses_sums`) are the tensor's `Sums`, else None. It must equal `fn` to
+    float32 rounding, and let any non-finite τ_task or τ_safe entry reach the delta (so that the executor's one
+    check of the merged tensor also guards the inputs)."""
+
+    prepare: Callable[[np.float32, Sums | None], tuple[Apply, dict[str, float]]]
+    uses_sums: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered merge method."""
@@ -79,6 +96,7 @@ class Method:
     options: dict[str, Option]
     adaptive_alpha: bool = False  # default α = β·‖τ_task‖/‖τ_safe‖ (else a fixed α, default 1)
     uses_alpha: bool = True  # False: α does not enter the formula (nothing to scale or calibrate)
+    host: HostForm | None = None  # the formula in numpy, for a method without options that is element-wise
 
     @property
     def uses_triplets(self) -> bool:
@@ -104,13 +122,16 @@ def check_strength(method: str, alpha: float | None, beta: float | None, names: 
                              f"drop {given}")
 
 
-def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: bool = True, **options: Option):
+def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: bool = True,
+             host: HostForm | None = None, **options: Option):
     """Decorator adding a method to `METHODS`; its options are the keyword-only parameters of the function, whose
     values `Method.fn` fills in from `options` when a call leaves them out."""
+    if host is not None and options:
+        raise TypeError(f"merge method {name}: a host form takes no options")
 
     def add(fn):
         METHODS[name] = Method(name, _with_declared_defaults(name, fn, options), summary, options, adaptive_alpha,
-                               uses_alpha)
+                               uses_alpha, host)
         return fn
 
     return add
@@ -191,8 +212,16 @@ def enchtable(task, safety, alpha, key, hints, *, keep, interference_scale, solv
     return task + weight * scaled, _stats(iota_of(m), weight)
 
 
+def _task_arithmetic_host(alpha: np.float32, sums: Sums | None) -> tuple[Apply, dict[str, float]]:
+    def apply(task: np.ndarray, safety: np.ndarray) -> None:  # task + α·τ_safe, as `task_arithmetic`
+        np.multiply(safety, alpha, out=safety)
+        np.add(task, safety, out=safety)
+
+    return apply, {"interference": NAN, "weight": float(alpha)}
+
+
 @register("task_arithmetic", "θ_base + τ_task + α·τ_safe (task arithmetic, Ilharco et al. 2023; = RESTA, Bhardwaj "
-                             "et al. 2024, with a real scale α)")
+                             "et al. 2024, with a real scale α)", host=HostForm(_task_arithmetic_host))
 def task_arithmetic(task, safety, alpha, key):
     return task + alpha * safety, _stats(weight=alpha)
 
@@ -266,8 +295,25 @@ def breadcrumbs(task, safety, alpha, key, *, density, gamma):
     return kept_task + alpha * kept_safety, _stats(weight=alpha)
 
 
+def _model_stock_host(alpha: np.float32, sums: Sums | None) -> tuple[Apply, dict[str, float]]:
+    task_sq, safety_sq, dot = sums
+    norms = np.sqrt(task_sq) * (float(alpha) * np.sqrt(safety_sq))  # ‖τ_task‖·‖α·τ_safe‖, α ≥ 0
+    cos = np.float32(float(alpha) * dot / norms if norms > 0 else 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # cos = −1: t is −inf and the merged tensor is refused
+        t = np.float32(2) * cos / (np.float32(1) + cos)
+
+    def apply(task: np.ndarray, safety: np.ndarray) -> None:  # t·(τ_task + α·τ_safe)/2, as `model_stock`
+        np.multiply(safety, alpha, out=safety)
+        np.add(task, safety, out=safety)
+        np.multiply(safety, t, out=safety)
+        np.divide(safety, np.float32(2), out=safety)
+
+    return apply, {"interference": NAN, "weight": float(t)}
+
+
 @register("model_stock", "t = 2cosφ/(1 + cosφ) from the angle of τ_task and α·τ_safe per tensor; θ_base + "
-                         "t·(τ_task + α·τ_safe)/2 (Model Stock, Jang et al. 2024)")
+                         "t·(τ_task + α·τ_safe)/2 (Model Stock, Jang et al. 2024)",
+          host=HostForm(_model_stock_host, uses_sums=True))
 def model_stock(task, safety, alpha, key):
     scaled = alpha * safety
     norms = jnp.linalg.norm(task.reshape(-1)) * jnp.linalg.norm(scaled.reshape(-1))

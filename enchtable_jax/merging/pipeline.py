@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,13 @@ from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.lora import companion_folder, open_task
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
-from enchtable_jax.merging.report import peak_rss_bytes, report_dict, report_files
+from enchtable_jax.merging.report import peak_rss_bytes, plot_png, report_dict, report_files
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource, open_model
 from enchtable_jax.models.model import Model
 from enchtable_jax.options import check_values
 
 ModelLike = Model | str | Path
+_WRITES_AHEAD = 2  # merged tensors waiting for the writer thread, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +122,21 @@ def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeSt
     """Stream the records into the HF folder `out` with the report's files and `extra_files`; `stats` filled on the
     way. Returns the final report."""
     with HFWriter(out, task_src.config, layout, like=companion_folder(task_src), shard_size=shard_size,
-                  overwrite=overwrite, progress=progress, check_finite=False) as writer:  # the executor checked them
+                  overwrite=overwrite, progress=progress,
+                  check_finite=False) as writer, ThreadPoolExecutor(1) as disk:  # the executor checked them
+        # Writes run on a thread of their own (write(2) releases the GIL), at most _WRITES_AHEAD behind the
+        # records: the next tensor is merged while one is written, and the plot is drawn while the last ones
+        # and the fsync run.
+        pending: collections.deque = collections.deque()
         for record in records:
-            writer.add(record.name, record.array)
+            pending.append(disk.submit(writer.add, record.name, record.array))
             stats[record.name] = record.stats
+            while len(pending) > _WRITES_AHEAD:
+                pending.popleft().result()
+        png = plot_png(report())
+        while pending:
+            pending.popleft().result()
         final = report()
-        for name, data in {**report_files(final), **(extra_files or {})}.items():
+        for name, data in {**report_files(final, png), **(extra_files or {})}.items():
             writer.add_file(name, data)
     return final

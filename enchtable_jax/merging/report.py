@@ -51,11 +51,18 @@ def alpha_text(report: dict[str, Any], digits: int = 4) -> str:
     return "no α" if report["alpha"] is None else f"α = {report['alpha']:.{digits}g}"
 
 
-def report_files(report: dict[str, Any]) -> dict[str, str | bytes]:
-    """merge_report.json and merge_report.png, by name, for the output folder."""
+def report_files(report: dict[str, Any], png: bytes | None = None) -> dict[str, str | bytes]:
+    """merge_report.json and merge_report.png, by name, for the output folder (`png`: the plot, when drawn
+    already)."""
+    return {"merge_report.json": json.dumps(report, indent=2) + "\n",
+            "merge_report.png": plot_png(report) if png is None else png}
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    """The report's plot (`plot`) as PNG bytes."""
     png = io.BytesIO()
     plot(report, png)
-    return {"merge_report.json": json.dumps(report, indent=2) + "\n", "merge_report.png": png.getvalue()}
+    return png.getvalue()
 
 
 def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:

@@ -140,12 +140,17 @@ class SafetyDelta:
                 return source.where(name), arr
         return None
 
+    def parts(self, name: str) -> list[np.ndarray]:
+        """The stored tensors τ_safe[name] is made of, flat, in their dtypes: [τ_safe] from a vector, [aligned,
+        harmful] from a pair (τ_safe = the float32 difference)."""
+        parts = [self.source.read(name)] if self.source is not None else [self.aligned.read(name),
+                                                                          self.harmful.read(name)]
+        return [p.reshape(-1) for p in parts]
+
     def any_nonzero(self, name: str) -> bool:
         """Whether τ_safe[name] has an entry that is not zero (NaN counts, as for `np.any`), computed chunk by chunk
         up to the first such entry: a delta is rarely zero, so this reads a few pages rather than two tensors."""
-        parts = [self.source.read(name)] if self.source is not None else [self.aligned.read(name),
-                                                                          self.harmful.read(name)]
-        flat = [p.reshape(-1) for p in parts]
+        flat = self.parts(name)
         for start in range(0, flat[0].size, _CHUNK):
             chunk = [f[start:start + _CHUNK].astype(np.float32, copy=False) for f in flat]
             if np.any(chunk[0] if len(chunk) == 1 else chunk[0] - chunk[1]):
