@@ -258,9 +258,10 @@ def score(templates: Sequence[JailbreakTemplate], prompts: Sequence[str], respon
 
 
 def summary_rows(set_name: str, block: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Summary rows of a set's jailbreak block: attack success rate, pooled unsafe rate, then one per template."""
+    """Summary rows of a set's jailbreak block: attack success rate, pooled unsafe rate, then one per template
+    (its own metric name, so that (set, metric) still identifies the set's other rows)."""
     return ([{"set": set_name, "metric": "jailbreak_asr", "n": block["n"], "value": block["attack_success_rate"]},
              {"set": set_name, "metric": "jailbreak_unsafe_rate", "n": block["n"] * block["templates"],
               "value": block["unsafe_rate"]}]
-            + [{"set": set_name, "metric": "unsafe_rate", "template": name, "n": t["n"], "value": t["unsafe_rate"]}
-               for name, t in block["per_template"].items()])
+            + [{"set": set_name, "metric": "template_unsafe_rate", "template": name, "n": t["n"],
+                "value": t["unsafe_rate"]} for name, t in block["per_template"].items()])

@@ -191,8 +191,8 @@ def test_evaluate_scores_every_template_and_the_attack_success_rate(rigged, tmp_
     assert [(r["set"], r["metric"], r.get("template"), r["n"], r["value"]) for r in result["summary"]] == [
         ("harmful", "unsafe_rate", None, 3, pytest.approx(2 / 3)), ("harmful", "jailbreak_asr", None, 3, 1.0),
         ("harmful", "jailbreak_unsafe_rate", None, 9, pytest.approx(5 / 9)),
-        ("harmful", "unsafe_rate", "echo", 3, pytest.approx(2 / 3)), ("harmful", "unsafe_rate", "calm", 3, 0.0),
-        ("harmful", "unsafe_rate", "shout", 3, 1.0)]
+        ("harmful", "template_unsafe_rate", "echo", 3, pytest.approx(2 / 3)),
+        ("harmful", "template_unsafe_rate", "calm", 3, 0.0), ("harmful", "template_unsafe_rate", "shout", 3, 1.0)]
     table = summary_table(result, template_rows=2).splitlines()
     assert [line.split()[:2] for line in table[2:7]] == [
         ["harmful", "unsafe_rate"], ["harmful", "jailbreak_asr"], ["harmful", "jailbreak_unsafe_rate"],
