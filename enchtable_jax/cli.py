@@ -319,6 +319,24 @@ def _set_names(paths: list[str]) -> list[str]:
     return names
 
 
+def _safedecoding(args: argparse.Namespace):
+    """SafeDecoding's options from --safedecoding-* for --defense safedecoding, else None; --expert and those options
+    are refused without it, and it without --expert."""
+    from enchtable_jax.options import SafeDecodingOptions
+
+    options = _options_from(args, SafeDecodingOptions)
+    if args.defense == "safedecoding":
+        if args.expert is None:
+            raise EnchtableError("--defense safedecoding needs --expert DIR: a safety expert model with the model's "
+                                 "tokenizer")
+        return options
+    if args.expert is not None:
+        raise EnchtableError("--expert is read only with --defense safedecoding; add it, or drop --expert")
+    if options != SafeDecodingOptions():
+        raise EnchtableError("--safedecoding-* options are read only with --defense safedecoding")
+    return None
+
+
 def _eval(args: argparse.Namespace) -> None:
     from enchtable_jax.eval.jailbreaks import load_templates
     from enchtable_jax.eval.metrics import HUMANEVAL_FIELDS
@@ -346,6 +364,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise EnchtableError("--limit-templates is read only with --jailbreak-templates PATH; add it, or drop "
                              "--limit-templates")
     _check_new_tokens(args.model, args.max_new_tokens, "--max-new-tokens")
+    safedecoding = _safedecoding(args)
     check_output(Path(args.out) / RESULT_FILE, {"--model": args.model, "--tokenizer": args.tokenizer, "--prompts": prompts,
                  "--qa": qa, "--humaneval": humaneval, "--judge-model": args.judge_model,
                  "--template": template_input(args.template), "--jailbreak-templates": args.jailbreak_templates},
@@ -365,6 +384,7 @@ def _eval(args: argparse.Namespace) -> None:
         humaneval_sets={next(names): load_records(p, HUMANEVAL_FIELDS, args.limit) for p in humaneval},
         judge=_eval_judge(args), suffixes=args.suffixes, max_new_tokens=args.max_new_tokens, template=args.template,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+        defense=args.defense, expert=args.expert, safedecoding=safedecoding,
         timeout=args.timeout, out=args.out, overwrite=args.overwrite, jailbreak_templates=jailbreaks)
     print(summary_table(result))
     print(f"wrote {Path(args.out).resolve() / RESULT_FILE}")
@@ -711,8 +731,9 @@ def _add_enchant(sub) -> None:
 
 
 def _add_eval(sub) -> None:
+    from enchtable_jax.eval.defenses import DEFENSES
     from enchtable_jax.eval.judge import RECIPES
-    from enchtable_jax.options import EVAL_OPTIONS
+    from enchtable_jax.options import EVAL_OPTIONS, SafeDecodingOptions
 
     p = sub.add_parser("eval", help="unsafe rate and utility of a model: generate, judge, score; or a judge's accuracy",
                        description="Generate answers (JAX, greedy by default, the model's chat template) to safety "
@@ -736,6 +757,13 @@ def _add_eval(sub) -> None:
     _ranged(p, "--top-p", EVAL_OPTIONS["top_p"], "nucleus sampling mass (with --temperature > 0)", default=1.0)
     _ranged(p, "--seed", EVAL_OPTIONS["seed"], "sampling seed", default=0)
     _ranged(p, "--timeout", EVAL_OPTIONS["timeout"], "seconds per HumanEval program", default=10.0)
+    p.add_argument("--defense", choices=DEFENSES,
+                   help="inference-time defense for every generation: self-reminder (Xie et al. 2023: a system prompt "
+                        "and a reminder after each query) or safedecoding (Xu et al. 2024: the first tokens steered "
+                        "by --expert)")
+    p.add_argument("--expert", metavar="DIR", help="SafeDecoding's safety expert: a model folder with the model's "
+                                                   "tokenizer")
+    _add_fields(p, SafeDecodingOptions())
     p.add_argument("--jailbreak-templates", metavar="PATH",
                    help="also answer every --prompts set with each prompt wrapped in each jailbreak template of a "
                         "YAML/JSON file or folder (PyRIT's format, {{ prompt }}); reports per-template unsafe rates "

@@ -172,6 +172,22 @@ def check_values(ranges: dict[str, Range], **values: Any) -> None:
             ranges[name].check(name, value)
 
 
+@dataclasses.dataclass(frozen=True)
+class SafeDecodingOptions:
+    """SafeDecoding's parameters (Xu et al. 2024, ACL, arXiv:2402.08983), defaults from its paper and reference
+    code: α = 3, m = 2, c = 5 (eval/defenses.py applies them)."""
+
+    alpha: float = option(3.0, "SafeDecoding: weight α of the expert's shift, p_base + α(p_expert - p_base)",
+                          NON_NEGATIVE, flag="--safedecoding-alpha")
+    first_m: int = option(2, "SafeDecoding: new tokens decoded with the expert (m); the rest by the model alone",
+                          COUNT, flag="--safedecoding-first-m")
+    common_tokens: int = option(5, "SafeDecoding: tokens the sample space holds at least (c), the smallest top-k "
+                                   "of both models sharing that many", COUNT, flag="--safedecoding-common-tokens")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 # Command options that have no dataclass: defaults and ranges, used by the functions and the CLI alike.
 EVAL_OPTIONS = {
     "max_new_tokens": COUNT,

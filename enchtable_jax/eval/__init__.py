@@ -1,11 +1,13 @@
 """Evaluation: generate answers in JAX, judge them, and measure unsafe rate and utility.
 
 `evaluate` runs a whole evaluation (what `enchtable eval` calls); the pieces are usable on their own:
-`generate` (batched, KV-cached, greedy or seeded sampling), the judges (`RefusalJudge`, `LLMJudge`,
+`generate` (batched, KV-cached, greedy or seeded sampling; the inference-time defenses Self-Reminder and
+SafeDecoding: `SELF_REMINDER`, `safedecoding_scores`), the judges (`RefusalJudge`, `LLMJudge`,
 `is_refusal`, `refusal_report`), `load_prompts`, the metrics (`unsafe_rate`, `exact_match`, `pass_at_1`), and the
 static jailbreak templates (`load_templates`: PyRIT-format YAML/JSON, filled exactly).
 """
 
+from enchtable_jax.eval.defenses import DEFENSES, SELF_REMINDER, SelfReminder, check_expert, safedecoding_scores
 from enchtable_jax.eval.generate import complete, eos_ids, generate, generate_ids
 from enchtable_jax.eval.jailbreaks import JailbreakTemplate, TemplateSet, load_templates
 from enchtable_jax.eval.judge import (
@@ -20,6 +22,7 @@ from enchtable_jax.eval.metrics import exact_match, pass_at_1, unsafe_rate
 from enchtable_jax.eval.pipeline import evaluate, summary_table
 from enchtable_jax.eval.prompts import load_prompts, load_records
 
-__all__ = ["RECIPES", "JailbreakTemplate", "Judge", "LLMJudge", "RefusalJudge", "TemplateSet", "complete", "eos_ids",
+__all__ = ["DEFENSES", "RECIPES", "SELF_REMINDER", "SelfReminder", "check_expert", "safedecoding_scores",
+           "JailbreakTemplate", "Judge", "LLMJudge", "RefusalJudge", "TemplateSet", "complete", "eos_ids",
            "evaluate", "exact_match", "generate", "generate_ids", "is_refusal", "load_prompts", "load_records",
            "load_templates", "pass_at_1", "refusal_report", "summary_table", "unsafe_rate"]

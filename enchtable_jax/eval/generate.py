@@ -8,6 +8,9 @@ sorted by length before batching (less padding) and answers returned in the inpu
 
 Sampling draws each row from its own key, `fold_in(key(seed), prompt index)` then the step, so a
 prompt's sample does not depend on which prompts share its batch (up to float rounding of padding).
+
+The inference-time defenses of `eval/defenses.py` plug in here: Self-Reminder rewrites the conversations before
+rendering; SafeDecoding runs a second (expert) model beside the first for its first m tokens, in the same loop.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.models.chat import render_prompts
+from enchtable_jax.eval.defenses import SelfReminder, check_expert, check_expert_width, remind, safedecoding_scores
+from enchtable_jax.models.chat import Message, render_prompts
 from enchtable_jax.models.config import ModelConfig
 from enchtable_jax.models.model import Model
 from enchtable_jax.models.tokenizer import load_tokenizer
 from enchtable_jax.models.transformer import Params, forward_cached, init_cache
+from enchtable_jax.options import SafeDecodingOptions
 from enchtable_jax.safe_io import check_inside, read_json
 
 MIN_WIDTH = 16  # smallest prompt-width bucket
@@ -106,18 +111,28 @@ def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, sample: bool, t
     return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample", "expert_config", "first_m"))
 def _decode(params: Params, config: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array, keys: jax.Array,
             done: jax.Array, stop_ids: jax.Array, pad_id: jax.Array, temperature: jax.Array, top_p: jax.Array,
-            max_new_tokens: int, sample: bool) -> jax.Array:
+            max_new_tokens: int, sample: bool, expert: Params | None = None, expert_config: ModelConfig | None = None,
+            first_m: int = 0, alpha: jax.Array | None = None, common_tokens: jax.Array | None = None) -> jax.Array:
     """New tokens [B, max_new_tokens] for left-padded prompts [B, P]; after a row's eos id, `pad_id`.
 
-    `done` [B] marks rows that generate nothing (batch padding); the loop ends when every row is done.
+    `done` [B] marks rows that generate nothing (batch padding); the loop ends when every row is done. With an
+    `expert` model, the first `first_m` tokens are chosen from SafeDecoding's distribution
+    (`defenses.safedecoding_scores`), the expert reading the same tokens through a cache of its own.
     """
     b, width = input_ids.shape
     cache = init_cache(config, b, width + max_new_tokens, params["model.embed_tokens.weight"].dtype)
     logits, cache = forward_cached(params, config, input_ids, attention_mask, cache)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+    def step_with(scores, step, cache, out, done):
+        token = jnp.where(done, pad_id, _choose(scores, keys, step, sample, temperature, top_p))
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = forward_cached(params, config, token[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        return token, logits, cache, out, done
 
     def cond(state):
         step, _, _, _, done = state
@@ -125,22 +140,46 @@ def _decode(params: Params, config: ModelConfig, input_ids: jax.Array, attention
 
     def body(state):
         step, logits, cache, out, done = state
-        token = jnp.where(done, pad_id, _choose(logits, keys, step, sample, temperature, top_p))
-        out = out.at[:, step].set(token)
-        done = done | jnp.isin(token, stop_ids)
-        logits, cache = forward_cached(params, config, token[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        _, logits, cache, out, done = step_with(logits, step, cache, out, done)
         return step + 1, logits, cache, out, done
 
-    return jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, done))[3]
+    state = (jnp.int32(0), logits, cache, out, done)
+    if expert is not None:
+        guided = min(first_m, max_new_tokens)
+        expert_cache = init_cache(expert_config, b, width + guided, expert["model.embed_tokens.weight"].dtype)
+        expert_logits, expert_cache = forward_cached(expert, expert_config, input_ids, attention_mask, expert_cache)
+
+        def guided_cond(state):
+            (step, _, _, _, done), _, _ = state
+            return (step < guided) & ~jnp.all(done)
+
+        def guided_body(state):
+            (step, logits, cache, out, done), expert_logits, expert_cache = state
+            scores = safedecoding_scores(logits, expert_logits, alpha, common_tokens)
+            token, logits, cache, out, done = step_with(scores, step, cache, out, done)
+            expert_logits, expert_cache = forward_cached(expert, expert_config, token[:, None],
+                                                         jnp.ones((b, 1), jnp.int32), expert_cache)
+            return (step + 1, logits, cache, out, done), expert_logits, expert_cache
+
+        state = jax.lax.while_loop(guided_cond, guided_body, (state, expert_logits, expert_cache))[0]
+    return jax.lax.while_loop(cond, body, state)[3]
 
 
 def generate_ids(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  stop_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, batch_size: int = 16, progress: bool | None = None) -> list[list[int]]:
+                 seed: int = 0, batch_size: int = 16, progress: bool | None = None, expert: Model | None = None,
+                 safedecoding: SafeDecodingOptions | None = None) -> list[list[int]]:
     """New token ids for each prompt of token ids, up to and including the first id in `stop_ids`.
 
-    temperature 0 is greedy decoding; above 0, sampling from the top-p nucleus with a key per prompt.
+    temperature 0 is greedy decoding; above 0, sampling from the top-p nucleus with a key per prompt. With an
+    `expert` (a safety expert sharing the model's vocabulary), SafeDecoding with `safedecoding`'s parameters
+    (default: the paper's): temperature and top-p then act on its distribution for the first m tokens.
     """
+    if safedecoding is not None and expert is None:
+        raise EnchtableError("SafeDecoding options were given without an expert model; pass expert=")
+    safedecoding = safedecoding if safedecoding is not None else SafeDecodingOptions()
+    if expert is not None:
+        check_expert_width(model, expert, safedecoding)
     if max_new_tokens < 1:
         raise EnchtableError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -158,6 +197,9 @@ def generate_ids(model: Model, prompts: Sequence[Sequence[int]], *, max_new_toke
     slots = max(4, -(-len(stop_list) // 4) * 4)  # padded with -1 to a multiple of 4: one compilation for most sets
     stops = jnp.asarray(stop_list + [-1] * (slots - len(stop_list)), jnp.int32)
     results: list[list[int]] = [[] for _ in prompts]
+    guide = {} if expert is None else {
+        "expert": expert.params, "expert_config": expert.config, "first_m": safedecoding.first_m,
+        "alpha": jnp.float32(safedecoding.alpha), "common_tokens": jnp.int32(safedecoding.common_tokens)}
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=None if progress is None else not progress):
         members = order[start:start + batch_size]
@@ -173,7 +215,7 @@ def generate_ids(model: Model, prompts: Sequence[Sequence[int]], *, max_new_toke
         done = np.arange(rows) >= len(members)
         tokens = np.asarray(_decode(model.params, model.config, ids, mask, keys, done, stops, jnp.int32(pad_id),
                                     jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
-                                    max_new_tokens=max_new_tokens, sample=temperature > 0))
+                                    max_new_tokens=max_new_tokens, sample=temperature > 0, **guide))
         for row, i in enumerate(members):
             new = tokens[row].tolist()
             ends = [k for k, t in enumerate(new) if t in stop_set]
@@ -200,15 +242,23 @@ def complete(model: Model, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], 
     return [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids, skip_special_tokens=True) for ids in new]
 
 
-def generate(model: Model, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
+def generate(model: Model, tokenizer: Any, prompts: Sequence[str | list[Message]], *, max_new_tokens: int = 128,
              template: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 16, progress: bool | None = None) -> list[str]:
-    """Responses of `model` (an `enchtable_jax.Model`) to each prompt, as one user turn in the chat template.
+             batch_size: int = 16, progress: bool | None = None, reminder: SelfReminder | None = None,
+             expert: Model | None = None, safedecoding: SafeDecodingOptions | None = None) -> list[str]:
+    """Responses of `model` (an `enchtable_jax.Model`) to each prompt, as one user turn in the chat template (or a
+    list of role/content messages).
 
     tokenizer: a transformers tokenizer, a folder holding one, or None for the model's own folder.
     template: None for the tokenizer's chat template, a name in `models.tokenizer.TEMPLATES`, or a .jinja
     file. Stops at any eos id (see `eos_ids`) or after `max_new_tokens`; special tokens are not decoded.
+    Defenses (eval/defenses.py): `reminder` wraps every prompt in Self-Reminder's wording (`defenses.SELF_REMINDER`);
+    `expert`, a safety expert with the model's tokenizer, decodes with SafeDecoding (`safedecoding`: its parameters).
     """
     tokenizer = resolve_tokenizer(model, tokenizer)
-    return complete(model, tokenizer, render_prompts(prompts, tokenizer, template), max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
+    if expert is not None:
+        check_expert(model, tokenizer, expert, safedecoding)
+    conversations = remind(prompts, tokenizer, template, reminder) if reminder is not None else prompts
+    return complete(model, tokenizer, render_prompts(conversations, tokenizer, template), max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
+                    expert=expert, safedecoding=safedecoding)

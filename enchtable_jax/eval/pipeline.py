@@ -7,6 +7,7 @@ the model's chat template. Utility: exact match on question/answer sets, pass@1 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,8 @@ from enchtable_jax.converters.atomic import write_json
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.options import EVAL_OPTIONS, check_values
+from enchtable_jax.options import EVAL_OPTIONS, SafeDecodingOptions, check_values
+from enchtable_jax.eval.defenses import DEFENSES, SELF_REMINDER, check_expert
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.jailbreaks import JailbreakTemplate, TemplateSet, score, summary_rows, template_set, wrap
 from enchtable_jax.eval.judge import Judge, RefusalJudge
@@ -38,13 +40,17 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
              suffixes: str | Path | Mapping[str, Any] | None = None,
              timeout: float = 10.0, out: str | Path | None = None, overwrite: bool = False,
-             progress: bool | None = None,
+             progress: bool | None = None, defense: str | None = None, expert: Any = None,
+             safedecoding: SafeDecodingOptions | None = None,
              jailbreak_templates: str | Path | Mapping[str, str] | TemplateSet | None = None) -> dict[str, Any]:
     """Evaluate `model` (an `enchtable_jax.Model` or a folder) on safety prompt sets and utility sets.
 
     prompt_sets: {name: prompts}, judged by `judge` (default `RefusalJudge()`: unsafe = not refused).
     qa_sets: {name: [{question, answer}]}, scored by exact match (`metrics.answer_matches`).
     humaneval_sets: {name: [{task_id, prompt, test, entry_point}]}, scored by pass@1 in a subprocess.
+    defense: an inference-time defense for every generation of the run, safety and utility sets alike
+    (`eval/defenses.py`): "self-reminder", or "safedecoding" with `expert` (a model or folder with the model's
+    tokenizer) and `safedecoding` (its parameters; default the paper's). Recorded in the result's settings.
     suffixes: an attack.json (`enchtable attack`), its dict, or {prompt: suffix}: each safety prompt that has a
     suffix there is also answered as `prompt + " " + suffix` (the attack's rendering; suffixes found on another
     model replay as transfer), judged against the plain prompt; prompts without one are skipped and counted.
@@ -59,6 +65,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
                  batch_size=batch_size, timeout=timeout)
     replay = _suffix_replay(suffixes, prompt_sets or {})
     prompt_sets, qa_sets, humaneval_sets = prompt_sets or {}, qa_sets or {}, humaneval_sets or {}
+    _check_defense(defense, expert, safedecoding)
     _check_set_names(prompt_sets, qa_sets, humaneval_sets)
     jailbreaks = template_set(jailbreak_templates) if jailbreak_templates is not None else None
     if jailbreaks is not None and not prompt_sets:
@@ -67,6 +74,7 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
         inputs = {"--model": model, "--tokenizer": tokenizer, "--template": template_input(template),
                   "--judge-model": getattr(judge, "model", None),
                   "--jailbreak-templates": jailbreaks.source if jailbreaks is not None else None}
+        inputs["--expert"] = expert
         out = check_output(Path(out) / RESULT_FILE, inputs, overwrite, file=True).parent
     if isinstance(model, (str, Path)):
         model = load(model, progress=progress)
@@ -74,6 +82,8 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
     judge = judge if judge is not None else RefusalJudge()
     options = {"max_new_tokens": max_new_tokens, "template": template, "temperature": temperature, "top_p": top_p,
                "seed": seed, "batch_size": batch_size, "progress": progress}
+    guard, defended = _defense(model, tokenizer, defense, expert, safedecoding, progress)
+    options |= guard
     start = time.perf_counter()
     safety = {name: _safety_set(model, tokenizer, prompts, judge, options) for name, prompts in prompt_sets.items()}
     if jailbreaks is not None:
@@ -89,7 +99,8 @@ def evaluate(model: Any, tokenizer: Any = None, prompt_sets: Mapping[str, Sequen
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": str(model.source) if model.source is not None else None,
         "judge": judge.name,
-        "settings": {k: v for k, v in options.items() if k != "progress"} | {"timeout": timeout},
+        "settings": {k: v for k, v in options.items() if k not in ("progress", *guard)} | {"timeout": timeout}
+                    | defended,
         "seconds": round(time.perf_counter() - start, 2),
         "summary": _with_suffix_rows(_summary_rows(safety, utility), safety),
         "safety": safety,
@@ -151,6 +162,34 @@ def _with_suffix_rows(rows: list[dict[str, Any]], safety: Mapping[str, Any]) -> 
             rows.insert(at, {"set": f"{name} +suffixes", "metric": "unsafe_rate", "n": replayed["n"],
                              "value": replayed["unsafe_rate"]})
     return rows
+
+
+def _check_defense(defense: str | None, expert: Any, safedecoding: SafeDecodingOptions | None) -> None:
+    """Refuse an unknown defense, and an expert or SafeDecoding options without SafeDecoding (or it without them)."""
+    if defense is not None and defense not in DEFENSES:
+        raise EnchtableError(f"unknown defense {defense!r}; available: {', '.join(DEFENSES)}")
+    if defense == "safedecoding" and expert is None:
+        raise EnchtableError("defense safedecoding needs an expert: a safety expert model (or folder) with the "
+                             "model's tokenizer")
+    if defense != "safedecoding" and (expert is not None or safedecoding is not None):
+        raise EnchtableError("an expert model and SafeDecoding options are read only with defense safedecoding")
+
+
+def _defense(model: Any, tokenizer: Any, defense: str | None, expert: Any, safedecoding: SafeDecodingOptions | None,
+             progress: bool | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`generate` keywords applying the defense, its record for the settings); the expert is checked against the
+    model's vocabulary before its weights are read."""
+    if defense == "self-reminder":
+        return {"reminder": SELF_REMINDER}, {"defense": defense, "self_reminder": dataclasses.asdict(SELF_REMINDER)}
+    if defense == "safedecoding":
+        safedecoding = safedecoding if safedecoding is not None else SafeDecodingOptions()
+        check_expert(model, tokenizer, expert, safedecoding)
+        if isinstance(expert, (str, Path)):
+            expert = load(expert, progress=progress)
+        return ({"expert": expert, "safedecoding": safedecoding},
+                {"defense": defense, "expert": str(expert.source) if expert.source is not None else None,
+                 "safedecoding": dataclasses.asdict(safedecoding)})
+    return {}, {"defense": None}
 
 
 def _safety_set(model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge,
@@ -233,4 +272,5 @@ def summary_table(result: Mapping[str, Any], template_rows: int = TEMPLATE_ROWS)
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + f"\njudge: {result['judge']}; {result['seconds']:.1f}s"
+    defense = result["settings"].get("defense") or "none"
+    return "\n".join(lines) + f"\njudge: {result['judge']}; defense: {defense}; {result['seconds']:.1f}s"

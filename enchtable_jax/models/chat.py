@@ -110,6 +110,19 @@ def render_prompts(prompts: Sequence[str | list[Message]], tokenizer: Any,
                        label, f"prompt {i}") for i, p in enumerate(prompts)]
 
 
+def system_turn_supported(tokenizer: Any, template: str | None = None) -> bool:
+    """Whether the chat template renders a system message: it neither fails on one (Gemma's raises) nor drops its
+    text (some templates keep only user and assistant turns)."""
+    source, _ = _template(tokenizer, template)
+    probe = "enchtable-system-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": probe}, {"role": "user", "content": "x"}],
+                                             chat_template=source, add_generation_prompt=True, tokenize=False)
+    except Exception:  # jinja's raise_exception(), an unknown role
+        return False
+    return probe in text
+
+
 def _turn_end(tokenizer: Any, through: list[int], start: int, markers: set[int]) -> int:
     """End of an assistant turn's targets in `through` (the rendering up to and including the turn).
 
