@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -279,10 +280,26 @@ def ties(task, safety, alpha, key, *, density):
                   "θ_base + τ_task' + α·τ_safe' (DARE, Yu et al. 2024)",
           density=Option(0.5, "probability of keeping an entry", FRACTION, flag=True))
 def dare(task, safety, alpha, key, *, density):
-    k1, k2 = jax.random.split(key)
-    keep_task = jax.random.bernoulli(k1, density, task.shape)
-    keep_safety = jax.random.bernoulli(k2, density, safety.shape)
+    keep_task, keep_safety = _bernoulli_masks(key, density, 2, task.shape)
     return (task * keep_task + alpha * safety * keep_safety) / density, _stats(weight=alpha)
+
+
+_MASK_BITS = 16  # the most random bits spent on one Bernoulli draw
+
+
+def _bernoulli_masks(key: jax.Array, p: float, count: int, shape: tuple[int, ...]) -> jax.Array:
+    """`count` independent masks of `shape`, each entry kept with probability p, from as few random bits as that
+    takes: an entry compares a field of b bits of `jax.random.bits` with round(p·2^b), where b is the smallest
+    power of two with p·2^b whole (one bit for p = 1/2), at most 16 (then P(keep) is p to within 2^-17; jax's
+    `bernoulli` spends 32 bits on every entry, and drawing them was most of a CPU DARE merge's time)."""
+    width = next((b for b in (0, 1, 2, 4, 8) if (p * 2**b).is_integer()), _MASK_BITS)
+    n = count * math.prod(shape)
+    if width == 0:  # p = 1
+        return jnp.ones((count, *shape), bool)
+    per_word = 32 // width
+    words = jax.random.bits(key, (-(-n // per_word),), jnp.uint32)
+    fields = (words[:, None] >> (jnp.arange(per_word, dtype=jnp.uint32) * width)) & jnp.uint32(2**width - 1)
+    return (fields.reshape(-1)[:n] < jnp.uint32(round(p * 2**width))).reshape(count, *shape)
 
 
 @register("breadcrumbs", "drop each delta's largest `gamma` and smallest magnitudes, keeping `density`, then "

@@ -21,7 +21,7 @@ import pytest
 from absl.testing import parameterized
 
 from enchtable_jax.kernels import spectral
-from enchtable_jax.merging.methods import METHODS, _top_magnitude_mask, method_options
+from enchtable_jax.merging.methods import METHODS, _bernoulli_masks, _top_magnitude_mask, method_options
 
 RTOL = 1e-5
 SHAPES = [(24, 40), (40, 24), (32, 32), (48,)]
@@ -404,6 +404,23 @@ def test_dare_masks_and_rescale(shape, density):
     only_task, _ = call("dare", task, np.zeros_like(safety), density=density)
     assert np.all(only_task[~m1] == 0)
     np.testing.assert_allclose(only_task[m1], (f64(task) / density)[m1], rtol=2e-7)
+
+
+@pytest.mark.parametrize("density", [0.25, 0.375, 0.5, 0.3, 1.0])  # fields of 2, 4, 1, 16 and 0 bits
+def test_dare_masks_keep_entries_independently(density):
+    """Each of DARE's two masks keeps an entry with probability `density`, independently of the other mask and of
+    its neighbours (which share a random word when the density needs fewer than 32 bits): binomial counts of the
+    kept entries, of kept pairs across the masks and of kept neighbours, each within 5σ."""
+    masks = np.asarray(_bernoulli_masks(KEY, density, 2, (300, 200)))
+    assert masks.shape == (2, 300, 200) and masks.dtype == bool
+
+    def within(kept, trials, p):
+        assert abs(kept.sum() - trials * p) <= 5 * math.sqrt(trials * p * (1 - p)) + 1e-9, (kept.sum(), trials * p)
+
+    for mask in masks:
+        within(mask, mask.size, density)
+        within(mask[:, :-1] & mask[:, 1:], mask[:, 1:].size, density**2)  # neighbours in one row
+    within(masks[0] & masks[1], masks[0].size, density**2)
 
 
 def test_dare_key_dependence():
