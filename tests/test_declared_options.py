@@ -17,11 +17,13 @@ from enchtable_jax.calibration import CalibrationOptions
 from enchtable_jax.cli import _distill_options, _method_options, _options_from, build_parser
 from enchtable_jax.distillation.train import DistillOptions
 from enchtable_jax.merging.methods import METHODS, method_options
+from enchtable_jax.options import GCGOptions, SafeDecodingOptions
 from enchtable_jax.training.finetune import FinetuneOptions
 
 REQUIRED = {"merge": [], "enchant": ["--base", "b", "--task", "t", "--out", "o"],
             "distill": ["--model", "m", "--data", "d", "--out", "o"],
-            "finetune": ["--model", "m", "--data", "d", "--out", "o"]}
+            "finetune": ["--model", "m", "--data", "d", "--out", "o"], "eval": [],
+            "attack": ["--model", "m", "--prompts", "p", "--out", "o"]}
 
 
 def _by_flag(command: str) -> dict[str, argparse.Action]:
@@ -72,13 +74,15 @@ def test_method_option_default_on_the_command_line_is_the_declared_one(command, 
 
 FIELD_CASES = [(command, cls, f.name) for command, cls in (("distill", DistillOptions), ("finetune", FinetuneOptions),
                                                           ("enchant", DistillOptions), ("merge", CalibrationOptions),
-                                                          ("enchant", CalibrationOptions))
+                                                          ("enchant", CalibrationOptions), ("attack", GCGOptions),
+                                                          ("eval", SafeDecodingOptions))
                for f in dataclasses.fields(cls)]
 
 
 def _read_back(command: str, cls: type, argv: list[str]):
     args = build_parser().parse_args([command, *REQUIRED[command], *argv])
-    return _options_from(args, cls) if cls is CalibrationOptions else _distill_options(args, cls)
+    return _options_from(args, cls) if cls in (CalibrationOptions, GCGOptions, SafeDecodingOptions) else \
+        _distill_options(args, cls)
 
 
 def test_the_field_cases_cover_every_options_class():

@@ -18,14 +18,15 @@ from enchtable_jax.distillation.train import DistillOptions
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.prompts import load_prompts
 from enchtable_jax.merging.methods import MERGE_OPTIONS, METHODS, method_options
-from enchtable_jax.options import (DEMO_OPTIONS, DISTRIBUTED_OPTIONS, EVAL_OPTIONS, INIT_OPTIONS, Range,
+from enchtable_jax.options import (DEMO_OPTIONS, DISTRIBUTED_OPTIONS, EVAL_OPTIONS, INIT_OPTIONS, GCGOptions, Range,
+                                   SafeDecodingOptions,
                                    check_values, field_ranges)
 from enchtable_jax.training.finetune import FinetuneOptions
 
 REQUIRED = {"distill": ["--model", "m", "--data", "d", "--out", "o"],
             "finetune": ["--model", "m", "--data", "d", "--out", "o"],
             "enchant": ["--base", "b", "--task", "t", "--out", "o"], "merge": [], "eval": [], "init": ["x"],
-            "demo": ["--out", "o"]}
+            "demo": ["--out", "o"], "attack": ["--model", "m", "--prompts", "p", "--out", "o"]}
 RENAMED = {("enchant", "seed"): "--distill-seed", ("merge", "limit"): "--calibrate-limit",
            ("merge", "max_new_tokens"): "--calibrate-max-new-tokens"}
 
@@ -62,6 +63,9 @@ def _declared():
     for cls, command in ((DistillOptions, "distill"), (FinetuneOptions, "finetune"), (DistillOptions, "enchant")):
         for name, r in field_ranges(cls).items():
             rows.append((f"{cls.__name__}.{name}", lambda n, v, cls=cls: cls(**{n: v}), command, name, r))
+    for cls, command in ((GCGOptions, "attack"), (SafeDecodingOptions, "eval")):
+        for name, r in field_ranges(cls).items():
+            rows.append((f"{cls.__name__}.{name}", lambda n, v, cls=cls: cls(**{n: v}), command, name, r))
     for name, r in field_ranges(CalibrationOptions).items():
         if name in ("batch_size",):  # no flag: API only
             rows.append((f"CalibrationOptions.{name}", lambda n, v: CalibrationOptions(**{n: v}), None, name, r))
@@ -92,13 +96,15 @@ def test_the_declarations_cover_the_options_of_the_issue():
     labels = {label for label, *_ in DECLARED}
     for label in ("merge.beta", "merge.alpha", "DistillOptions.max_grad_norm", "enchtable.keep", "tsv.keep",
                   "dare.density", "ties.density", "breadcrumbs.gamma", "safelora.threshold", "DistillOptions.steps",
-                  "FinetuneOptions.steps", "eval.limit", "CalibrationOptions.unsafe_tolerance"):
+                  "FinetuneOptions.steps", "eval.limit", "CalibrationOptions.unsafe_tolerance", "GCGOptions.topk",
+                  "GCGOptions.time_budget", "SafeDecodingOptions.alpha", "SafeDecodingOptions.first_m"):
         assert label in labels, label
     assert len(BAD) > 150 and len(GOOD) > 50
 
 
 def _flag(command: str, name: str) -> str:
-    return RENAMED.get((command, name), "--" + name.replace("_", "-"))
+    declared = {f.name: f.metadata["flag"] for f in dataclasses.fields(SafeDecodingOptions)} if command == "eval" else {}
+    return RENAMED.get((command, name)) or declared.get(name) or "--" + name.replace("_", "-")
 
 
 @pytest.mark.parametrize("label,api,command,name,value", BAD, ids=[f"{b[0]}={b[4]}" for b in BAD])
@@ -124,7 +130,8 @@ def test_boundary_values_are_accepted(label, api, command, name, value):
     api(name, value)
     if command is not None:
         args = build_parser().parse_args([command, *REQUIRED[command], f"{_flag(command, name)}={value}"])
-        dest = {"--distill-seed": "distill_seed", "--calibrate-limit": "calibrate_limit",
+        dest = {"--distill-seed": "distill_seed", **{f.metadata["flag"]: f.metadata["flag"][2:].replace("-", "_")
+                                                      for f in dataclasses.fields(SafeDecodingOptions)}, "--calibrate-limit": "calibrate_limit",
                 "--calibrate-max-new-tokens": "calibrate_max_new_tokens"}.get(_flag(command, name), name)
         if command in ("distill", "finetune") and name == "seed":
             dest = "distill_seed"
