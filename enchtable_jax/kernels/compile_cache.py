@@ -17,10 +17,14 @@ from pathlib import Path
 import jax
 
 
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/enchtable-jax (default ~/.cache/enchtable-jax): the package's per-machine caches."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "enchtable-jax"
+
+
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/enchtable-jax/jax-compilation-cache (default ~/.cache/...)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "enchtable-jax" / "jax-compilation-cache"
+    return cache_root() / "jax-compilation-cache"
 
 
 def use_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
@@ -45,4 +49,5 @@ def use_compilation_cache_on_tpu() -> Path | None:
     return use_compilation_cache() if tpu_runtime_installed() else None
 
 
-__all__ = ["default_cache_dir", "tpu_runtime_installed", "use_compilation_cache", "use_compilation_cache_on_tpu"]
+__all__ = ["cache_root", "default_cache_dir", "tpu_runtime_installed", "use_compilation_cache",
+           "use_compilation_cache_on_tpu"]

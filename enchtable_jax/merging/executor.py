@@ -36,7 +36,7 @@ from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_use
 from enchtable_jax.kernels.factored import factored_sq_norm, factored_triplets
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, host_rows, put
 from enchtable_jax.kernels.spectral import top_triplets
-from enchtable_jax.merging import decomposition
+from enchtable_jax.merging import base_digest, decomposition
 from enchtable_jax.merging.lora import LoraTask
 from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, HostForm, method_options
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource
@@ -132,7 +132,7 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
         raise input_error(base.where(name), name, base.read(name))
     if check:
         identity = {"model_type": base.config.model_type, "config_sha256": config_digest(base.config),
-                    "weights_blake2b": digest.hexdigest()}
+                    "weights_blake2b": digest}
         check_base(safety.manifest, identity, f"{safety.what} with base {base.folder}")
     safety.check_tensors(base, task, sum(t.merge for t in tensors.values()))
     if not adaptive:
@@ -144,20 +144,23 @@ def plan(base: TensorSource, task: TensorSource, safety: SafetyDelta, method: st
 
 def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safety_names: set[str], adaptive: bool,
               check: bool, progress: bool | None, allow_nonfinite: bool
-              ) -> tuple[dict[str, TensorPlan], dict[str, float], WeightsDigest, list[str]]:
+              ) -> tuple[dict[str, TensorPlan], dict[str, float], str | None, list[str]]:
     """Go through the base tensors in name order, reading them only for the digest or α's norms: (each task tensor's
-    plan, the sums of squares of τ_task and τ_safe over the merged tensors when α is `adaptive`, the digest of the
-    base weights when `check`, the task tensors whose base is not finite, found when `check`)."""
+    plan, the sums of squares of τ_task and τ_safe over the merged tensors when α is `adaptive`, the hex digest of
+    the base weights when `check`, the task tensors whose base is not finite, found when `check`)."""
     digest = WeightsDigest()
     sums = {"task": 0.0, "safety": 0.0}
     tensors: dict[str, TensorPlan] = {}
-    # The digest (a check of the safety vector's base) hashes every base tensor; hashlib releases the GIL,
-    # so it runs on a worker thread, one tensor behind the reads, in name order.
-    nonfinite_base: list[str] = []
+    # The digest (a check of the safety vector's base) hashes every base tensor, unless this machine remembers it
+    # for these very files (`base_digest`); hashlib releases the GIL, so it runs on a worker thread, one tensor
+    # behind the reads, in name order.
+    known, files = base_digest.recall(base) if check else (None, None)
+    hashing_all = check and known is None
+    nonfinite_base: list[str] = [] if known is None else list(known.nonfinite)
 
     def hash_and_check(name: str, arr: np.ndarray) -> None:  # the worker's pass over the base tensor also checks it
         digest.update(name, arr)
-        if name in task and not host_finite(arr):
+        if not host_finite(arr):
             nonfinite_base.append(name)
 
     with ThreadPoolExecutor(1) as hasher:
@@ -165,10 +168,10 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
         for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
             # Read only for the digest or α's norms: shapes come from the specs, and a zero delta is found by
             # `SafetyDelta.any_nonzero`, which stops at its first non-zero entry.
-            base_arr = base.read(name) if check or (adaptive and name in task) else None
+            base_arr = base.read(name) if hashing_all or (adaptive and name in task) else None
             if hashing is not None:
                 hashing.result()
-            hashing = hasher.submit(hash_and_check, name, base_arr) if check else None
+            hashing = hasher.submit(hash_and_check, name, base_arr) if hashing_all else None
             if name not in task:
                 continue
             shape, dtype = task.specs[name]
@@ -182,7 +185,10 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
                 sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
         if hashing is not None:
             hashing.result()
-    return tensors, sums, digest, nonfinite_base
+    if hashing_all:
+        known = base_digest.Record(digest.hexdigest(), tuple(nonfinite_base))
+        base_digest.remember(base, files, known)
+    return tensors, sums, known.weights_blake2b if check else None, [n for n in nonfinite_base if n in task]
 
 
 def _copy_reason(name: str, shape: tuple[int, ...], base_shape: tuple[int, ...], safety: SafetyDelta,
@@ -236,11 +242,21 @@ def _finite_sum_squares(allow: bool, name: str, x: np.ndarray, x_source, minus: 
 
 
 def _sum_squares(x: np.ndarray, minus: np.ndarray | None = None) -> float:
-    """Σ (x − minus)² accumulated in float64 (norms of 8B models overflow float32 precision)."""
-    d = x.astype(np.float64).reshape(-1)
-    if minus is not None:
-        d -= minus.reshape(-1)
-    return float(np.dot(d, d))
+    """Σ (x − minus)² accumulated in float64 (norms of 8B models overflow float32 precision), chunk by chunk in a
+    cache-sized buffer: no full-size float64 copy (SmolLM2-135M's τ_safe: 850 MB of fresh pages), and no BLAS,
+    whose spinning threads stall on a busy machine."""
+    x = x.reshape(-1)
+    minus = None if minus is None else minus.reshape(-1)
+    buffer = np.empty(min(x.size, _HOST_CHUNK), np.float64)
+    total = 0.0
+    for i in range(0, x.size, _HOST_CHUNK):
+        d = buffer[:min(_HOST_CHUNK, x.size - i)]
+        if minus is None:
+            np.copyto(d, x[i:i + d.size])
+        else:
+            np.subtract(x[i:i + d.size], minus[i:i + d.size], out=d, dtype=np.float64)
+        total += float(np.einsum("i,i", d, d))
+    return total
 
 
 def _disable(progress: bool | None) -> bool | None:

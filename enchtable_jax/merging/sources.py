@@ -39,6 +39,10 @@ class TensorSource:
     def read(self, name: str) -> np.ndarray:
         return self._reader(name)
 
+    def files(self) -> dict[str, Path]:
+        """{tensor name: the file it is read from}; empty for a model in memory."""
+        return dict(self._files)
+
     def __contains__(self, name: str) -> bool:
         return name in self.specs
 

@@ -34,7 +34,8 @@ def _models(dtype, nan_in_task: bool = False) -> dict[str, Model]:
              "aligned": {n: v + 0.03 * rng.standard_normal(v.shape, np.float32) for n, v in base.items()}}
     if nan_in_task:
         roles["task"][EMBED][-1, -1] = np.nan
-    return {role: Model(CONFIG, {n: jnp.asarray(v, dtype) for n, v in params.items()}) for role, params in roles.items()}
+    return {role: Model(CONFIG, {n: jnp.asarray(v, dtype) for n, v in params.items()})
+            for role, params in roles.items()}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
