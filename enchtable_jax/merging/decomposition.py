@@ -12,7 +12,6 @@ not writable the merge computes the triplets in memory as before.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import os
 import re
 import tempfile
@@ -27,6 +26,7 @@ from enchtable_jax.converters.atomic import OutputExistsError, recover, rename_n
 from enchtable_jax.converters.safety_vector import TENSORS
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels.spectral import kept
+from enchtable_jax.merging.base_digest import file_sha256
 from enchtable_jax.safe_io import check_inside
 
 FORMAT = "enchtable-safety-svd"
@@ -45,9 +45,6 @@ def triplet_shapes(shape: tuple[int, int], keep: float) -> dict[str, tuple[int, 
     return {"U": (shape[0], k), "S": (k,), "V": (shape[1], k)}
 
 
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL: runs beside pass 1's reads
 
 
 class Cache:
@@ -57,7 +54,7 @@ class Cache:
     def __init__(self, folder: str | Path, keep: float):
         self.folder, self.keep = Path(folder), float(keep)
         pool = concurrent.futures.ThreadPoolExecutor(1)
-        self._digest = pool.submit(_digest, self.folder / TENSORS)
+        self._digest = pool.submit(file_sha256, self.folder / TENSORS)  # beside pass 1's reads
         pool.shutdown(wait=False)
         self._found: tuple[Path, dict[str, stf.TensorInfo]] | None | bool = False
         self._handle = None

@@ -16,6 +16,7 @@ from enchtable_jax.merging.executor import MergePlan
 from enchtable_jax.merging.methods import METHODS
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
+_MARGINS = {"left": 0.06, "right": 0.99, "bottom": 0.13, "top": 0.92, "wspace": 0.17}  # of the 11 × 3.8 in figure
 
 
 def peak_rss_bytes() -> int:
@@ -83,7 +84,7 @@ def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:
     axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("weight", "interference")):
         for module, s in sorted(series.items()):
-            points = [(x, y) for x, y in zip(s["layer"], s[key]) if y is not None]
+            points = sorted((x, y) for x, y in zip(s["layer"], s[key]) if y is not None)  # names sort 10 before 2
             if points:
                 ax.plot(*zip(*points), marker="o", ms=3, label=module.replace("self_attn.", "").replace("mlp.", ""))
         ax.set(xlabel="layer", ylabel=key, title=f"{report['method']}: {key} ({alpha_text(report, 3)})")
@@ -93,5 +94,5 @@ def plot(report: dict[str, Any], path: Path | BinaryIO) -> None:
     else:
         why = "this method has no per-matrix weight" if series else "no per-layer matrices merged"
         axes[0].text(0.5, 0.5, why, ha="center", transform=axes[0].transAxes)
-    fig.tight_layout()
+    fig.subplots_adjust(**_MARGINS)  # fixed: tight_layout measured every label again, a third of the plot's time
     fig.savefig(path, dpi=100)

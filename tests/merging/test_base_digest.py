@@ -5,6 +5,7 @@ record."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax.numpy as jnp
@@ -86,3 +87,18 @@ def test_a_nonfinite_base_is_refused_from_the_record_too(world, tmp_path):
         with pytest.raises(NonFiniteError, match=f"tensor {MLP} holds 1 NaN"):
             _merge(world, tmp_path / out)
     assert len(list(base_digest.record_dir().iterdir())) == 1
+
+
+def test_file_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "vector.safetensors"
+    path.write_bytes(b"a" * 1000)
+    assert base_digest.file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a: pytest.fail("hashed again"))
+    assert base_digest.file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()  # from the record
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stat = os.stat(path)
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert base_digest.file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
