@@ -210,9 +210,11 @@ def padded_sequence(layout: Layout, suffix: Sequence[int], pad_id: int) -> tuple
     return ids, mask, width - len(body) + len(layout.prefix)
 
 
-def _search(model: Model, tokenizer: Any, layout: Layout, options: GCGOptions, allowed: np.ndarray, mesh: Mesh,
-            key: jax.Array, template: str | None, pad_id: int, progress: bool | None) -> dict[str, Any]:
-    """One prompt's search: the best suffix found (ids and text), its loss, the loss curve, steps and stop cause."""
+def search(model: Model, tokenizer: Any, layout: Layout, options: GCGOptions, allowed: np.ndarray, mesh: Mesh,
+           key: jax.Array, template: str | None, pad_id: int, progress: bool | None) -> dict[str, Any]:
+    """One prompt's search (`options.steps` steps from the layout's initial suffix; the model's parameters placed
+    on `mesh` as `gcg_attack` places them): the best suffix found (ids and text), its loss, the loss curve, steps
+    and stop cause. The bench's GCG study times it."""
     params, config = model.params, model.config
     suffix = np.asarray(layout.suffix, np.int32)
     ids, mask, start = padded_sequence(layout, suffix, pad_id)
@@ -292,8 +294,8 @@ def gcg_attack(model: Model | str | Path, tokenizer: Any = None, prompts: Sequen
     began = time.perf_counter()
     base_key = jax.random.key(options.seed)
     records = [{"prompt": layout.prompt, "target": tokenizer.decode(list(layout.target), **_DECODE),
-                **_search(model, tokenizer, layout, options, allowed, mesh, jax.random.fold_in(base_key, i),
-                          template, pad_id, progress)} for i, layout in enumerate(layouts)]
+                **search(model, tokenizer, layout, options, allowed, mesh, jax.random.fold_in(base_key, i),
+                         template, pad_id, progress)} for i, layout in enumerate(layouts)]
     responses = generate(model, tokenizer, [with_suffix(r["prompt"], r["suffix"]) for r in records],
                          max_new_tokens=options.max_new_tokens, template=template, batch_size=batch_size,
                          progress=progress)

@@ -44,6 +44,7 @@ SUITES = {
     "mergekit": "enchtable_jax.bench.studies.mergekit",
     "scale": "enchtable_jax.bench.studies.scale",
     "safety": "enchtable_jax.bench.studies.safety",
+    "gcg": "enchtable_jax.bench.studies.gcg",
 }
 OPT_IN = ("safety",)  # studies that run only when named: the real-model safety study takes an hour, not a timing
 # target name -> (suite, figure key, goal): the medians reported in bench.json's `targets`.
@@ -58,10 +59,12 @@ TARGETS = {
     "merge_over_svd_bound": ("merge", "merge_over_svd_bound", ("<=", 1.15)),
     "distill_step_over_linearize_step": ("distill", "distill_step_over_linearize_step", ("<=", 1.1)),
     "slowest_speedup_vs_mergekit": ("mergekit", "slowest_speedup_vs_mergekit", (">=", 1.0)),
+    "gcg_step_speedup_vs_torch": ("gcg", "gcg_step_speedup_vs_torch", (">=", 1.0)),
 }
 VERSIONS = ("enchtable-jax", "jax", "jaxlib", "optax", "orbax-checkpoint", "numpy", "torch", "safetensors", "mergekit",
             "matplotlib")
-THROUGHPUT_UNITS = {"tokens_per_second": "tokens/s", "megabytes_per_second": "MB/s", "examples_per_second": "examples/s"}
+THROUGHPUT_UNITS = {"tokens_per_second": "tokens/s", "megabytes_per_second": "MB/s", "examples_per_second": "examples/s",
+                    "steps_per_second": "steps/s"}
 
 
 def machine() -> dict:
