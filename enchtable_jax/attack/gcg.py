@@ -15,7 +15,7 @@ Token filter: candidates may use only allowed tokens (printable ASCII, not speci
 encodes back to itself), and a candidate is kept only when its suffix text, rendered in the template, tokenizes
 back to exactly the candidate's ids; the suffix chosen at each step is checked once more through
 `models.chat.render_prompts`, the rendering `evaluate` uses. So `attack.json`'s suffix text replays to the ids the
-search optimised. Sequences are left-padded to `eval.generate.width_bucket` widths: one compilation per width.
+search optimised. Sequences are left-padded to a multiple of `WIDTH_STEP` tokens: one compilation per width.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output, template_input
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.eval.generate import generate, resolve_tokenizer, width_bucket
+from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.suffixes import ATTACK_FILE, attack_result, with_suffix, write_attack
 from enchtable_jax.kernels.cpu_threads import training_devices
@@ -49,6 +49,10 @@ from enchtable_jax.options import GCGOptions
 METHOD = "gcg"
 CANDIDATES = "candidates"  # the mesh axis the candidate batch is split over
 _DECODE = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+# Widths are multiples of this, not generation's buckets (up to a third padding): every step pays for each padded
+# token B times, a width's compilation is paid once (a 67-token sequence: 72 wide, not 96; candidate losses 1.5x faster
+# on SmolLM2-135M at B = 64 on 2 CPU cores).
+WIDTH_STEP = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +206,10 @@ def sample_candidates(key: jax.Array, suffix: jax.Array, grad: jax.Array, allowe
 
 
 def padded_sequence(layout: Layout, suffix: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(ids [W], mask [W], suffix start): prefix + suffix + after + target, left-padded to a width bucket."""
+    """(ids [W], mask [W], suffix start): prefix + suffix + after + target, left-padded to a multiple of
+    `WIDTH_STEP`."""
     body = [*layout.prefix, *map(int, suffix), *layout.after, *layout.target]
-    width = width_bucket(len(body))
+    width = -(-len(body) // WIDTH_STEP) * WIDTH_STEP
     ids, mask = np.full(width, pad_id, np.int32), np.zeros(width, np.int32)
     ids[width - len(body):], mask[width - len(body):] = body, 1
     return ids, mask, width - len(body) + len(layout.prefix)
