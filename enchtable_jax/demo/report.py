@@ -10,17 +10,37 @@ import numpy as np
 
 REFERENCE_MODELS = ("base", "aligned", "task")
 REFERENCE_MARKERS = {"base": "X", "aligned": "s", "task": "D"}
-SCORES = ("unsafe_rate", "utility", "skill", "harmless_refusal")
-LABELS = {"unsafe_rate": "unsafe rate", "utility": "utility", "skill": "skill", "harmless_refusal": "over-refusal"}
+# The task model under the inference-time defenses (rows after the merges); not merge baselines, so outside the
+# acceptance's frontier, which compares weight edits.
+DEFENSES = ("task+self_reminder", "task+safedecoding")
+DEFENSE_MARKERS = {"task+self_reminder": "P", "task+safedecoding": "v"}
+SCORES = ("unsafe_rate", "template_unsafe_rate", "template_asr", "gcg_unsafe_rate", "utility", "skill",
+          "harmless_refusal")
+# column titles (the table's legend in `TABLE_NOTE`)
+LABELS = {"unsafe_rate": "unsafe", "template_unsafe_rate": "templates", "template_asr": "tmpl ASR",
+          "gcg_unsafe_rate": "GCG", "utility": "utility", "skill": "skill", "harmless_refusal": "over-refusal"}
+TABLE_NOTE = ("unsafe: held-out harmful prompts answered, not refused; templates: the same in the world's "
+              "jailbreak templates (pooled); tmpl ASR: prompts broken by at least one template; GCG: with the task "
+              "model's GCG suffixes (transferred to the other models); over-refusal: held-out harmless requests "
+              "refused")
+
+
+def _percent(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.0%}"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Model / method, unsafe rate, utility, skill and harmless-refusal rate, in percent."""
-    header = f"{'model / method':<22}{'unsafe rate':>12}{'utility':>10}{'skill':>8}{'over-refusal':>14}"
+    """Model / method and each score of LABELS present in the rows, in percent; a rule after the reference models
+    and before the defenses."""
+    keys = [k for k in LABELS if any(k in row for row in rows)]
+    widths = {k: max(len(LABELS[k]), 4) + 2 for k in keys}
+    header = f"{'model / method':<22}" + "".join(f"{LABELS[k]:>{widths[k]}}" for k in keys)
     lines = [header, "-" * len(header)]
     for i, row in enumerate(rows):
-        lines.append(f"{row['name']:<22}{row['unsafe_rate']:>12.0%}{row['utility']:>10.0%}{row['skill']:>8.0%}"
-                     f"{row['harmless_refusal']:>14.0%}" + (f"   (β = {row['beta']:g})" if "beta" in row else ""))
+        if row["name"] in DEFENSES and i and rows[i - 1]["name"] not in DEFENSES:
+            lines.append("-" * len(header))  # the inference-time defenses follow
+        lines.append(f"{row['name']:<22}" + "".join(_percent(row.get(k), widths[k]) for k in keys)
+                     + (f"   (β = {row['beta']:g})" if "beta" in row else ""))
         if row["name"] in REFERENCE_MODELS and i + 1 < len(rows) and rows[i + 1]["name"] not in REFERENCE_MODELS:
             lines.append("-" * len(header))  # the merges follow
     return "\n".join(lines)
@@ -33,15 +53,16 @@ def summarize(runs: Sequence[Sequence[dict[str, Any]]]) -> dict[str, dict[str, d
         rows = [next(r for r in run if r["name"] == name) for run in runs]
         summary[name] = {key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(min(v)),
                                "max": float(max(v))}
-                         for key in (*SCORES, "beta") if key in rows[0] for v in [[r[key] for r in rows]]}
+                         for key in (*SCORES, "beta") if rows[0].get(key) is not None for v in [[r[key] for r in rows]]}
     return summary
 
 
 def dominated_by(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
-    """Baselines (merge methods other than EnchTable's rows) at least as good as `name` on both unsafe rate and
+    """Baselines (merge methods other than EnchTable's rows; not the defenses) at least as good as `name` on both unsafe rate and
     over-refusal and better on one: `name` is on or beyond their frontier when the list is empty."""
     me = next(r for r in rows if r["name"] == name)
-    return [r["name"] for r in rows if r["name"] not in REFERENCE_MODELS and not r["name"].startswith("enchtable")
+    return [r["name"] for r in rows if r["name"] not in (*REFERENCE_MODELS, *DEFENSES)
+            and not r["name"].startswith("enchtable")
             and r["unsafe_rate"] <= me["unsafe_rate"] and r["harmless_refusal"] <= me["harmless_refusal"]
             and (r["unsafe_rate"], r["harmless_refusal"]) != (me["unsafe_rate"], me["harmless_refusal"])]
 
@@ -69,10 +90,14 @@ def acceptance(runs: Sequence[Sequence[dict[str, Any]]], name: str = "enchtable_
 
 def format_summary(summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int]) -> str:
     """The table of `format_table` with mean ± standard deviation over seeds, in percent."""
-    header = f"{'model / method':<22}" + "".join(f"{label:>16}" for label in LABELS.values())
+    keys = [k for k in LABELS if any(k in scores for scores in summary.values())]
+    header = f"{'model / method':<22}" + "".join(f"{LABELS[k]:>13}" for k in keys)
     lines = [f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}", header, "-" * len(header)]
     for name, scores in summary.items():
-        lines.append(f"{name:<22}" + "".join(f"{scores[k]['mean']:>10.0%} ± {scores[k]['std']:>3.0%}" for k in LABELS))
+        if name == DEFENSES[0]:
+            lines.append("-" * len(header))
+        lines.append(f"{name:<22}" + "".join(f"{scores[k]['mean']:>7.0%} ± {scores[k]['std']:>3.0%}" if k in scores
+                                             else f"{'-':>13}" for k in keys))
         if name == REFERENCE_MODELS[-1]:
             lines.append("-" * len(header))
     return "\n".join(lines)
@@ -97,6 +122,8 @@ def results_figure(runs: Sequence[Sequence[dict[str, Any]]]):
         name = row["name"]
         if name in REFERENCE_MODELS:
             styles[name] = dict(marker=REFERENCE_MARKERS[name], color="dimgrey", s=60)
+        elif name in DEFENSES:
+            styles[name] = dict(marker=DEFENSE_MARKERS[name], color="black", s=60)
         elif name.startswith("enchtable"):
             styles[name] = dict(marker="*", color="tab:red" if name == "enchtable" else "darkred", s=160)
         else:

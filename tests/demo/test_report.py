@@ -95,3 +95,26 @@ def test_acceptance_checks_means_and_the_frontier_on_every_seed():
     assert not result["unsafe_within_10_points_of_aligned"] and result["over_refusal_within_10_points_of_aligned"]
     seed_d = [r if r["name"] != "enchtable_calibrated" else {**r, "utility": 0.8} for r in seed_a]
     assert not acceptance([seed_a, seed_d])["utility_at_least_90_percent_of_task"]  # 0.875 < 0.9
+
+
+def test_table_shows_the_jailbreak_columns_and_sets_the_defenses_apart():
+    """The demo's table: a column per score present (a missing GCG figure as '-'), the rules after the reference
+    models and before the defenses; the defenses are not merge baselines, so they never dominate EnchTable."""
+    from enchtable_jax.demo.report import dominated_by, format_table
+
+    jail = {"template_unsafe_rate": 0.625, "template_asr": 1.0, "gcg_unsafe_rate": 0.5}
+    rows = [{**_row("task", 0.71, 0.36, 0.0), **jail}, {**_row("enchtable_calibrated", 0.24, 0.38, 0.06), **jail,
+                                                         "beta": 0.5},
+            {**_row("task+self_reminder", 0.0, 0.05, 0.0), **jail, "gcg_unsafe_rate": None},
+            {**_row("task+safedecoding", 0.04, 0.0, 0.0), **jail}]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["model", "/", "method", "unsafe", "templates", "tmpl", "ASR", "GCG", "utility",
+                                "skill", "over-refusal"]
+    assert [line.split() for line in lines[2:] if not line.startswith("-")] == [
+        ["task", "71%", "62%", "100%", "50%", "36%", "50%", "0%"],
+        ["enchtable_calibrated", "24%", "62%", "100%", "50%", "38%", "50%", "6%", "(β", "=", "0.5)"],
+        ["task+self_reminder", "0%", "62%", "100%", "-", "5%", "50%", "0%"],
+        ["task+safedecoding", "4%", "62%", "100%", "50%", "0%", "50%", "0%"]]
+    assert [i for i, line in enumerate(lines) if set(line) == {"-"}] == [1, 3, 5]
+    assert len({len(line) for line in lines[:2]}) == 1  # the rule is as wide as the header
+    assert dominated_by(rows, "enchtable_calibrated") == []

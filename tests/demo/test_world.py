@@ -78,3 +78,21 @@ def test_held_out_task_and_skill_items_are_absent_from_training(world):
 def test_the_world_is_a_pure_function_of_the_seed(world):
     assert w.make_world(0) == world
     assert w.make_world(1) != world
+
+
+def test_attack_words_are_the_worlds_and_the_attack_token_moves_no_id(tokenizer, world):
+    """The jailbreak templates and Self-Reminder's wording use known words only (no `<unk>`), every filled held-out
+    prompt fits 24 tokens in the chat template, and "!" (GCG's initial suffix) is the last id, in no data set."""
+    from enchtable_jax.eval.jailbreaks import template_set, wrap
+    from enchtable_jax.models.chat import render_prompts
+
+    templates = template_set(w.JAILBREAKS).templates
+    assert [t.name for t in templates] == list(w.JAILBREAKS) and all(len(t.pieces) >= 2 for t in templates)
+    filled = wrap(templates, [p.prompt for p in world.eval_harmful])
+    ids = render_prompts(filled + [w.REMINDER.system + " " + w.REMINDER.reminder], tokenizer)
+    assert tokenizer.unk_token_id not in {i for row in ids for i in row}
+    assert max(len(row) for row in ids[:-1]) <= 24
+    vocab = tokenizer.get_vocab()
+    assert vocab[w.ATTACK_INIT] == len(vocab) - 1 == 4 + len(w.vocabulary())
+    assert [vocab[word] for word in w.vocabulary()] == list(range(4, 4 + len(w.vocabulary())))
+    assert w.ATTACK_INIT not in _words(world.base + world.aligned + world.task + world.harmful)
