@@ -4,7 +4,8 @@ A batch of prompts is left-padded to one width, written into the cache in one ca
 decoded one token per step inside a jitted `lax.while_loop` until every row has produced an
 end-of-sequence id or `max_new_tokens` tokens. Prompt widths and batch sizes are rounded up to
 buckets, so a run compiles once per (batch bucket, width bucket), not once per prompt. Prompts are
-sorted by length before batching (less padding) and answers returned in the input order.
+sorted by length before batching (less padding) and answers returned in the input order; a batch of long
+prompts holds fewer rows (`batch_members`), so its attention scores stay within `MAX_ATTENTION_SCORES`.
 
 Sampling draws each row from its own key, `fold_in(key(seed), prompt index)` then the step, so a
 prompt's sample does not depend on which prompts share its batch (up to float rounding of padding).
@@ -36,6 +37,10 @@ from enchtable_jax.options import SafeDecodingOptions
 from enchtable_jax.safe_io import check_inside, read_json
 
 MIN_WIDTH = 16  # smallest prompt-width bucket
+# Attention scores a batch may hold per layer (rows x heads x prompt width x cache slots, float32: 1 GiB). Long
+# prompts (jailbreak templates run to thousands of tokens) get fewer rows per batch: 64 rows of a 1,500-token
+# prompt would ask XLA for 29 GB on a 0.5B model.
+MAX_ATTENTION_SCORES = 2**28
 
 
 def width_bucket(n: int) -> int:
@@ -53,6 +58,23 @@ def width_bucket(n: int) -> int:
 def batch_bucket(n: int, batch_size: int) -> int:
     """Rows of a batch holding n prompts: the next power of two, at most `batch_size`."""
     return min(batch_size, 1 << (max(n, 1) - 1).bit_length())
+
+
+def batch_members(lengths: Sequence[int], batch_size: int, heads: int, max_new_tokens: int) -> list[list[int]]:
+    """Prompt indices per batch, shortest prompts first: at most `batch_size` each, and fewer (a power of two, at
+    least one) where the batch's bucket of rows at its longest member's width would hold more than
+    `MAX_ATTENTION_SCORES` attention scores."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, start = [], 0
+    while start < len(order):
+        rows = min(batch_size, len(order) - start)
+        width = width_bucket(lengths[order[start + rows - 1]])
+        fit = MAX_ATTENTION_SCORES // (heads * width * (width + max_new_tokens))
+        if batch_bucket(rows, batch_size) > fit:  # the rows compiled: `rows` rounded up to its bucket
+            rows = 1 << (max(fit, 1).bit_length() - 1)
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
 
 
 def eos_ids(model: Model, tokenizer: Any = None) -> tuple[int, ...]:
@@ -190,7 +212,7 @@ def generate_ids(model: Model, prompts: Sequence[Sequence[int]], *, max_new_toke
     empty = [i for i, p in enumerate(prompts) if not len(p)]
     if empty:
         raise EnchtableError(f"prompt(s) {empty[:5]} have no tokens; every prompt needs at least one")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = batch_members([len(p) for p in prompts], batch_size, model.config.num_attention_heads, max_new_tokens)
     base_key = jax.random.key(seed)
     stop_set = set(stop_ids)
     stop_list = sorted(stop_set)
@@ -200,9 +222,7 @@ def generate_ids(model: Model, prompts: Sequence[Sequence[int]], *, max_new_toke
     guide = {} if expert is None else {
         "expert": expert.params, "expert_config": expert.config, "first_m": safedecoding.first_m,
         "alpha": jnp.float32(safedecoding.alpha), "common_tokens": jnp.int32(safedecoding.common_tokens)}
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", disable=None if progress is None else not progress):
-        members = order[start:start + batch_size]
+    for members in tqdm(batches, desc="generate", unit="batch", disable=None if progress is None else not progress):
         rows, width = batch_bucket(len(members), batch_size), width_bucket(max(len(prompts[i]) for i in members))
         ids = np.full((rows, width), pad_id, np.int32)
         mask = np.zeros((rows, width), np.int32)

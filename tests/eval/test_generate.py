@@ -20,6 +20,7 @@ import torch
 import enchtable_jax
 from enchtable_jax.eval.generate import (
     batch_bucket,
+    batch_members,
     eos_ids,
     generate,
     generate_ids,
@@ -121,6 +122,29 @@ def test_buckets():
                                                                                         384, 1024]
     assert [batch_bucket(n, 16) for n in (1, 3, 8, 9, 16)] == [1, 4, 8, 16, 16]
     assert batch_bucket(5, 6) == 6
+
+
+def test_long_prompts_get_fewer_rows_per_batch(byte_model, monkeypatch):
+    """A batch's rows shrink (to a power of two) where rows x heads x width x (width + new tokens) would pass the
+    attention-score budget; every prompt is still answered once, with the answer unbatched greedy gives."""
+    assert batch_members([5, 3, 9, 1], 2, 4, 8) == [[3, 1], [0, 2]]  # shortest first, batch_size rows
+    budget = GENERATE.MAX_ATTENTION_SCORES
+    assert batch_members([16] * 5, 8, 1, 0) == [[0, 1, 2, 3, 4]]  # 5 x 16 x 16 is far below it
+    rows = budget // (2 * 1024 * (1024 + 16))  # 126 rows of width 1024 fit, heads 2, 16 new tokens
+    assert [len(b) for b in batch_members([1000] * 130, 256, 2, 16)] == [64, 64, 2]
+    assert rows == 126 and [len(b) for b in batch_members([1000] * 3, 256, 2 * 1024, 16)] == [1, 1, 1]
+    model, _ = byte_model
+    heads = model.config.num_attention_heads
+    monkeypatch.setattr(GENERATE, "MAX_ATTENTION_SCORES", 3 * heads * 32 * (32 + 4))  # 2 rows of width 32
+    prompts = [[65 + k] * n for k, n in enumerate((3, 30, 5, 28, 31))]
+    calls = []
+    decode = GENERATE._decode
+    monkeypatch.setattr(GENERATE, "_decode", lambda params, config, ids, *a, **k: (calls.append(ids.shape),
+                                                                                   decode(params, config, ids, *a, **k))[1])
+    kwargs = {"max_new_tokens": 4, "stop_ids": [256], "progress": False}
+    out = generate_ids(model, prompts, batch_size=4, **kwargs)
+    assert calls == [(2, 16), (2, 32), (1, 32)]
+    assert out == [generate_ids(model, [p], batch_size=1, **kwargs)[0] for p in prompts]
 
 
 def test_sampling_is_seeded(byte_model):
