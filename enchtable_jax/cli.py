@@ -732,7 +732,6 @@ def _add_enchant(sub) -> None:
 
 def _add_eval(sub) -> None:
     from enchtable_jax.eval.defenses import DEFENSES
-    from enchtable_jax.eval.judge import RECIPES
     from enchtable_jax.options import EVAL_OPTIONS, SafeDecodingOptions
 
     p = sub.add_parser("eval", help="unsafe rate and utility of a model: generate, judge, score; or a judge's accuracy",
@@ -749,9 +748,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", help="output folder for eval.json")
     _ranged(p, "--max-new-tokens", EVAL_OPTIONS["max_new_tokens"], default=128)
     _ranged(p, "--limit", EVAL_OPTIONS["limit"], "use the first N items of every set")
-    p.add_argument("--template",
-                   help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
-    p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
+    _add_chat_inputs(p)
     _ranged(p, "--batch-size", EVAL_OPTIONS["batch_size"], "prompts per generation batch", default=16)
     _ranged(p, "--temperature", EVAL_OPTIONS["temperature"], "0: greedy decoding", default=0.0)
     _ranged(p, "--top-p", EVAL_OPTIONS["top_p"], "nucleus sampling mass (with --temperature > 0)", default=1.0)
@@ -769,10 +766,7 @@ def _add_eval(sub) -> None:
                         "YAML/JSON file or folder (PyRIT's format, {{ prompt }}); reports per-template unsafe rates "
                         "and the attack success rate")
     _ranged(p, "--limit-templates", EVAL_OPTIONS["limit_templates"], "use the first N jailbreak templates")
-    p.add_argument("--judge-model", metavar="DIR",
-                   help="judge with a local LLM (HF folder) instead of refusal patterns")
-    p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),
-                   help="prompt and parse rule of --judge-model")
+    _add_judge(p)
     p.add_argument("--judge-report", action="store_true",
                    help="print the judge's accuracy/precision/recall against --labels and exit")
     p.add_argument("--labels", metavar="CSV", help="human refusal labels for --judge-report "
@@ -784,8 +778,24 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_eval)
 
 
-def _add_attack(sub) -> None:
+def _add_chat_inputs(p: argparse.ArgumentParser) -> None:
+    """--template and --tokenizer: how a command that generates renders its prompts (eval, attack)."""
+    p.add_argument("--template",
+                   help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
+    p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
+
+
+def _add_judge(p: argparse.ArgumentParser) -> None:
+    """--judge-model and --judge-recipe: who decides that an answer is unsafe (eval, attack)."""
     from enchtable_jax.eval.judge import RECIPES
+
+    p.add_argument("--judge-model", metavar="DIR",
+                   help="judge with a local LLM (HF folder) instead of refusal patterns")
+    p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),
+                   help="prompt and parse rule of --judge-model")
+
+
+def _add_attack(sub) -> None:
     from enchtable_jax.options import EVAL_OPTIONS, GCGOptions
 
     p = sub.add_parser("attack", help="white-box jailbreak: search an adversarial suffix per harmful prompt (GCG)",
@@ -800,12 +810,8 @@ def _add_attack(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for attack.json")
     _add_fields(p, GCGOptions())
     _ranged(p, "--limit", EVAL_OPTIONS["limit"], "attack the first N prompts")
-    p.add_argument("--template",
-                   help="chat template instead of the tokenizer's: chatml, llama3, plain, or a .jinja file")
-    p.add_argument("--tokenizer", help="folder with the tokenizer (default: the model's)")
-    p.add_argument("--judge-model", metavar="DIR", help="judge with a local LLM (HF folder) instead of refusal patterns")
-    p.add_argument("--judge-recipe", default="llama-guard", choices=list(RECIPES),
-                   help="prompt and parse rule of --judge-model")
+    _add_chat_inputs(p)
+    _add_judge(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/attack.json")
     p.set_defaults(func=_attack)
 
