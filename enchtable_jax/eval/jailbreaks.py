@@ -20,6 +20,7 @@ prompts that at least one template breaks (the plain prompt is not counted: its 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from enchtable_jax.options import EVAL_OPTIONS, check_values
 from enchtable_jax.safe_io import JSONFileError, check_inside, parse_json
 
 PLACEHOLDER = "prompt"
+# Where the pyrit wheel keeps its templates (read as files; pyrit is never imported).
+PYRIT_PACKAGE, PYRIT_TEMPLATES = "pyrit", "pyrit/datasets/jailbreak/templates"
 SUFFIXES = (".yaml", ".yml", ".json")
 ACCEPTED = "literal text, {% raw %} blocks, string constants and {{ prompt }}"
 
@@ -265,3 +268,11 @@ def summary_rows(set_name: str, block: Mapping[str, Any]) -> list[dict[str, Any]
               "value": block["unsafe_rate"]}]
             + [{"set": set_name, "metric": "template_unsafe_rate", "template": name, "n": t["n"],
                 "value": t["unsafe_rate"]} for name, t in block["per_template"].items()])
+
+
+def pyrit_templates() -> Path | None:
+    """The installed pyrit package's template folder (`pip install --no-deps pyrit==1.1.0`), None without pyrit."""
+    try:
+        return Path(importlib.metadata.distribution(PYRIT_PACKAGE).locate_file(PYRIT_TEMPLATES))
+    except importlib.metadata.PackageNotFoundError:
+        return None

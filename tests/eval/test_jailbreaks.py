@@ -16,8 +16,8 @@ import pytest
 import enchtable_jax
 from enchtable_jax.cli import main
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.eval import pipeline
-from enchtable_jax.eval.jailbreaks import load_templates, parse_template, template_set
+from enchtable_jax.eval import jailbreaks, pipeline
+from enchtable_jax.eval.jailbreaks import PYRIT_PACKAGE, load_templates, parse_template, template_set
 from enchtable_jax.eval.pipeline import evaluate, summary_table
 from enchtable_jax.models.tokenizer import byte_level_tokenizer
 
@@ -227,20 +227,17 @@ def test_cli_reads_a_template_folder_and_refuses_stray_options(rigged, tmp_path,
 
 # ---------------------------------------------------------------------------------------- real: pyrit's wheel
 
-PYRIT = "pyrit"
-PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates"
 
 
 @pytest.fixture(scope="module")
 def pyrit_templates() -> Path:
     """pyrit's jailbreak template folder, located through the installed distribution (pyrit is never imported:
     `pip install --no-deps pyrit==1.1.0` brings its files without its dependencies); skips when absent."""
-    try:
-        folder = Path(importlib.metadata.distribution(PYRIT).locate_file(PYRIT_TEMPLATES))
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"pyrit absent: run `pip install --no-deps {PYRIT}==1.1.0` (its templates are read as files)")
+    folder = jailbreaks.pyrit_templates()
+    if folder is None:
+        pytest.skip(f"pyrit absent: run `pip install --no-deps {PYRIT_PACKAGE}==1.1.0` (its templates are read as files)")
     if not folder.is_dir():
-        pytest.skip(f"{folder} missing from the installed {PYRIT} package")
+        pytest.skip(f"{folder} missing from the installed {PYRIT_PACKAGE} package")
     return folder
 
 
@@ -254,7 +251,7 @@ def test_every_pyrit_template_loads_and_fills_as_pyrit_renders_it(pyrit_template
     files = sorted(pyrit_templates.rglob("*.yaml"))
     assert len(loaded.templates) + len(loaded.skipped) == len(files)
     assert all("/multi_parameter/" in f for f, _ in loaded.skipped)
-    if importlib.metadata.version(PYRIT) == "1.1.0":
+    if importlib.metadata.version(PYRIT_PACKAGE) == "1.1.0":
         assert (len(files), len(loaded.templates), len(loaded.skipped)) == (655, 652, 3)
     assert len({t.name for t in loaded.templates}) == len(loaded.templates)
     render = SandboxedEnvironment(undefined=jinja2.StrictUndefined)  # what pyrit's SeedPrompt renders with

