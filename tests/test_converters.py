@@ -971,3 +971,21 @@ def test_describe_sharded_and_orbax(models, orbax_ckpt, tmp_path):
     assert info["tensors"] == len(raw_tensors(src))
     assert info["files"][0]["bytes"] > 0
     assert info["architecture"] == "Qwen2ForCausalLM"
+
+
+def test_large_tensors_start_their_writeback_at_their_own_bytes(tmp_path, monkeypatch):
+    """A tensor of ≥ 1 MiB asks the kernel to start writing exactly its byte range (sync_file_range on Linux), and
+    the file still reads back through the safetensors package."""
+    big = np.arange(stf._WRITEBACK_BYTES // 4 + 3, dtype=np.float32)
+    tensors = [("a", np.ones(3, np.float32)), ("big", big), ("z", np.full(5, 2.0, np.float32))]
+    ranges = []
+    real = stf.start_writeback
+    monkeypatch.setattr(stf, "start_writeback", lambda fd, offset, n: (ranges.append((offset, n)), real(fd, offset, n)))
+    path = tmp_path / "big.safetensors"
+    stf.write_file(path, tensors, np.asarray, {})
+    header_length = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with safe_open(path, "np") as f:
+        begin, end = json.loads(path.read_bytes()[8:header_length])["big"]["data_offsets"]
+        assert np.array_equal(f.get_tensor("big"), big) and np.array_equal(f.get_tensor("z"), tensors[2][1])
+    assert ranges == [(header_length + begin, end - begin)]
+    assert stf._sync_file_range() is not None or not sys.platform.startswith("linux")

@@ -39,7 +39,7 @@ def blas_threads(n: int) -> Iterator[int]:
         yield len(openblas.lib_controllers)
 
 
-def _core_count() -> int:
+def core_count() -> int:
     """Cores this process may run on (its CPU affinity where the platform says, else every core)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -62,7 +62,7 @@ def _backend_started() -> bool:
 def use_every_core() -> int | None:
     """Ask JAX for one CPU device per core (`jax_num_cpu_devices`); returns the count, or None when nothing was set
     (one core, a count the user chose, or JAX already started: its devices cannot change any more)."""
-    cores = _core_count()
+    cores = core_count()
     if cores < 2 or _count_chosen() or _backend_started():
         return None
     jax.config.update("jax_num_cpu_devices", cores)
@@ -82,7 +82,7 @@ def training_devices() -> list[jax.Device]:
 def warn_if_one_core_used(devices: list[jax.Device]) -> None:
     """Warn when the merge's decompositions will run on one CPU device of a multi-core machine (JAX was started
     before enchtable_jax was imported, so it could not add one device per core)."""
-    cores = _core_count()
+    cores = core_count()
     if len(devices) == 1 and devices[0].platform == "cpu" and cores > 1 and not _count_chosen():
         warnings.warn(f"the merge runs on 1 CPU device and uses 1 of {cores} cores: JAX had started before "
                       f"enchtable_jax was imported; import enchtable_jax (or call jax.config.update("
@@ -90,4 +90,4 @@ def warn_if_one_core_used(devices: list[jax.Device]) -> None:
                       stacklevel=3)
 
 
-__all__ = ["blas_threads", "training_devices", "use_every_core", "warn_if_one_core_used"]
+__all__ = ["blas_threads", "core_count", "training_devices", "use_every_core", "warn_if_one_core_used"]

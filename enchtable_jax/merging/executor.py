@@ -15,10 +15,12 @@ Copied tensors keep their bytes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import math
+import queue
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from enchtable_jax.converters.safetensors_format import aligned_empty
 from enchtable_jax.errors import EnchtableError
+from enchtable_jax.kernels import cpu_threads
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
 from enchtable_jax.kernels.factored import factored_sq_norm, factored_triplets
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, host_rows, put
@@ -456,10 +459,34 @@ def _host_records(names: list[str], plan_: MergePlan, base: TensorSource, task: 
     """Each of `names` merged by the method's host form: τ_task, τ_safe, the delta and base + delta computed chunk by
     chunk in cache-sized buffers, from the mapped inputs straight into the output array (no stacks, no devices)."""
     alpha = np.float32(plan_.alpha)
-    scratch = [np.empty(_HOST_CHUNK, np.float32) for _ in range(2)] + \
-        [np.empty(_HOST_CHUNK, np.float64) for _ in range(2 if form.uses_sums else 0)]
-    for name in names:
-        yield _host_merge(name, plan_.tensors[name], base, task, safety, form, alpha, scratch, allow_nonfinite, what)
+    workers = cpu_threads.core_count()
+    free = queue.SimpleQueue()  # one set of scratch buffers per worker thread
+    for _ in range(workers):
+        free.put([np.empty(_HOST_CHUNK, np.float32) for _ in range(2)] +
+                 [np.empty(_HOST_CHUNK, np.float64) for _ in range(2 if form.uses_sums else 0)])
+
+    def one(name: str) -> MergedTensor:
+        scratch = free.get()
+        try:
+            return _host_merge(name, plan_.tensors[name], base, task, safety, form, alpha, scratch, allow_nonfinite,
+                               what)
+        finally:
+            free.put(scratch)
+
+    # One tensor per core at once (numpy's ufuncs release the GIL), yielded in order; BLAS single-threaded, so that
+    # the sums' dot products do not spin threads beside the workers.
+    with blas_threads(1), ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for name in names:
+                pending.append(pool.submit(one, name))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
@@ -488,8 +515,7 @@ def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSou
             x, y = scratch[2][:tau.size], scratch[3][:tau.size]
             np.copyto(x, tau)
             np.copyto(y, safe)
-            # einsum, not np.dot: BLAS's threads spin while they wait, and a busy machine then stalls each call
-            totals += (np.einsum("i,i", x, x), np.einsum("i,i", y, y), np.einsum("i,i", x, y))
+            totals += (np.dot(x, x), np.dot(y, y), np.dot(x, y))  # BLAS on one thread (`_host_records`)
         sums = tuple(float(v) for v in totals)
     apply, stats = form.prepare(alpha, sums)
     merged = np.empty(spec.shape, spec.dtype)
