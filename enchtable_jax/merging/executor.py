@@ -267,18 +267,23 @@ def _disable(progress: bool | None) -> bool | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = None, factored: bool = False):
-    """jit(`_mapped`) for one group shape (the τ_task stack donated when dense: the deltas are written over it)."""
-    return jax.jit(_mapped(method, options, mesh, triplets, factored),
-                   donate_argnums=() if factored else 0)  # the factors' buffers cannot hold the deltas
+def _group_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None = None, factored: bool = False,
+              weights_only: bool = False):
+    """jit(`_mapped`) for one group shape (the τ_task stack donated when the deltas are written over it: dense, and
+    not `weights_only`)."""
+    return jax.jit(_mapped(method, options, mesh, triplets, factored, weights_only),
+                   donate_argnums=() if factored or weights_only else 0)
 
 
-def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, factored: bool):
+def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, factored: bool,
+            weights_only: bool = False):
     """shard_map(lax.map(method)) for one group shape: every device merges its tensors one by one.
 
     Takes the τ_task stack, the τ_safe stack, the keys, α and the hints
     (stacks of precomputed triplets by role, `methods`); returns the merged deltas (float32), the per-tensor stats,
     per tensor whether τ_task, τ_safe and the delta are finite, and the triplets it computed for the cache.
+    `weights_only` (a `Method.weighted` method): no deltas, and "the delta is finite" stands for the weight; the τ_safe
+    stack may then be None when its triplets are among the hints (the method never reads it).
     `triplets`: None, "read" (triplets are among the hints) or "emit" (τ_safe's kept triplets, from the hints or
     computed here by the exact SVD, used by the method and returned for the cache). `factored`: τ_task comes as
     stacks of its factors (scale·B, A) of a LoRA task, not donated; τ_task is their product, and its triplets for a
@@ -290,6 +295,8 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
     def per_device(tau, safety, keys, alpha, hints):
         def one(a):
             task_i, safe_i, key_i, hints_i = a
+            if safe_i is None:  # weights only, τ_safe's triplets given: its values never enter a statistic
+                safe_i = jnp.zeros_like(task_i)
             if factored:
                 b_i, a_i = task_i
                 task_i = b_i @ a_i
@@ -304,8 +311,8 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
             delta, stats = fn(task_i, safe_i, alpha, jax.random.wrap_key_data(key_i), **extra, **opts)
             # The non-finite guard, fused into the merge: τ_task, τ_safe and the delta, each reduced to one bool.
             finite = jnp.stack([jnp.all(jnp.isfinite(task_i)), jnp.all(jnp.isfinite(safe_i)),
-                                jnp.all(jnp.isfinite(delta))])
-            return delta, stats, finite, emitted
+                                jnp.all(jnp.isfinite(stats["weight"] if weights_only else delta))])
+            return (None if weights_only else delta), stats, finite, emitted
 
         return jax.lax.map(one, (tau, safety, keys, hints))
 
@@ -315,7 +322,7 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
 
 
 @functools.lru_cache(maxsize=64)
-def _split_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None, count: int):
+def _split_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None, count: int, weights_only: bool = False):
     """Like `_group_fn`, for a group of `count` dense matrices that does not fill whole rounds of the devices: the
     2·count decompositions (τ_task's and τ_safe's) are first spread over the devices as independent jobs, then
     the method runs with both as hints. A lone matrix's two SVDs (an 8B layer's down projection) thus run on two
@@ -326,7 +333,7 @@ def _split_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None, cou
     decompose = jax.shard_map(
         lambda x: jax.lax.map(lambda a: top_triplets(a, opts["keep"], opts.get("solver", "svd")), x),
         mesh=mesh, in_specs=spec, out_specs=spec)
-    merge_ = _mapped(method, options, mesh, "emit" if triplets == "emit" else "read", False)
+    merge_ = _mapped(method, options, mesh, "emit" if triplets == "emit" else "read", False, weights_only)
 
     def split(tau, safety, keys, alpha, hints):
         jobs = jnp.concatenate([tau[:count], safety[:count]])
@@ -336,7 +343,7 @@ def _split_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None, cou
         hints = {**hints, "task": (u[row], s[row], v[row]), "safety": (u[count + row], s[count + row], v[count + row])}
         return merge_(tau, safety, keys, alpha, hints)
 
-    return jax.jit(split, donate_argnums=0)
+    return jax.jit(split, donate_argnums=() if weights_only else 0)
 
 
 def tensor_key(seed: int, name: str) -> np.ndarray:
@@ -392,23 +399,33 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     if form is not None and all(plan_.tensors[name].rank is None for group in groups for name in group):
         # An element-wise method on dense deltas: on the host, fused with the reads (DESIGN.md, Merging).
         merged = [name for group in groups for name in group]
-        records = _host_records(merged, plan_, base, task, safety, form, allow_nonfinite, what)
+        records = _host_records(merged, plan_, base, task, safety, lambda _: form, allow_nonfinite, what)
         return layout, _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
                                  progress), {"state": "not used (the method does not decompose)", "file": None}
     cache, mode, writer, outcome = _decomposition(plan_, safety, method, options, cache_decomposition)
     # Every tensor's PRNG key up front: computed per group, the keys would queue behind the running group on the
     # device, and reading the next group would wait for it (the pipeline would stall).
     keys = dict(zip(layout, tensor_keys(seed, list(layout)))) if layout else {}
-    load = functools.partial(_load_group, plan_, base, task, safety, keys, mesh, cache if mode == "read" else None)
+
+    def weights_only(group: list[str]) -> bool:
+        """Whether the devices give only the statistics of `group` and the host forms its deltas (`Method.weighted`:
+        fewer bytes each way, and no delta stack; a LoRA task's deltas come from its factors on the devices)."""
+        return METHODS[method].weighted and plan_.tensors[group[0]].rank is None
+
+    def load(group: list[str]) -> tuple:
+        # τ_safe's stack is needed on the devices only to decompose it, or to form the deltas there.
+        needs_safety = not weights_only(group) or (len(plan_.tensors[group[0]].shape) == 2 and mode != "read")
+        return _load_group(plan_, base, task, safety, keys, mesh, cache if mode == "read" else None, needs_safety,
+                           group)
 
     def merge_group(group: list[str], inputs: tuple) -> tuple:  # asynchronous: returns before it is done
         matrix = len(plan_.tensors[group[0]].shape) == 2
         factored = plan_.tensors[group[0]].rank is not None
         settings = tuple(sorted(options.items()))
         if matrix and not factored and mode != "read" and METHODS[method].uses_triplets and len(group) % mesh.size:
-            fn = _split_fn(method, settings, mesh, mode, len(group))
+            fn = _split_fn(method, settings, mesh, mode, len(group), weights_only(group))
         else:
-            fn = _group_fn(method, settings, mesh, mode if matrix else None, factored)
+            fn = _group_fn(method, settings, mesh, mode if matrix else None, factored, weights_only(group))
         return fn(*inputs[:3], alpha, inputs[3])
 
     def produce() -> Iterator[MergedTensor]:
@@ -423,14 +440,18 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                 for g, group in enumerate(groups):
                     following = load(groups[g + 1]) if g + 1 < len(groups) else None
                     deltas, stats, emitted = _group_results(group, running, base, task, safety, allow_nonfinite,
-                                                            what)
+                                                            what, weights_only(group))
                     if following is not None:
                         running = merge_group(groups[g + 1], following)
                     del following
                     if writer is not None and "safety" in emitted:
                         for i, name in enumerate(group):
                             writer.add(name, tuple(t[i] for t in emitted["safety"]))
-                    yield from _merged_records(group, deltas, stats, base, plan_, what)
+                    if deltas is None:
+                        yield from _host_records(group, plan_, base, task, safety, _weighted_forms(group, stats),
+                                                 allow_nonfinite, what)
+                    else:
+                        yield from _merged_records(group, deltas, stats, base, plan_, what)
                     bar.update(len(group))
         except BaseException:
             if writer is not None:
@@ -455,21 +476,22 @@ def _with_bar(copied: Iterator[MergedTensor], merged: Iterator[MergedTensor], co
 
 
 def _host_records(names: list[str], plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                  form: HostForm, allow_nonfinite: bool, what: str) -> Iterator[MergedTensor]:
-    """Each of `names` merged by the method's host form: τ_task, τ_safe, the delta and base + delta computed chunk by
-    chunk in cache-sized buffers, from the mapped inputs straight into the output array (no stacks, no devices)."""
+                  form_of: Callable[[str], HostForm], allow_nonfinite: bool, what: str) -> Iterator[MergedTensor]:
+    """Each of `names` merged by its host form (`form_of(name)`): τ_task, τ_safe, the delta and base + delta computed
+    chunk by chunk in cache-sized buffers, from the mapped inputs straight into the output array (no stacks, no
+    devices)."""
     alpha = np.float32(plan_.alpha)
     workers = cpu_threads.core_count()
     free = queue.SimpleQueue()  # one set of scratch buffers per worker thread
     for _ in range(workers):
         free.put([np.empty(_HOST_CHUNK, np.float32) for _ in range(2)] +
-                 [np.empty(_HOST_CHUNK, np.float64) for _ in range(2 if form.uses_sums else 0)])
+                 [np.empty(_HOST_CHUNK, np.float64) for _ in range(2)])
 
     def one(name: str) -> MergedTensor:
         scratch = free.get()
         try:
-            return _host_merge(name, plan_.tensors[name], base, task, safety, form, alpha, scratch, allow_nonfinite,
-                               what)
+            return _host_merge(name, plan_.tensors[name], base, task, safety, form_of(name), alpha, scratch,
+                               allow_nonfinite, what)
         finally:
             free.put(scratch)
 
@@ -539,6 +561,28 @@ def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSou
     return MergedTensor(name, merged, stats)
 
 
+def _weighted_forms(group: list[str], stats: dict[str, np.ndarray]) -> Callable[[str], HostForm]:
+    """The host form of each tensor of a `Method.weighted` group, from the weights the devices computed: the delta
+    τ_task + w·(α·τ_safe) in the method's own order of float32 operations (the same bytes as on the devices)."""
+    index = {name: i for i, name in enumerate(group)}
+
+    def form_of(name: str) -> HostForm:
+        i = index[name]
+        weight, tensor_stats = np.float32(stats["weight"][i]), {k: float(v[i]) for k, v in stats.items()}
+
+        def prepare(alpha: np.float32, _: None) -> tuple[Callable[[np.ndarray, np.ndarray], None], dict[str, float]]:
+            def apply(tau: np.ndarray, safe: np.ndarray) -> None:
+                np.multiply(safe, alpha, out=safe)
+                np.multiply(safe, weight, out=safe)
+                np.add(tau, safe, out=safe)
+
+            return apply, tensor_stats
+
+        return HostForm(prepare)
+
+    return form_of
+
+
 def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: dict[str, Any], write: bool
                    ) -> tuple[decomposition.Cache | None, str | None, decomposition.Writer | None, dict]:
     """(cache, mode for the matrix groups: "read" | "emit" | None, the cache writer or None, the outcome record)."""
@@ -561,10 +605,10 @@ def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: 
 
 
 def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                keys: dict[str, np.ndarray], mesh: Mesh, cache: decomposition.Cache | None, group: list[str]
-                ) -> tuple[jax.Array, ...]:
-    """One group's τ_task (a LoRA task's: its factors) and τ_safe stacks (float32), PRNG keys and hints (τ_safe's
-    triplets from `cache`, for matrices), placed on the mesh."""
+                keys: dict[str, np.ndarray], mesh: Mesh, cache: decomposition.Cache | None, with_safety: bool,
+                group: list[str]) -> tuple[jax.Array | None, ...]:
+    """One group's τ_task (a LoRA task's: its factors) and τ_safe stacks (float32; None unless `with_safety`), PRNG
+    keys and hints (τ_safe's triplets from `cache`, for matrices), placed on the mesh."""
     sharding = NamedSharding(mesh, P(GROUP_AXIS))
     padded = group + [group[-1]] * (-len(group) % mesh.size)  # whole rounds over the devices
     shape = (len(padded), *plan_.tensors[group[0]].shape)
@@ -577,14 +621,15 @@ def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety
             np.subtract(task.read(name), base.read(name), out=tau[i], dtype=np.float32)
         placed = put(tau, sharding)
         del tau
-    safe = aligned_empty(shape, np.float32)
-    for i, name in enumerate(padded):
+    safe = aligned_empty(shape, np.float32) if with_safety else None
+    for i, name in enumerate(padded if with_safety else ()):
         safety.read_into(name, safe[i])
     hints = {}
     if cache is not None and len(shape) == 3:
         read = [cache.read(name, shape[1:]) for name in padded]
         hints["safety"] = tuple(put(np.stack([t[part] for t in read]), sharding) for part in range(3))
-    return placed, put(safe, sharding), put(np.stack([keys[name] for name in padded]), sharding), hints
+    return (placed, None if safe is None else put(safe, sharding), put(np.stack([keys[name] for name in padded]),
+                                                                        sharding), hints)
 
 
 def _copied_records(copied: list[str], task: TensorSource, allow_nonfinite: bool,
@@ -606,15 +651,19 @@ def _one_blas_thread_on_cpu(mesh: Mesh) -> contextlib.AbstractContextManager:
 
 
 def _group_results(group: list[str], running: tuple, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                   allow_nonfinite: bool, what: str) -> tuple[list[np.ndarray], dict[str, np.ndarray], dict[str, tuple]]:
-    """A launched group merge's (deltas, stats, triplets emitted for the cache) on the host, once its inputs and
-    deltas are checked finite."""
+                   allow_nonfinite: bool, what: str, weights_only: bool = False
+                   ) -> tuple[list[np.ndarray] | None, dict[str, np.ndarray], dict[str, tuple]]:
+    """A launched group merge's (deltas, or None for `weights_only`, stats, triplets emitted for the cache) on the
+    host, once its inputs and deltas are checked finite (weights only: the inputs on the devices; the host form
+    checks the merged tensors, which any non-finite weight reaches)."""
     deltas, stats, finite, emitted = running
     finite = fully_replicated_numpy(finite)
+    if weights_only:
+        finite = np.concatenate([finite[:, :2], np.ones_like(finite[:, 2:])], axis=1)
     _check_group(group, finite, base, task, safety, allow_nonfinite, what,
                  lambda i: fully_replicated_numpy(deltas)[i])
     # Rows as views of the devices' buffers where possible: a gathered host copy would be one more stack in memory.
-    return (host_rows(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()},
+    return (None if deltas is None else host_rows(deltas), {k: fully_replicated_numpy(v) for k, v in stats.items()},
             {role: tuple(host_rows(t) for t in triplets) for role, triplets in emitted.items()})
 
 

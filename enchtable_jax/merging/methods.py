@@ -98,6 +98,9 @@ class Method:
     adaptive_alpha: bool = False  # default α = β·‖τ_task‖/‖τ_safe‖ (else a fixed α, default 1)
     uses_alpha: bool = True  # False: α does not enter the formula (nothing to scale or calibrate)
     host: HostForm | None = None  # the formula in numpy, for a method without options that is element-wise
+    # True: the delta is τ_task + w·(α·τ_safe), w the `weight` statistic, for every tensor: the executor then asks
+    # the devices for the statistics alone and forms the delta on the host (`executor`, DESIGN.md, Merging)
+    weighted: bool = False
 
     @property
     def uses_triplets(self) -> bool:
@@ -124,7 +127,7 @@ def check_strength(method: str, alpha: float | None, beta: float | None, names: 
 
 
 def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: bool = True,
-             host: HostForm | None = None, **options: Option):
+             host: HostForm | None = None, weighted: bool = False, **options: Option):
     """Decorator adding a method to `METHODS`; its options are the keyword-only parameters of the function, whose
     values `Method.fn` fills in from `options` when a call leaves them out."""
     if host is not None and options:
@@ -132,7 +135,7 @@ def register(name: str, summary: str, adaptive_alpha: bool = False, uses_alpha: 
 
     def add(fn):
         METHODS[name] = Method(name, _with_declared_defaults(name, fn, options), summary, options, adaptive_alpha,
-                               uses_alpha, host)
+                               uses_alpha, host, weighted)
         return fn
 
     return add
@@ -178,7 +181,7 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
 
 
 @register("enchtable", "θ_base + τ_task + w·α·τ_safe, w = exp(−ι(τ_task, α·τ_safe)) per matrix (EnchTable, "
-                       "Wu et al. 2025)", adaptive_alpha=True,
+                       "Wu et al. 2025)", adaptive_alpha=True, weighted=True,
           keep=Option(DEFAULT_KEEP, "fraction γ of singular triplets kept per delta", FRACTION, flag=True),
           interference_scale=Option(DEFAULT_SCALE, "scale of ι", POSITIVE, flag=True),
           solver=Option("svd", "top triplets by 'svd' (exact) or 'gram' (eigh of the smaller Gram matrix: faster "

@@ -16,6 +16,7 @@ import jax
 from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, HFWriter
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output
+from enchtable_jax.kernels.host_memory import reuse_freed_memory
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.lora import companion_folder, open_task
 from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
@@ -72,27 +73,28 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     if out is not None:
         out = check_output(out, {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
                                  "--safety-vector": safety_vector}, overwrite)
-    start = time.perf_counter()
-    base_src = open_model(base, "base")
-    task_src = open_task(task, base_src)
-    safety = SafetyDelta(safety_vector, aligned, harmful)
-    plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
-    mesh = mesh or executor.merge_mesh()
-    layout, records, decomposition = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
-                                                  group_bytes, progress, allow_nonfinite, cache_decomposition)
-    stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
-    report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
-                               {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
-                               decomposition)
-    if out is None:
-        model = _in_memory(records, stats, task_src)
-        return MergeResult(None, report(), model)
-    if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
-        for record in records:
-            stats[record.name] = record.stats
-        return MergeResult(out, report(), None)
-    final = _write(out, task_src, layout, records, stats, report, shard_size, overwrite, progress, extra_files)
-    return MergeResult(out, final, load(out) if load_model else None)
+    with reuse_freed_memory():  # group after group frees and allocates the same large buffers (kernels.host_memory)
+        start = time.perf_counter()
+        base_src = open_model(base, "base")
+        task_src = open_task(task, base_src)
+        safety = SafetyDelta(safety_vector, aligned, harmful)
+        plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
+        mesh = mesh or executor.merge_mesh()
+        layout, records, decomposition = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
+                                                      group_bytes, progress, allow_nonfinite, cache_decomposition)
+        stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
+        report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
+                                   {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
+                                   decomposition)
+        if out is None:
+            model = _in_memory(records, stats, task_src)
+            return MergeResult(None, report(), model)
+        if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
+            for record in records:
+                stats[record.name] = record.stats
+            return MergeResult(out, report(), None)
+        final = _write(out, task_src, layout, records, stats, report, shard_size, overwrite, progress, extra_files)
+        return MergeResult(out, final, load(out) if load_model else None)
 
 
 def _report(plan: executor.MergePlan, stats: Mapping[str, Mapping[str, float]], method: str, options: dict[str, Any],

@@ -684,3 +684,22 @@ def test_gram_solver_matches_svd_on_a_decaying_spectrum(shape):
                                        solver="gram"))
     oracle = np_iota(task, safety, 0.5, 200.0)
     assert abs(exact - oracle) <= 1e-5 * oracle and abs(fast - oracle) <= 1e-5 * oracle
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name,options", [(n, o) for n in METHODS for o in ({}, {"learnable": True})
+                                          if "learnable" in METHODS[n].options or not o])
+def test_weighted_methods_give_task_plus_weight_times_scaled_safety(shape, name, options):
+    """`Method.weighted` promises delta = τ_task + w·(α·τ_safe) with w the `weight` statistic (the executor forms the
+    deltas of such a method on the host from w alone): held against that float64 formula; a method that does not
+    promise it must differ from it."""
+    task, safety = random_pair(shape, seed=7)
+    delta, stats = call(name, task, safety, **options)
+    if not np.isfinite(stats["weight"]):
+        assert not METHODS[name].weighted, name
+        return
+    formula = f64(task) + stats["weight"] * (ALPHA * f64(safety))
+    if METHODS[name].weighted:
+        assert_rel(delta, formula, 1e-6, name)
+    else:
+        assert rel_err(delta, formula) > 1e-6, name
