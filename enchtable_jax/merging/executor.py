@@ -166,8 +166,30 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
         if not host_finite(arr):
             nonfinite_base.append(name)
 
-    with ThreadPoolExecutor(1) as hasher:
-        hashing = None
+    def decide(name: str, base_arr: np.ndarray | None) -> tuple[TensorPlan, float, float]:
+        """The tensor's plan and, when it is merged under an adaptive α, its Σ τ_task² and Σ τ_safe²."""
+        shape, dtype = task.specs[name]
+        reason, safe = _copy_reason(name, tuple(shape), tuple(base.specs[name][0]), safety, safety_names,
+                                    read=adaptive)
+        rank = task.rank(name) if isinstance(task, LoraTask) else None
+        planned = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason, rank=rank)
+        if reason is None and adaptive:  # a fixed α needs no norms: spare the read of the task model
+            return planned, _task_sum_squares(allow_nonfinite, name, task, base_arr, base), \
+                _finite_sum_squares(allow_nonfinite, name, safe, safety)
+        return planned, 0.0, 0.0
+
+    # The tensors are decided one per core at once (the norms' numpy loops release the GIL) and settled in name
+    # order, so the sums, and the first error met, are those of one tensor after another.
+    workers = cpu_threads.core_count()
+    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(workers) as deciders, blas_threads(1):
+        hashing, deciding = None, collections.deque()
+
+        def settle() -> None:
+            name, future = deciding.popleft()
+            tensors[name], task_squares, safety_squares = future.result()
+            sums["task"] += task_squares
+            sums["safety"] += safety_squares
+
         for name in tqdm(sorted(base.specs), desc="merge pass 1", unit="tensor", disable=_disable(progress)):
             # Read only for the digest or α's norms: shapes come from the specs, and a zero delta is found by
             # `SafetyDelta.any_nonzero`, which stops at its first non-zero entry.
@@ -175,17 +197,12 @@ def _pass_one(base: TensorSource, task: TensorSource, safety: SafetyDelta, safet
             if hashing is not None:
                 hashing.result()
             hashing = hasher.submit(hash_and_check, name, base_arr) if hashing_all else None
-            if name not in task:
-                continue
-            shape, dtype = task.specs[name]
-            reason, safe = _copy_reason(name, tuple(shape), tuple(base.specs[name][0]), safety, safety_names,
-                                        read=adaptive)
-            rank = task.rank(name) if isinstance(task, LoraTask) else None
-            tensors[name] = TensorPlan(name, tuple(shape), np.dtype(dtype), merge=reason is None, reason=reason,
-                                       rank=rank)
-            if reason is None and adaptive:  # a fixed α needs no norms: spare the read of the task model
-                sums["task"] += _task_sum_squares(allow_nonfinite, name, task, base_arr, base)
-                sums["safety"] += _finite_sum_squares(allow_nonfinite, name, safe, safety)
+            if name in task:
+                deciding.append((name, deciders.submit(decide, name, base_arr)))
+            while len(deciding) > workers:
+                settle()
+        while deciding:
+            settle()
         if hashing is not None:
             hashing.result()
     if hashing_all:
@@ -246,8 +263,9 @@ def _finite_sum_squares(allow: bool, name: str, x: np.ndarray, x_source, minus: 
 
 def _sum_squares(x: np.ndarray, minus: np.ndarray | None = None) -> float:
     """Σ (x − minus)² accumulated in float64 (norms of 8B models overflow float32 precision), chunk by chunk in a
-    cache-sized buffer: no full-size float64 copy (SmolLM2-135M's τ_safe: 850 MB of fresh pages), and no BLAS,
-    whose spinning threads stall on a busy machine."""
+    cache-sized buffer: no full-size float64 copy (SmolLM2-135M's τ_safe: 850 MB of fresh pages). The caller holds
+    BLAS to one thread (`_pass_one`): np.dot then cannot spin threads on a busy machine, and takes a sixth of
+    einsum's time per chunk."""
     x = x.reshape(-1)
     minus = None if minus is None else minus.reshape(-1)
     buffer = np.empty(min(x.size, _HOST_CHUNK), np.float64)
@@ -258,7 +276,7 @@ def _sum_squares(x: np.ndarray, minus: np.ndarray | None = None) -> float:
             np.copyto(d, x[i:i + d.size])
         else:
             np.subtract(x[i:i + d.size], minus[i:i + d.size], out=d, dtype=np.float64)
-        total += float(np.einsum("i,i", d, d))
+        total += float(np.dot(d, d))
     return total
 
 
