@@ -49,6 +49,8 @@ def preset_config(name: str = "tiny", model_type: str = "llama", **overrides: An
         raw = {"eos_token_id": EOS_ID, "pad_token_id": EOS_ID, **raw}
     if model_type in ("mistral", "qwen2"):
         raw.setdefault("sliding_window", None)
+    if model_type == "llama":  # listed, as in a real Llama config.json: reading them needs no transformers default
+        raw = {"attention_bias": False, "mlp_bias": False, **raw}
     return ModelConfig.from_hf(raw, source=f"preset {name!r}")
 
 

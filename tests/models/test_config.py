@@ -44,3 +44,20 @@ def test_every_defaulted_field_is_a_field_of_the_transformers_class(model_type):
     """Not a name transformers does not have (getattr would find nothing, or an unrelated class attribute)."""
     names = {f.name for f in dataclasses.fields(CLASSES[model_type])}
     assert set(_DEFAULTED[model_type]) <= names
+
+
+def test_smollm2_preset_lists_what_a_real_config_lists(monkeypatch):
+    """The SmolLM2-shaped preset (the merge study's models) gives every field a real SmolLM2 config.json gives, so
+    reading the folders it makes needs no transformers default: importing transformers' config classes imports
+    torch (2 s and 236 MB of the merge study's cold process, which a real SmolLM2 folder does not cost)."""
+    from enchtable_jax.models import config as config_module
+    from enchtable_jax.models.init import preset_config
+
+    def refuse(*_):
+        raise AssertionError("a transformers default was needed")
+
+    monkeypatch.setattr(config_module, "hf_default", refuse)
+    config = preset_config("smollm2-135m")
+    assert ModelConfig.from_hf(config.hf) == config
+    assert config.hf["attention_bias"] is False and config.hf["mlp_bias"] is False
+    assert transformers.LlamaConfig().attention_bias is False and transformers.LlamaConfig().mlp_bias is False
