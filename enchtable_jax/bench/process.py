@@ -1,4 +1,5 @@
-"""Measurements that need a fresh Python process: peak memory, and JAX with a chosen device count.
+"""Measurements that need a fresh Python process: peak memory, JAX with a chosen device count, and one side of a
+comparison timed apart from the other (`Worker`).
 
 A process's peak RSS is a maximum over its whole life, and JAX fixes its device count when it starts,
 so both are measured in a child that does one thing. Linux keeps `ru_maxrss` across fork and exec (a
@@ -8,11 +9,15 @@ high-water mark, VmHWM, from /proc/self/status where that exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import traceback
+from collections.abc import Callable, Mapping
 
 # Defined in every child: peak_rss_bytes() and ARGS (the JSON arguments); the child prints one JSON line.
 PRELUDE = '''
@@ -54,3 +59,55 @@ def cpu_devices_env(count: int) -> dict[str, str]:
     """XLA_FLAGS for a child JAX process with `count` simulated CPU devices (other flags kept)."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     return {"XLA_FLAGS": " ".join([*kept, f"{DEVICE_COUNT_FLAG}={count}"])}
+
+
+class Worker:
+    """One side of a comparison in a spawned process of its own: `factory(*args)` (an importable function) builds
+    there the {name: call} it serves. `runner(name)` gives a call that runs one of them in the child, which times it,
+    syncs the disk outside its time (so that its output's write-back cannot land in the other side's next call)
+    and answers with the seconds, appended to `seconds[name]`. Nothing is shared with this process or another side:
+    in one process, torch's worker threads outlive its calls and slow the next call of JAX, and the reverse."""
+
+    def __init__(self, side: str, factory: Callable[..., Mapping[str, Callable[[], object]]], *args):
+        context = multiprocessing.get_context("spawn")
+        self.side, (self._conn, child) = side, context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._process.start()
+        child.close()
+        self.seconds: dict[str, list[float]] = {}
+
+    def runner(self, name: str) -> Callable[[], None]:
+        """A call that runs `name` in the child and appends the seconds it measured to `seconds[name]`; a failure
+        there is raised here with the child's traceback."""
+
+        def call() -> None:
+            self._conn.send(name)
+            got = self._conn.recv()
+            if isinstance(got, tuple):
+                raise RuntimeError(f"the {self.side} side failed in its process:\n{got[1]}")
+            self.seconds.setdefault(name, []).append(got)
+
+        return call
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            with contextlib.suppress(OSError):  # a child that failed has gone, and its end of the pipe with it
+                self._conn.send(None)
+        self._process.join(60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _serve(conn, factory: Callable[..., Mapping[str, Callable[[], object]]], args: tuple) -> None:
+    """A `Worker` child's loop: on each name run that call, time it, sync the disk and answer with the seconds, or
+    with ("error", traceback); None ends it."""
+    try:
+        calls = factory(*args)
+        while (name := conn.recv()) is not None:
+            start = time.perf_counter()
+            calls[name]()
+            seconds = time.perf_counter() - start
+            os.sync()
+            conn.send(seconds)
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from enchtable_jax.bench.optional import optional_module
+from enchtable_jax.bench.process import Worker
 from enchtable_jax.bench.studies import mergekit
 from enchtable_jax.bench.timing import ratio
 
@@ -28,8 +29,8 @@ def test_tiny_study_runs_each_side_in_its_own_process(tmp_path):
     assert got["slowest_speedup_vs_mergekit"]["median"] == min(s["median"]
                                                                for s in got["speedup_vs_mergekit"].values())
     assert max(got["max_abs_difference"].values()) < 1e-6
-    worker = mergekit._Worker("ours", {r: tmp_path / r for r in ("base", "task", "safe")},
-                              {m: tmp_path / m for m in mergekit.METHODS})
+    worker = Worker("ours", mergekit._sides, "ours", {r: tmp_path / r for r in ("base", "task", "safe")},
+                    {m: tmp_path / m for m in mergekit.METHODS})
     with pytest.raises(RuntimeError, match="the ours side failed in its process"):
         worker.runner("ties")()
     worker.close()

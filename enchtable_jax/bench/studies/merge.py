@@ -15,8 +15,11 @@ Figures per size (in `sizes[preset]`, the timings also in `seconds` as "<impl>/<
   matrix (`bench.synthetic.write_lora_adapter`) as the task, over the base, cache in place; torch = `merge` of
   `benchmarks/torch_merge.py` (same math, same output; where that file or torch is missing, ours is measured
   alone and the reason recorded) on the dense task model, and torch_lora the same on the adapter's dense
-  merged model (base + scale·B·A written as a folder beforehand; its merging is not counted). All alternate
-  in this process (`timing.alternate`, order rotating every repeat); the first call of each is a warm-up
+  merged model (base + scale·B·A written as a folder beforehand; its merging is not counted). Ours run in one
+  spawned process and the PyTorch reference in another (`process.Worker`: in one process torch's worker threads
+  outlive its calls and slow ours, and each side's output write-back would land in the other's time; each child
+  syncs the disk after a call, outside its time); the calls alternate (`timing.alternate`, order rotating every
+  repeat); the first call of each is a warm-up
   (JAX compilation) except for llama3-8b-layer, where one call takes minutes and compilation about a second
   of it, and for the `--quick` smoke run (warm-up 0). The machine load average before and after is recorded (other processes slow every
   side, torch's OpenMP threads markedly more).
@@ -52,6 +55,7 @@ Headline figures (bench.json `targets`):
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -63,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.bench.optional import reference_module
-from enchtable_jax.bench.process import run_fresh
+from enchtable_jax.bench.process import Worker, run_fresh
 from enchtable_jax.bench.svd_bound import svd_bound
 from enchtable_jax.bench.synthetic import base_tensor, folder_bytes, layer_matrices, perturbed, shapes_of, \
     write_lora_adapter, write_model, write_safety_vector
@@ -208,6 +212,58 @@ def agreement(ours: Path, torch_out: Path, task: Path, merged: list[str]) -> dic
             "safety_part_tensor": worst_safety[1]}
 
 
+def _our_merges(world: dict[str, Path], outs: dict[str, Path]) -> dict:
+    """{side: call} of our merges (first, cached, and the LoRA task when the world has one), built in their
+    `Worker` process."""
+
+    def ours(task: Path, out: Path, first: bool) -> None:
+        if first:
+            _clear_cache(world["vector"])
+        merge("enchtable", world["base"], task, safety_vector=world["vector"], out=out, progress=False,
+              overwrite=True)
+
+    calls = {"ours": lambda: ours(world["task"], outs["ours"], True),
+             "ours_cached": lambda: ours(world["task"], outs["ours_cached"], False)}
+    if "adapter" in world:
+        calls["ours_lora"] = lambda: ours(world["adapter"], outs["ours_lora"], False)
+    return calls
+
+
+def _torch_merges(world: dict[str, Path], outs: dict[str, Path], module: str) -> dict:
+    """{side: call} of the PyTorch reference (`module`: its file), on the dense task and the adapter's dense merged
+    model when the world has one, built in their `Worker` process (which then never imports JAX's merge)."""
+    spec = importlib.util.spec_from_file_location("torch_merge", module)
+    torch_merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_merge)
+    calls = {"torch": lambda: torch_merge.merge(world["base"], world["task"], outs["torch"],
+                                                safety_vector=world["vector"], overwrite=True)}
+    if "lora_task" in world:
+        calls["torch_lora"] = lambda: torch_merge.merge(world["base"], world["lora_task"], outs["torch_lora"],
+                                                        safety_vector=world["vector"], overwrite=True)
+    return calls
+
+
+def _timed_sides(world: dict, outs: dict[str, Path], torch_module: str | None, repeats: int, warmup: int
+                 ) -> dict[str, list[float]]:
+    """Seconds of each side after its warm-up calls, the sides alternating, ours and torch's each in a process of
+    its own."""
+    paths = {k: v for k, v in world.items() if isinstance(v, Path)}
+    workers = [Worker("ours", _our_merges, paths, outs)]
+    if torch_module is not None:
+        workers.append(Worker("torch", _torch_merges, paths, outs, torch_module))
+    try:
+        sides = {side: worker for worker in workers for side in (_SIDES[worker.side] if "adapter" in paths
+                                                                   else _SIDES[worker.side][:-1])}
+        alternate({side: worker.runner(side) for side, worker in sides.items()}, repeats, warmup=warmup)
+        return {side: worker.seconds[side][warmup:] for side, worker in sides.items()}
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+_SIDES = {"ours": ("ours", "ours_cached", "ours_lora"), "torch": ("torch", "torch_lora")}  # the LoRA side last
+
+
 def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict, measured: dict) -> dict:
     """All figures for one size (see the module docstring); ours alone when the PyTorch reference is missing.
     `measured`: single-threaded SVD seconds per shape, shared between sizes (`svd_bound`)."""
@@ -216,25 +272,8 @@ def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict, 
     world = build_world(root, preset, lora=lora)
     outs = {impl: root / f"out-{impl}" for impl in ("ours", "ours_cached", "ours_lora", "torch", "torch_lora")}
     args = {"base": str(world["base"]), "task": str(world["task"]), "vector": str(world["vector"])}
-
-    def ours(task: Path, out: Path, first: bool) -> None:
-        if first:
-            _clear_cache(world["vector"])
-        merge("enchtable", world["base"], task, safety_vector=world["vector"], out=out, progress=False,
-              overwrite=True)
-
-    fns = {"ours": lambda: ours(world["task"], outs["ours"], True),
-           "ours_cached": lambda: ours(world["task"], outs["ours_cached"], False)}
-    if lora:
-        fns["ours_lora"] = lambda: ours(world["adapter"], outs["ours_lora"], False)
-    if torch_merge is not None:
-        fns["torch"] = lambda: torch_merge.merge(world["base"], world["task"], outs["torch"],
-                                                 safety_vector=world["vector"], overwrite=True)
-        if lora:
-            fns["torch_lora"] = lambda: torch_merge.merge(world["base"], world["lora_task"], outs["torch_lora"],
-                                                          safety_vector=world["vector"], overwrite=True)
     load = [os.getloadavg()[0]]  # other processes on the machine slow both sides; recorded to judge the noise
-    times = alternate(fns, repeats, warmup=warmup)
+    times = _timed_sides(world, outs, None if torch_merge is None else torch_merge.__file__, repeats, warmup)
     load.append(os.getloadavg()[0])
     _clear_cache(world["vector"])
     cold = {"ours": run_fresh(_OURS, {**args, "out": str(outs["ours"])})}

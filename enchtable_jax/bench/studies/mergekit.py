@@ -12,7 +12,7 @@ density 0.5 (mergekit `normalize: true`), DARE density 0.5 (mergekit `dare_linea
 weights 1/p and α/p, our 1/density rescale), breadcrumbs density 0.9, gamma 0.01, Model Stock per
 tensor (`filter_wise: false`). mergekit runs on the CPU with its defaults otherwise (torch threads).
 
-Each side runs in a child process of its own (`_Worker`), and for each method the two alternate (first
+Each side runs in a child process of its own (`process.Worker`), and for each method the two alternate (first
 call of each is a warm-up); each times its own call and then syncs the disk, outside its time. In one process the
 two can disturb each other: torch's worker threads outlive mergekit's call, and mergekit returns with its output's
 540 MB still dirty in the page cache (it does not fsync; ours does), so the kernel writes it back during our next
@@ -30,18 +30,14 @@ implementations keep different ones of those tied at the top-k threshold. Sizes 
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import os
 import shutil
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 
 from enchtable_jax.bench.optional import optional_module
+from enchtable_jax.bench.process import Worker
 from enchtable_jax.bench.synthetic import perturbed, write_model
 from enchtable_jax.bench.timing import alternate, ratio, summary
 from enchtable_jax.converters.hf import index_weights, iter_tensors
@@ -95,56 +91,12 @@ def _ours_runner(method: str, folders: dict[str, Path], out: Path):
                          alpha=ALPHA, out=out, progress=False, overwrite=True, **options)
 
 
-def _serve(conn, side: str, folders: dict[str, Path], outs: dict[str, Path]) -> None:
-    """A child process's loop: on each request (a method) run one merge of `side` into `outs[method]`, time it, sync
-    the disk (outside the time, so that the writeback of this output cannot land in the other side's next call) and
-    answer with the seconds, or with ("error", traceback); None ends it."""
-    try:
-        if side == "ours":  # torch is not even imported here
-            calls = {m: _ours_runner(m, folders, outs[m]) for m in METHODS}
-        else:
-            modules = {part: optional_module(f"mergekit.{part}")[0] for part in ("config", "merge")}
-            calls = {m: _mergekit_runner(modules, m, folders, outs[m]) for m in METHODS}
-        while (method := conn.recv()) is not None:
-            start = time.perf_counter()
-            calls[method]()
-            seconds = time.perf_counter() - start
-            os.sync()
-            conn.send(seconds)
-    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", traceback.format_exc()))
-
-
-class _Worker:
-    """One side's merges in a fresh process of its own (spawned: no state shared with this one or the other side)."""
-
-    def __init__(self, side: str, folders: dict[str, Path], outs: dict[str, Path]):
-        context = multiprocessing.get_context("spawn")
-        self.side, (self._conn, child) = side, context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, side, folders, outs), daemon=True)
-        self._process.start()
-        child.close()
-        self.seconds: list[float] = []
-
-    def runner(self, method: str):
-        """A call that runs one merge of `method` and appends its seconds (as the child measured them) to `seconds`."""
-
-        def call() -> None:
-            self._conn.send(method)
-            got = self._conn.recv()
-            if isinstance(got, tuple):
-                raise RuntimeError(f"the {self.side} side failed in its process:\n{got[1]}")
-            self.seconds.append(got)
-
-        return call
-
-    def close(self) -> None:
-        if self._process.is_alive():
-            with contextlib.suppress(OSError):  # a child that failed has gone, and its end of the pipe with it
-                self._conn.send(None)
-        self._process.join(60)
-        if self._process.is_alive():
-            self._process.kill()
+def _sides(side: str, folders: dict[str, Path], outs: dict[str, Path]) -> dict:
+    """{method: call} of one side, built in its `Worker` process (torch is not even imported on ours)."""
+    if side == "ours":
+        return {m: _ours_runner(m, folders, outs[m]) for m in METHODS}
+    modules = {part: optional_module(f"mergekit.{part}")[0] for part in ("config", "merge")}
+    return {m: _mergekit_runner(modules, m, folders, outs[m]) for m in METHODS}
 
 
 def max_abs_difference(a: Path, b: Path) -> float:
@@ -174,13 +126,11 @@ def run(quick: bool = False, repeats: int | None = None, size: str | None = None
                    "task": write_model(tmp / "task", config, perturbed(1, TASK_STD)),
                    "safe": write_model(tmp / "safe", config, perturbed(2, SAFETY_STD))}
         outs = {side: {m: tmp / f"{side}-{m}" for m in METHODS} for side in SIDES}
-        workers = {side: _Worker(side, folders, outs[side]) for side in SIDES}
+        workers = {side: Worker(side, _sides, side, folders, outs[side]) for side in SIDES}
         try:
             for method in METHODS:
-                for worker in workers.values():
-                    worker.seconds.clear()
                 alternate({side: w.runner(method) for side, w in workers.items()}, repeats, warmup=WARMUP)
-                times = {side: worker.seconds[WARMUP:] for side, worker in workers.items()}
+                times = {side: worker.seconds[method][WARMUP:] for side, worker in workers.items()}
                 for side, t in times.items():
                     seconds[f"{side}/{method}"] = summary(t)
                     samples[f"{side}/{method}"] = t
