@@ -27,6 +27,7 @@ from enchtable_jax.options import check_values
 
 ModelLike = Model | str | Path
 _WRITES_AHEAD = 2  # merged tensors waiting for the writer thread, at most
+_WRITE_AHEAD_BYTES = 256 * 2**20  # and their bytes, unless a single tensor is larger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,15 +130,18 @@ def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeSt
         # Writes run on a thread of their own (write(2) releases the GIL), at most _WRITES_AHEAD behind the
         # records: the next tensor is merged while one is written, and the plot is drawn while the last ones
         # and the fsync run.
+        # And at most _WRITE_AHEAD_BYTES of them (a larger tensor is written before the next one is made): an 8B
+        # model's copied 2 GB embedding and head (mapped, so resident while read and written) are never both held.
         pending: collections.deque = collections.deque()
         for record in records:
-            pending.append(disk.submit(writer.add, record.name, record.array))
+            pending.append((disk.submit(writer.add, record.name, record.array), record.array.nbytes))
             stats[record.name] = record.stats
-            while len(pending) > _WRITES_AHEAD:
-                pending.popleft().result()
+            del record  # the next record is made only once this one's array may go
+            while pending and (len(pending) > _WRITES_AHEAD or sum(n for _, n in pending) > _WRITE_AHEAD_BYTES):
+                pending.popleft()[0].result()
         png = plot_png(report())
         while pending:
-            pending.popleft().result()
+            pending.popleft()[0].result()
         final = report()
         for name, data in {**report_files(final, png), **(extra_files or {})}.items():
             writer.add_file(name, data)
