@@ -68,6 +68,8 @@ def test_round_trip_is_exact_and_keeps_tokenizer(smollm2_dir, oracle, tmp_path):
     assert copied.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
 
 
+@pytest.mark.slow  # 35 s on 2 cores; the default suite keeps the GGUF path's plumbing and refusals (test_cli.py,
+# test_loading_safety.py), and transformers does the dequantizing this checks
 def test_cli_converts_gguf_with_transformers_logits(smollm2_gguf, tmp_path, capsys):
     """`enchtable convert FILE.gguf OUT`, then our forward on OUT against transformers on the GGUF file."""
     import torch

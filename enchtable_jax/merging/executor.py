@@ -22,7 +22,7 @@ import functools
 import math
 import queue
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -392,7 +392,7 @@ def merge_mesh(devices: list | None = None) -> Mesh:
 def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
         options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
         progress: bool | None = None, allow_nonfinite: bool = False, cache_decomposition: bool = True
-        ) -> tuple[dict[str, jax.ShapeDtypeStruct], Iterator[MergedTensor], dict[str, str | None]]:
+        ) -> tuple[dict[str, jax.ShapeDtypeStruct], Generator[MergedTensor, None, None], dict[str, str | None]]:
     """Pass 2: (the layout: every tensor of the merged model as {name: shape and dtype}, in the order they come;
     a generator of `MergedTensor` records, copied tensors first, then group by group; what became of the safety
     vector's decomposition cache, filled in as the generator runs: {"state", "file"}).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import time
@@ -87,14 +88,18 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
                                    {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
                                    decomposition)
-        if out is None:
-            model = _in_memory(records, stats, task_src)
-            return MergeResult(None, report(), model)
-        if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
-            for record in records:
-                stats[record.name] = record.stats
-            return MergeResult(out, report(), None)
-        final = _write(out, task_src, layout, records, stats, report, shard_size, overwrite, progress, extra_files)
+        # Closed here even when a merge fails midway: the records' generator holds worker threads and a BLAS thread
+        # limit, released at once instead of whenever the garbage collector finalizes it.
+        with contextlib.closing(records):
+            if out is None:
+                model = _in_memory(records, stats, task_src)
+                return MergeResult(None, report(), model)
+            if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
+                for record in records:
+                    stats[record.name] = record.stats
+                return MergeResult(out, report(), None)
+            final = _write(out, task_src, layout, records, stats, report, shard_size, overwrite, progress,
+                           extra_files)
         return MergeResult(out, final, load(out) if load_model else None)
 
 
