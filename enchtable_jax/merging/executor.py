@@ -300,8 +300,9 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
     Takes the τ_task stack, the τ_safe stack, the keys, α and the hints
     (stacks of precomputed triplets by role, `methods`); returns the merged deltas (float32), the per-tensor stats,
     per tensor whether τ_task, τ_safe and the delta are finite, and the triplets it computed for the cache.
-    `weights_only` (a `Method.weighted` method): no deltas, and "the delta is finite" stands for the weight; the τ_safe
-    stack may then be None when its triplets are among the hints (the method never reads it).
+    `weights_only` (a `Method.weighted` method): no deltas, and "the delta is finite" is left to the host form that
+    forms them, which any non-finite weight reaches; the τ_safe stack may then be None when its triplets are among
+    the hints (the method never reads it).
     `triplets`: None, "read" (triplets are among the hints) or "emit" (τ_safe's kept triplets, from the hints or
     computed here by the exact SVD, used by the method and returned for the cache). `factored`: τ_task comes as
     stacks of its factors (scale·B, A) of a LoRA task, not donated; τ_task is their product, and its triplets for a
@@ -329,7 +330,7 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
             delta, stats = fn(task_i, safe_i, alpha, jax.random.wrap_key_data(key_i), **extra, **opts)
             # The non-finite guard, fused into the merge: τ_task, τ_safe and the delta, each reduced to one bool.
             finite = jnp.stack([jnp.all(jnp.isfinite(task_i)), jnp.all(jnp.isfinite(safe_i)),
-                                jnp.all(jnp.isfinite(stats["weight"] if weights_only else delta))])
+                                jnp.bool_(True) if weights_only else jnp.all(jnp.isfinite(delta))])
             return (None if weights_only else delta), stats, finite, emitted
 
         return jax.lax.map(one, (tau, safety, keys, hints))
@@ -458,7 +459,7 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                 for g, group in enumerate(groups):
                     following = load(groups[g + 1]) if g + 1 < len(groups) else None
                     deltas, stats, emitted = _group_results(group, running, base, task, safety, allow_nonfinite,
-                                                            what, weights_only(group))
+                                                            what)
                     if following is not None:
                         running = merge_group(groups[g + 1], following)
                     del following
@@ -581,7 +582,8 @@ def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSou
 
 def _weighted_forms(group: list[str], stats: dict[str, np.ndarray]) -> Callable[[str], HostForm]:
     """The host form of each tensor of a `Method.weighted` group, from the weights the devices computed: the delta
-    τ_task + w·(α·τ_safe) in the method's own order of float32 operations (the same bytes as on the devices)."""
+    τ_task + w·(α·τ_safe) in the method's order of float32 operations, each rounded (XLA fuses the last two into an
+    FMA, so the devices' deltas differ by at most one ulp)."""
     index = {name: i for i, name in enumerate(group)}
 
     def form_of(name: str) -> HostForm:
@@ -639,9 +641,11 @@ def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety
             np.subtract(task.read(name), base.read(name), out=tau[i], dtype=np.float32)
         placed = put(tau, sharding)
         del tau
-    safe = aligned_empty(shape, np.float32) if with_safety else None
-    for i, name in enumerate(padded if with_safety else ()):
-        safety.read_into(name, safe[i])
+    safe = None
+    if with_safety:
+        safe = aligned_empty(shape, np.float32)
+        for i, name in enumerate(padded):
+            safety.read_into(name, safe[i])
     hints = {}
     if cache is not None and len(shape) == 3:
         read = [cache.read(name, shape[1:]) for name in padded]
@@ -669,15 +673,12 @@ def _one_blas_thread_on_cpu(mesh: Mesh) -> contextlib.AbstractContextManager:
 
 
 def _group_results(group: list[str], running: tuple, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                   allow_nonfinite: bool, what: str, weights_only: bool = False
+                   allow_nonfinite: bool, what: str
                    ) -> tuple[list[np.ndarray] | None, dict[str, np.ndarray], dict[str, tuple]]:
-    """A launched group merge's (deltas, or None for `weights_only`, stats, triplets emitted for the cache) on the
-    host, once its inputs and deltas are checked finite (weights only: the inputs on the devices; the host form
-    checks the merged tensors, which any non-finite weight reaches)."""
+    """A launched group merge's (deltas, None when the devices gave weights only, stats, triplets emitted for the
+    cache) on the host, once its inputs and deltas are checked finite."""
     deltas, stats, finite, emitted = running
     finite = fully_replicated_numpy(finite)
-    if weights_only:
-        finite = np.concatenate([finite[:, :2], np.ones_like(finite[:, 2:])], axis=1)
     _check_group(group, finite, base, task, safety, allow_nonfinite, what,
                  lambda i: fully_replicated_numpy(deltas)[i])
     # Rows as views of the devices' buffers where possible: a gathered host copy would be one more stack in memory.

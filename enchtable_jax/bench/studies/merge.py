@@ -252,8 +252,8 @@ def _timed_sides(world: dict, outs: dict[str, Path], torch_module: str | None, r
     if torch_module is not None:
         workers.append(Worker("torch", _torch_merges, paths, outs, torch_module))
     try:
-        sides = {side: worker for worker in workers for side in (_SIDES[worker.side] if "adapter" in paths
-                                                                   else _SIDES[worker.side][:-1])}
+        sides = {side: worker for worker in workers for side in _SIDES[worker.side]
+                 if "adapter" in paths or not side.endswith("_lora")}  # the LoRA sides need the world's adapter
         alternate({side: worker.runner(side) for side, worker in sides.items()}, repeats, warmup=warmup)
         return {side: worker.seconds[side][warmup:] for side, worker in sides.items()}
     finally:
@@ -261,7 +261,7 @@ def _timed_sides(world: dict, outs: dict[str, Path], torch_module: str | None, r
             worker.close()
 
 
-_SIDES = {"ours": ("ours", "ours_cached", "ours_lora"), "torch": ("torch", "torch_lora")}  # the LoRA side last
+_SIDES = {"ours": ("ours", "ours_cached", "ours_lora"), "torch": ("torch", "torch_lora")}
 
 
 def study_size(root: Path, preset: str, repeats: int, warmup: int, rates: dict, measured: dict) -> dict:
