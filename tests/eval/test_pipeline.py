@@ -115,6 +115,8 @@ def test_cli_judge_report(tmp_path, capsys):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # 16 s on 2 cores, and the default suite had 3 s left under 10 minutes; the default suite keeps
+# SmolLM2 generation against transformers (test_generate.py) and the eval pipeline and judge on small models here
 def test_smollm2_advbench(smollm2_dir, shared_data, tmp_path, capsys):
     """Acceptance: `enchtable eval` on SmolLM2-135M-Instruct with 20 AdvBench prompts, 32 new tokens."""
     start = time.perf_counter()
