@@ -989,3 +989,41 @@ def test_large_tensors_start_their_writeback_at_their_own_bytes(tmp_path, monkey
         assert np.array_equal(f.get_tensor("big"), big) and np.array_equal(f.get_tensor("z"), tensors[2][1])
     assert ranges == [(header_length + begin, end - begin)]
     assert stf._sync_file_range() is not None or not sys.platform.startswith("linux")
+
+
+def test_sinks_write_tensors_piece_by_piece_from_threads(tmp_path):
+    """`HFWriter.sink`: a tensor written in pieces, out of order and from several threads at once, beside one added
+    whole, reads back through the safetensors package; a sink left open keeps its file unfinished, so the folder is
+    refused and nothing is published."""
+    import concurrent.futures
+
+    config = preset_config("tiny", num_hidden_layers=1)
+    params = {n: np.asarray(v) for n, v in init_params(config, seed=0).items()}
+    pieces = {n: [(i, v.reshape(-1)[i:i + 7]) for i in range(0, v.size, 7)][::-1] for n, v in params.items()}
+    first, late, *rest = params
+    with HFWriter(tmp_path / "out", config, params, progress=False) as writer:
+        late_sink = writer.sink(late)  # finished last: its file must wait for it
+
+        def fill(name, sink=None):
+            sink = sink or writer.sink(name)
+            for start, piece in pieces[name]:
+                sink.write(start, piece)
+            sink.close()
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(fill, rest))
+        writer.add(first, params[first])
+        with pytest.raises(enchtable_jax.errors.EnchtableError, match=f"tensor {first} was already written"):
+            writer.sink(first)
+        fill(late, late_sink)
+    got = safetensors.numpy.load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(params) and all(np.array_equal(got[n], v) for n, v in params.items())
+
+    with pytest.raises(enchtable_jax.errors.EnchtableError, match="1 declared tensor\\(s\\) were never added"):
+        with HFWriter(tmp_path / "open", config, params, progress=False) as writer:
+            for name in params:
+                sink = writer.sink(name)
+                sink.write(0, params[name].reshape(-1))
+                if name != first:
+                    sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

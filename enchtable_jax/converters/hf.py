@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -269,7 +271,9 @@ class HFWriter:
         self._split = plan_shards(tensors, limit)
         self._overwrite, self._check_finite = overwrite, check_finite
         self._shards: dict[str, stf.FileWriter] = {}  # the files begun and not yet complete
-        self._added: set[str] = set()
+        self._claimed: set[str] = set()  # by `add` or `sink`
+        self._added: set[str] = set()  # and complete in its file
+        self._lock = threading.Lock()  # sinks finish tensors on their writers' threads
         self._tmp: Path | None = staging_folder(self.path)
         self._bar = tqdm(total=self._split.metadata["total_size"], unit="B", unit_scale=True,
                          desc=f"write {self.path.name}", disable=_disable(progress))
@@ -292,11 +296,7 @@ class HFWriter:
 
     def add(self, name: str, array) -> None:
         """Write one declared tensor (a JAX or numpy array of its declared shape and dtype) into its shard."""
-        staging = self._staging()
-        if name not in self._specs:
-            raise EnchtableError(f"{self.path}: tensor {name} was not declared to the writer")
-        if name in self._added:
-            raise EnchtableError(f"{self.path}: tensor {name} was already written")
+        self._claim(name, dry_run=True)
         host = np.asarray(jax.device_get(array))
         if (tuple(host.shape), host.dtype) != self._specs[name]:
             shape, dtype = self._specs[name]
@@ -304,16 +304,47 @@ class HFWriter:
                                  f"{dtype} {shape}")
         if self._check_finite:
             check_output(host, str(self.path), name)
+        self._claim(name)
+        self._shard(name).add(name, host)
+        self._finished(name)
+
+    def sink(self, name: str) -> stf.TensorSink:
+        """A `safetensors_format.TensorSink` that writes one declared tensor piece by piece from any thread, without
+        the finite check (its producer checks the pieces); the tensor counts as added when the sink is closed."""
+        self._claim(name)
+        return self._shard(name).sink(name, then=lambda: self._finished(name))
+
+    def _claim(self, name: str, dry_run: bool = False) -> None:
+        """Take `name` for writing: declared, and not taken before (`dry_run`: only check that)."""
+        self._staging()
+        with self._lock:
+            if name not in self._specs:
+                raise EnchtableError(f"{self.path}: tensor {name} was not declared to the writer")
+            if name in self._claimed:
+                raise EnchtableError(f"{self.path}: tensor {name} was already written")
+            if not dry_run:
+                self._claimed.add(name)
+
+    def _shard(self, name: str) -> stf.FileWriter:
+        """The shard file that holds `name`, begun now if it was not."""
         file = self._split.tensor_to_filename[name]
-        if file not in self._shards:
-            self._shards[file] = stf.FileWriter(staging / file, [(n, jax.ShapeDtypeStruct(*self._specs[n]))
-                                                                for n in self._split.filename_to_tensors[file]],
-                                                {"format": "pt"})
-        self._shards[file].add(name, host)
-        self._added.add(name)
-        if self._shards[file].done:
-            self._shards.pop(file).close()
-        self._bar.update(host.nbytes)
+        with self._lock:
+            if file not in self._shards:
+                self._shards[file] = stf.FileWriter(self._staging() / file,
+                                                    [(n, jax.ShapeDtypeStruct(*self._specs[n]))
+                                                     for n in self._split.filename_to_tensors[file]],
+                                                    {"format": "pt"})
+            return self._shards[file]
+
+    def _finished(self, name: str) -> None:
+        """`name` is in its file: closed (synced) once the file is complete."""
+        file = self._split.tensor_to_filename[name]
+        with self._lock:
+            self._added.add(name)
+            shard = self._shards[file]
+            if shard.done:
+                self._shards.pop(file).close()
+            self._bar.update(math.prod(self._specs[name][0]) * self._specs[name][1].itemsize)
 
     def add_file(self, name: str, data: bytes | str) -> None:
         """Add a top-level file (a record, a plot) to the folder; text is written as UTF-8. The config, the index

@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -281,7 +282,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 class FileWriter:
     """One safetensors file written tensor by tensor: the header first (shapes and dtypes are known up front),
     then each tensor's bytes at its place as it arrives, in any order, so no tensor waits on the host for the
-    others."""
+    others: whole (`add`) or piece by piece from any thread (`sink`). Positional writes throughout, so nothing
+    depends on a file position shared between threads."""
 
     def __init__(self, path: str | Path, tensors: Iterable[tuple[str, object]], metadata: Mapping[str, str]):
         specs = [(name, np.dtype(arr.dtype), tuple(arr.shape)) for name, arr in tensors]
@@ -295,35 +297,92 @@ class FileWriter:
         for name, dtype, shape in specs:
             self._pending[name] = (dtype, shape, offset)
             offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        self._file = open(path, "wb")
-        self._file.write(header)
+        self._sinks = 0  # sinks handed out and not yet closed
+        self._lock = threading.Lock()  # sinks close on their writers' threads
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(self._fd, memoryview(header), 0)
 
     @property
     def done(self) -> bool:
-        return not self._pending
+        return not self._pending and not self._sinks
+
+    def _take(self, name: str, dtype: np.dtype | None, shape: tuple[int, ...] | None, sink: bool = False) -> tuple:
+        """(dtype, shape, offset) of tensor `name`, which must be pending (with this dtype and shape unless None); no
+        longer pending, and counted as an open sink with `sink`."""
+        with self._lock:
+            expected = self._pending.get(name)
+            if expected is not None and (dtype is None or (dtype, shape) == expected[:2]):
+                del self._pending[name]
+                self._sinks += sink
+                return expected
+            raise RuntimeError(f"{self.path}: got tensor {name} {dtype} {shape}, expected one of "
+                               f"the {len(self._pending)} tensor(s) not yet written "
+                               f"({', '.join(f'{n} {d} {s}' for n, (d, s, _) in list(self._pending.items())[:3])})")
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Write one tensor of the header, not yet written, at its offset."""
-        dtype, shape, offset = self._pending.get(name, (None, None, None))
-        if offset is None or (array.dtype, tuple(array.shape)) != (dtype, shape):
-            raise RuntimeError(f"{self.path}: got tensor {name} {array.dtype} {tuple(array.shape)}, expected one of "
-                               f"the {len(self._pending)} tensor(s) not yet written "
-                               f"({', '.join(f'{n} {d} {s}' for n, (d, s, _) in list(self._pending.items())[:3])})")
-        del self._pending[name]
-        if self._file.tell() != offset:
-            self._file.seek(offset)
+        offset = self._take(name, array.dtype, tuple(array.shape))[2]
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        self._file.write(data)
+        _write_all(self._fd, data, offset)
         if data.nbytes >= _WRITEBACK_BYTES:  # start writing it to disk now: the fsync in `close` then waits less
-            self._file.flush()
-            start_writeback(self._file.fileno(), offset, data.nbytes)
+            start_writeback(self._fd, offset, data.nbytes)
+
+    def sink(self, name: str, then: Callable[[], None] | None = None) -> TensorSink:
+        """A `TensorSink` for tensor `name` (pending), which its writer fills piece by piece and then closes (that
+        calls `then`); the file is `done` once every tensor was added or sunk and every sink closed."""
+        dtype, shape, offset = self._take(name, None, None, sink=True)
+
+        def closed() -> None:
+            with self._lock:
+                self._sinks -= 1
+            if then is not None:
+                then()
+
+        return TensorSink(os.dup(self._fd), offset, dtype, shape, closed)
 
     def close(self) -> None:
         """Close the file, synced to disk if every tensor was written."""
-        if self.done and not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        self._file.close()
+        if self._fd < 0:
+            return
+        if self.done:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+
+class TensorSink:
+    """One tensor's bytes, written in pieces at their places (`write`) by whoever computes them, from any thread: a
+    merge writes each chunk from a small buffer straight into the file instead of making the tensor and copying it.
+    Holds a file descriptor of its own, so that closing or abandoning the file cannot redirect a late write."""
+
+    def __init__(self, fd: int, offset: int, dtype: np.dtype, shape: tuple[int, ...], on_close: Callable[[], None]):
+        self.dtype, self.shape, self.size = dtype, shape, math.prod(shape)
+        self._fd, self._offset, self._on_close = fd, offset, on_close
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Write `values` (this tensor's dtype, contiguous) as entries start, start + 1, ... of the flat tensor."""
+        if values.dtype != self.dtype or not 0 <= start <= start + values.size <= self.size:
+            raise RuntimeError(f"sink of {self.dtype} {self.shape}: got {values.size} {values.dtype} entries at {start}")
+        _write_all(self._fd, memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8)),
+                   self._offset + start * self.dtype.itemsize)
+
+    def close(self) -> None:
+        """The tensor is complete: start its write-back (as `FileWriter.add`) and release the descriptor."""
+        if self._fd < 0:
+            return
+        nbytes = self.size * self.dtype.itemsize
+        if nbytes >= _WRITEBACK_BYTES:
+            start_writeback(self._fd, self._offset, nbytes)
+        os.close(self._fd)
+        self._fd = -1
+        self._on_close()
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite all of `data` at `offset` (a short write continues where it stopped)."""
+    while data.nbytes:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def write_file(path: str | Path, tensors: list[tuple[str, object]], fetch, metadata: Mapping[str, str]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from enchtable_jax.converters.safetensors_format import aligned_empty
+from enchtable_jax.converters.safetensors_format import TensorSink, aligned_empty
 from enchtable_jax.errors import EnchtableError
 from enchtable_jax.kernels import cpu_threads
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
@@ -51,6 +51,7 @@ _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_h
 DEFAULT_GROUP_BYTES = 512 * 2**20
 _HOST_CHUNK = 1 << 16  # entries per step of a host-form merge: 256 KiB of float32 per buffer, cache-sized
 GROUP_AXIS = "groups"
+Sinks = Callable[[str], TensorSink]  # the output's sink for a tensor (`run`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +68,12 @@ class TensorPlan:
 
 @dataclasses.dataclass(frozen=True)
 class MergedTensor:
-    """One tensor of the merged model as pass 2 yields it: name, host array in the task model's dtype (finite), and
-    the method's statistics for a merged tensor (empty for one copied from the task model)."""
+    """One tensor of the merged model as pass 2 yields it: name, host array in the task model's dtype (finite; None
+    when it was written to its sink), and the method's statistics for a merged tensor (empty for one copied from
+    the task model)."""
 
     name: str
-    array: np.ndarray
+    array: np.ndarray | None
     stats: Mapping[str, float]
 
 
@@ -390,9 +392,24 @@ def merge_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices), (GROUP_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def _order(plan_: MergePlan, task: TensorSource, group_bytes: int, devices: int) -> tuple[list[str], list[list[str]]]:
+    """The copied tensors (in the task model's order) and the groups of merged ones, as pass 2 yields them."""
+    copied = [name for name in task.specs if name in plan_.tensors and not plan_.tensors[name].merge]
+    return copied, plan_.groups(group_bytes, devices)
+
+
+def output_layout(plan_: MergePlan, task: TensorSource, group_bytes: int = DEFAULT_GROUP_BYTES,
+                  devices: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every tensor of the merged model as {name: shape and dtype}, in the order `run` yields them over `devices`."""
+    copied, groups = _order(plan_, task, group_bytes, devices)
+    return {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
+            for name in copied + [name for group in groups for name in group]}
+
+
 def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
         options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
-        progress: bool | None = None, allow_nonfinite: bool = False, cache_decomposition: bool = True
+        progress: bool | None = None, allow_nonfinite: bool = False, cache_decomposition: bool = True,
+        sinks: Sinks | None = None
         ) -> tuple[dict[str, jax.ShapeDtypeStruct], Generator[MergedTensor, None, None], dict[str, str | None]]:
     """Pass 2: (the layout: every tensor of the merged model as {name: shape and dtype}, in the order they come;
     a generator of `MergedTensor` records, copied tensors first, then group by group; what became of the safety
@@ -402,23 +419,24 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     (merging/decomposition.py) when there is one for this vector, else computes them by the exact SVD and, with
     `cache_decomposition`, writes the cache for the next merge.
 
+    `sinks(name)`, when given, opens the output's `TensorSink` for a tensor: the tensors formed on the host
+    (`HostForm`) are written there chunk by chunk, and their records hold no array (`MergedTensor`).
+
     Every yielded tensor is finite: a NaN or Inf in an input is refused naming its file and tensor (unless
     `allow_nonfinite`), and a non-finite result is refused always (a NonFiniteError from the generator, before
     the writer can finish the folder).
     """
     options = method_options(method, options)
     mesh = mesh or merge_mesh()
-    copied = [name for name in task.specs if name in plan_.tensors and not plan_.tensors[name].merge]
-    groups = plan_.groups(group_bytes, mesh.size)
-    layout = {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
-              for name in copied + [name for group in groups for name in group]}
+    copied, groups = _order(plan_, task, group_bytes, mesh.size)
+    layout = output_layout(plan_, task, group_bytes, mesh.size)
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
     what = f"merge {method} (α = {plan_.alpha:.4g})"
     form = METHODS[method].host
     if form is not None and all(plan_.tensors[name].rank is None for group in groups for name in group):
         # An element-wise method on dense deltas: on the host, fused with the reads (DESIGN.md, Merging).
         merged = [name for group in groups for name in group]
-        records = _host_records(merged, plan_, base, task, safety, lambda _: form, allow_nonfinite, what)
+        records = _host_records(merged, plan_, base, task, safety, lambda _: form, allow_nonfinite, what, sinks)
         return layout, _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
                                  progress), {"state": "not used (the method does not decompose)", "file": None}
     cache, mode, writer, outcome = _decomposition(plan_, safety, method, options, cache_decomposition)
@@ -468,7 +486,7 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
                             writer.add(name, tuple(t[i] for t in emitted["safety"]))
                     if deltas is None:
                         yield from _host_records(group, plan_, base, task, safety, _weighted_forms(group, stats),
-                                                 allow_nonfinite, what)
+                                                 allow_nonfinite, what, sinks)
                     else:
                         yield from _merged_records(group, deltas, stats, base, plan_, what)
                     bar.update(len(group))
@@ -495,10 +513,11 @@ def _with_bar(copied: Iterator[MergedTensor], merged: Iterator[MergedTensor], co
 
 
 def _host_records(names: list[str], plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
-                  form_of: Callable[[str], HostForm], allow_nonfinite: bool, what: str) -> Iterator[MergedTensor]:
+                  form_of: Callable[[str], HostForm], allow_nonfinite: bool, what: str,
+                  sinks: Sinks | None) -> Iterator[MergedTensor]:
     """Each of `names` merged by its host form (`form_of(name)`): τ_task, τ_safe, the delta and base + delta computed
-    chunk by chunk in cache-sized buffers, from the mapped inputs straight into the output array (no stacks, no
-    devices)."""
+    chunk by chunk in cache-sized buffers, from the mapped inputs straight into the output array, or with `sinks`
+    into the output file (no stacks, no devices)."""
     alpha = np.float32(plan_.alpha)
     workers = cpu_threads.core_count()
     free = queue.SimpleQueue()  # one set of scratch buffers per worker thread
@@ -510,7 +529,7 @@ def _host_records(names: list[str], plan_: MergePlan, base: TensorSource, task: 
         scratch = free.get()
         try:
             return _host_merge(name, plan_.tensors[name], base, task, safety, form_of(name), alpha, scratch,
-                               allow_nonfinite, what)
+                               allow_nonfinite, what, None if sinks is None else sinks(name))
         finally:
             free.put(scratch)
 
@@ -532,9 +551,10 @@ def _host_records(names: list[str], plan_: MergePlan, base: TensorSource, task: 
 
 def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,
                 form: HostForm, alpha: np.float32, scratch: list[np.ndarray], allow_nonfinite: bool,
-                what: str) -> MergedTensor:
+                what: str, sink: TensorSink | None = None) -> MergedTensor:
     """One tensor by `form`, checked finite: a non-finite input always reaches the delta (`HostForm`), so the one
-    check of the result also finds a bad input, which is then named as the device path names it."""
+    check of the result also finds a bad input, which is then named as the device path names it. With `sink`, the
+    result goes there chunk by chunk (closed once all of it is written and finite) and the record holds no array."""
     b, t, parts = base.read(name).reshape(-1), task.read(name).reshape(-1), safety.parts(name)
     n = b.size
 
@@ -559,25 +579,48 @@ def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSou
             totals += (np.dot(x, x), np.dot(y, y), np.dot(x, y))  # BLAS on one thread (`_host_records`)
         sums = tuple(float(v) for v in totals)
     apply, stats = form.prepare(alpha, sums)
-    merged = np.empty(spec.shape, spec.dtype)
-    flat = merged.reshape(-1)
-    for at, tau, safe in chunks():
-        apply(tau, safe)
-        if spec.dtype == np.float32:
-            np.add(b[at], safe, out=flat[at], dtype=np.float32)
-        else:  # added in float32, then rounded once to the dtype, as `_merged_records` does
+    if sink is not None:  # each chunk straight into the output file: no merged array, no second copy
+        finite = True
+        for at, tau, safe in chunks():
+            apply(tau, safe)
             np.add(b[at], safe, out=safe, dtype=np.float32)
-            flat[at] = safe
+            piece = safe if spec.dtype == np.float32 else safe.astype(spec.dtype)  # rounded once, as below
+            finite = finite and host_finite(piece)
+            sink.write(at.start, piece)
+        if finite:
+            sink.close()
+            return MergedTensor(name, None, stats)
+        delta = _host_delta(name, base, task, safety, apply, allow_nonfinite, what)  # refuses a bad input or delta
+        merged = np.add(b, delta, dtype=np.float32).astype(spec.dtype)
+    else:
+        merged = np.empty(spec.shape, spec.dtype)
+        flat = merged.reshape(-1)
+        for at, tau, safe in chunks():
+            apply(tau, safe)
+            if spec.dtype == np.float32:
+                np.add(b[at], safe, out=flat[at], dtype=np.float32)
+            else:  # added in float32, then rounded once to the dtype, as `_merged_records` does
+                np.add(b[at], safe, out=safe, dtype=np.float32)
+                flat[at] = safe
     if not host_finite(merged):
-        tau = np.subtract(task.read(name), base.read(name), dtype=np.float32)
-        delta = np.array(safety.read(name), np.float32)
-        finite = [host_finite(tau), host_finite(delta)]
-        apply(tau.reshape(-1), delta.reshape(-1))
-        _check_group([name], np.array([finite + [host_finite(delta)]]), base, task, safety, allow_nonfinite, what,
-                     lambda _: delta)
+        if sink is None:
+            _host_delta(name, base, task, safety, apply, allow_nonfinite, what)  # refuses a bad input or delta
         check_output(merged, what, name, " (overflow in the output dtype, or a non-finite base tensor let through "
                                          "by allow_nonfinite)")
     return MergedTensor(name, merged, stats)
+
+
+def _host_delta(name: str, base: TensorSource, task: TensorSource, safety: SafetyDelta,
+                apply: Callable[[np.ndarray, np.ndarray], None], allow_nonfinite: bool, what: str) -> np.ndarray:
+    """A host-form tensor's delta, whole (flat float32), computed again to name a non-finite result's cause: a
+    non-finite input or delta is refused as the device path refuses it."""
+    tau = np.subtract(task.read(name), base.read(name), dtype=np.float32).reshape(-1)
+    delta = np.array(safety.read(name), np.float32).reshape(-1)
+    finite = [host_finite(tau), host_finite(delta)]
+    apply(tau, delta)
+    _check_group([name], np.array([finite + [host_finite(delta)]]), base, task, safety, allow_nonfinite, what,
+                 lambda _: delta)
+    return delta
 
 
 def _weighted_forms(group: list[str], stats: dict[str, np.ndarray]) -> Callable[[str], HostForm]:

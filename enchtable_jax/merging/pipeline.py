@@ -82,24 +82,31 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         safety = SafetyDelta(safety_vector, aligned, harmful)
         plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
         mesh = mesh or executor.merge_mesh()
-        layout, records, decomposition = executor.run(plan, base_src, task_src, safety, method, options, seed, mesh,
-                                                      group_bytes, progress, allow_nonfinite, cache_decomposition)
+        run = functools.partial(executor.run, plan, base_src, task_src, safety, method, options, seed, mesh,
+                                group_bytes, progress, allow_nonfinite, cache_decomposition)
         stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
         report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
-                                   {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what},
-                                   decomposition)
-        # Closed here even when a merge fails midway: the records' generator holds worker threads and a BLAS thread
-        # limit, released at once instead of whenever the garbage collector finalizes it.
-        with contextlib.closing(records):
-            if out is None:
+                                   {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what})
+        if out is None:
+            _, records, decomposition = run()
+            with contextlib.closing(records):
                 model = _in_memory(records, stats, task_src)
-                return MergeResult(None, report(), model)
-            if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
+            return MergeResult(None, report(decomposition), model)
+        if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
+            _, records, decomposition = run()
+            with contextlib.closing(records):
                 for record in records:
                     stats[record.name] = record.stats
-                return MergeResult(out, report(), None)
-            final = _write(out, task_src, layout, records, stats, report, shard_size, overwrite, progress,
-                           extra_files)
+            return MergeResult(out, report(decomposition), None)
+        layout = executor.output_layout(plan, task_src, group_bytes, mesh.size)
+        with HFWriter(out, task_src.config, layout, like=companion_folder(task_src), shard_size=shard_size,
+                      overwrite=overwrite, progress=progress, check_finite=False) as writer:  # the executor checks
+            # Tensors formed on the host go straight into the output file (`HFWriter.sink`); the others come as
+            # arrays. The records' generator is closed before the writer may abort: its worker threads, thread
+            # limits and sinks are released at once, whether the merge ends or fails midway.
+            _, records, decomposition = run(sinks=writer.sink)
+            with contextlib.closing(records):
+                final = _write(writer, records, stats, functools.partial(report, decomposition), extra_files)
         return MergeResult(out, final, load(out) if load_model else None)
 
 
@@ -123,15 +130,11 @@ def _in_memory(records: Iterable[executor.MergedTensor], stats: dict[str, Mappin
                  companion_folder(task_src))
 
 
-def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeStruct],
-           records: Iterable[executor.MergedTensor], stats: dict[str, Mapping[str, float]],
-           report: Callable[[], dict[str, Any]], shard_size: int | str, overwrite: bool, progress: bool | None,
-           extra_files: Mapping[str, bytes | str] | None) -> dict[str, Any]:
-    """Stream the records into the HF folder `out` with the report's files and `extra_files`; `stats` filled on the
-    way. Returns the final report."""
-    with HFWriter(out, task_src.config, layout, like=companion_folder(task_src), shard_size=shard_size,
-                  overwrite=overwrite, progress=progress,
-                  check_finite=False) as writer, ThreadPoolExecutor(1) as disk:  # the executor checked them
+def _write(writer: HFWriter, records: Iterable[executor.MergedTensor], stats: dict[str, Mapping[str, float]],
+           report: Callable[[], dict[str, Any]], extra_files: Mapping[str, bytes | str] | None) -> dict[str, Any]:
+    """Stream the records into `writer` with the report's files and `extra_files`; `stats` filled on the way.
+    Returns the final report."""
+    with ThreadPoolExecutor(1) as disk:
         # Writes run on a thread of their own (write(2) releases the GIL), at most _WRITES_AHEAD behind the
         # records: the next tensor is merged while one is written, and the plot is drawn while the last ones
         # and the fsync run.
@@ -139,7 +142,8 @@ def _write(out: Path, task_src: TensorSource, layout: dict[str, jax.ShapeDtypeSt
         # model's copied 2 GB embedding and head (mapped, so resident while read and written) are never both held.
         pending: collections.deque = collections.deque()
         for record in records:
-            pending.append((disk.submit(writer.add, record.name, record.array), record.array.nbytes))
+            if record.array is not None:  # else its producer wrote it already
+                pending.append((disk.submit(writer.add, record.name, record.array), record.array.nbytes))
             stats[record.name] = record.stats
             del record  # the next record is made only once this one's array may go
             while pending and (len(pending) > _WRITES_AHEAD or sum(n for _, n in pending) > _WRITE_AHEAD_BYTES):

@@ -1,7 +1,8 @@
 """The element-wise methods' host forms (task arithmetic, Model Stock): the executor's numpy path, chunk by chunk
 and fused with the reads, against the method's own JAX function on each whole tensor, on tensors that span several
 chunks (the tiny models of test_merge.py fit in one), in float32 and bfloat16; and a NaN in a later chunk is still
-refused, naming the tensor."""
+refused, naming the tensor. Merged into memory and into a folder, where the host forms write each chunk straight
+into the output file (`HFWriter.sink`) instead of handing the writer whole arrays."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from enchtable_jax.converters.hf import HFWriter
 from enchtable_jax.merging import executor
 from enchtable_jax.merging.executor import tensor_key
 from enchtable_jax.merging.methods import METHODS
@@ -38,13 +40,18 @@ def _models(dtype, nan_in_task: bool = False) -> dict[str, Model]:
             for role, params in roles.items()}
 
 
+@pytest.mark.parametrize("folder", [False, True], ids=["memory", "folder"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("method", ["task_arithmetic", "model_stock"])
-def test_host_form_equals_the_method_on_whole_tensors(method, dtype):
+def test_host_form_equals_the_method_on_whole_tensors(method, dtype, folder, tmp_path, monkeypatch):
     assert METHODS[method].host is not None
     models = _models(dtype)
+    handed = []  # tensors the writer got as whole arrays
+    real_add = HFWriter.add
+    monkeypatch.setattr(HFWriter, "add", lambda self, name, array: (handed.append(name), real_add(self, name, array)))
     result = merge(method, models["base"], models["task"], aligned=models["aligned"], harmful=models["harmful"],
-                   alpha=ALPHA, progress=False)
+                   alpha=ALPHA, progress=False, out=tmp_path / "out" if folder else None, load_model=folder)
+    assert handed == []
     weights = {t["name"]: t["weight"] for t in result.report["tensors"]}
     assert len(weights) == len(models["task"].params) and result.report["merged"] == len(weights)
     for name, task in models["task"].params.items():
@@ -63,8 +70,10 @@ def test_host_form_equals_the_method_on_whole_tensors(method, dtype):
         assert weights[name] == pytest.approx(float(stats["weight"]), rel=1e-6), name
 
 
-def test_host_form_refuses_a_nan_in_a_later_chunk():
+@pytest.mark.parametrize("folder", [False, True], ids=["memory", "folder"])
+def test_host_form_refuses_a_nan_in_a_later_chunk(folder, tmp_path):
     models = _models(jnp.float32, nan_in_task=True)
     with pytest.raises(NonFiniteError, match=f"task model \\(in memory\\): tensor {EMBED} holds 1 NaN .*refusing"):
         merge("task_arithmetic", models["base"], models["task"], aligned=models["aligned"],
-              harmful=models["harmful"], alpha=ALPHA, progress=False)
+              harmful=models["harmful"], alpha=ALPHA, progress=False, out=tmp_path / "out" if folder else None)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging folder left

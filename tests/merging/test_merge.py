@@ -290,11 +290,12 @@ def test_cli_merge_and_list(world, tmp_path, capsys):
 def test_the_writer_never_holds_two_tensors_over_the_byte_budget(world, tmp_path, monkeypatch):
     """With every tensor over `_WRITE_AHEAD_BYTES`, a record is made only once the one before it is written: at most
     one waits for the writer (an 8B model's copied embedding and head are never both resident). The output is the
-    same as with the default budget."""
+    same as with the default budget. TIES: its tensors come as arrays (host-formed ones go to their file
+    directly)."""
     from enchtable_jax.converters.hf import HFWriter
     from enchtable_jax.merging import pipeline
 
-    reference = merge("task_arithmetic", world["base"], world["task"], aligned=world["base"],
+    reference = merge("ties", world["base"], world["task"], aligned=world["base"],
                       harmful=world["harmful"], alpha=0.5, out=tmp_path / "reference", progress=False)
     made, written, waiting = [], [], []
     run = pipeline.executor.run
@@ -314,7 +315,7 @@ def test_the_writer_never_holds_two_tensors_over_the_byte_budget(world, tmp_path
     monkeypatch.setattr(pipeline.executor, "run", counted_run)
     monkeypatch.setattr(HFWriter, "add", lambda self, name, array: (real_add(self, name, array), written.append(name)))
     monkeypatch.setattr(pipeline, "_WRITE_AHEAD_BYTES", 1)
-    got = merge("task_arithmetic", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
+    got = merge("ties", world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
                 alpha=0.5, out=tmp_path / "budget", progress=False)
     assert len(made) == len(reference.report["tensors"]) and max(waiting) == 1
     assert (tmp_path / "budget" / "model.safetensors").read_bytes() == \
