@@ -38,7 +38,7 @@ from enchtable_jax.errors import EnchtableError
 from enchtable_jax.eval.generate import generate, resolve_tokenizer
 from enchtable_jax.eval.judge import Judge, RefusalJudge
 from enchtable_jax.eval.metrics import unsafe_rate
-from enchtable_jax.kernels.spectral import interference_terms
+from enchtable_jax.kernels.spectral import interference_terms, solver_for
 from enchtable_jax.merging import decomposition, executor
 from enchtable_jax.merging.lora import companion_folder, open_task
 from enchtable_jax.merging.methods import METHODS, method_options
@@ -135,12 +135,13 @@ class EnchtableSweep:
         self.alpha_per_beta = self.plan.alpha  # α = β·‖τ_task‖/‖τ_safe‖
         self.terms: dict[str, tuple[float, float, int]] = {}
         matrices = self.plan.matrices()
-        cache = decomposition.Cache(safety.folder, options["keep"]) if safety.folder is not None else None
+        solver = solver_for(options["solver"], jax.default_backend())  # as a merge on the default devices
+        cache = decomposition.Cache(safety.folder, options["keep"], solver) if safety.folder is not None else None
         cached = cache is not None and cache.covers(matrices)  # the vector's stored triplets (merging/decomposition)
         for name, shape in matrices.items():
             known = {"safety": cache.read(name, shape)} if cached else None
             p, q, r = _terms(self._tau(name), self.safety.read(name).astype(np.float32),
-                             options["keep"], options["solver"], known)
+                             options["keep"], solver, known)
             self.terms[name] = (float(p), float(q), int(r))
         # tensors copied from the task model are the same for every β: read them once
         self.copied = {n: jnp.asarray(self.task.read(n)) for n, e in self.plan.tensors.items() if not e.merge}

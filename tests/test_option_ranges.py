@@ -286,6 +286,6 @@ def test_api_examples_raise_the_same_error():
         method_options("safelora", {"threshold": math.nan})
     with pytest.raises(EnchtableError, match="option limit must be positive"):
         load_prompts("unused.json", limit=-1)  # refused before the file is read
-    with pytest.raises(EnchtableError, match="option solver must be one of 'svd', 'gram'"):
+    with pytest.raises(EnchtableError, match="option solver must be one of 'auto', 'svd', 'gram64', 'gram'"):
         method_options("enchtable", {"solver": "qr"})
     assert dataclasses.replace(DistillOptions(), steps=1).steps == 1

@@ -12,6 +12,7 @@ the others, so a low-rank delta's ι does not depend on how its null space was c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -69,31 +70,47 @@ def kept(shape: tuple[int, ...], keep: float) -> int:
     return max(1, int(keep * min(shape)))
 
 
-def gram_triplets(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The leading k singular triplets from the eigendecomposition of the smaller Gram matrix.
+def gram_triplets(x: jax.Array, k: int, dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The leading k singular triplets from the eigendecomposition of the smaller Gram matrix, computed in `dtype`.
 
-    For m ≥ n: XᵀX = V S² Vᵀ, U = X V / S (and the transpose for wide X). Several times faster than
-    an SVD on CPU, but the Gram matrix squares the condition number: the triplets are accurate to
-    about ε·(σ1/σk)² relative (float32 ε), fine while the kept part of the spectrum spans a few orders
-    of magnitude; the `svd` solver has no such limit.
+    For m ≥ n: XᵀX = V S² Vᵀ, U = X V / S (and the transpose for wide X). In float32 the Gram matrix squares the
+    condition number: the triplets are accurate to about ε·(σ1/σk)² relative, fine while the kept part of the
+    spectrum spans a few orders of magnitude. In float64 (scoped to this computation: `jax.enable_x64`) that error
+    is ε64·(σ1/σk)², below float32's own rounding until σ1/σk passes 10⁴ and still below the float32 SVD's
+    ε32·σ1/σk until about 10⁹, so the float32 triplets it returns are as accurate as the SVD's: on CPU it takes
+    0.57–1.0× the SVD's time (DESIGN.md, "SVD solvers per backend"). Returned in float32.
     """
-    x = x.astype(jnp.float32)
-    wide = x.shape[0] < x.shape[1]
-    a = x.T if wide else x  # tall
-    w, vecs = jnp.linalg.eigh(a.T @ a)  # ascending
-    v = vecs[:, ::-1][:, :k]
-    s = jnp.sqrt(jnp.maximum(w[::-1][:k], 0.0))
-    u = (a @ v) / jnp.where(s > 0, s, 1.0)
+    with jax.enable_x64(dtype == jnp.float64):
+        wide = x.shape[0] < x.shape[1]
+        a = (x.T if wide else x).astype(dtype)  # tall
+        w, vecs = jnp.linalg.eigh(a.T @ a)  # ascending
+        v = vecs[:, ::-1][:, :k]
+        s = jnp.sqrt(jnp.maximum(w[::-1][:k], 0.0))
+        u = (a @ v) / jnp.where(s > 0, s, 1.0)
+        u, s, v = (t.astype(jnp.float32) for t in (u, s, v))
     return (v, s, u) if wide else (u, s, v)
 
 
-SOLVERS = ("svd", "gram")
+# Solvers of `top_triplets`. "svd" and "gram64" are exact to float32 (ι within 1e-4 relative of float64); "gram" trades
+# accuracy for speed; "auto" is the platform's exact one (SOLVER_BY_PLATFORM, else "svd").
+SOLVERS = ("auto", "svd", "gram64", "gram")
+EXACT_SOLVERS = ("svd", "gram64")
+# float64 where it is fast (CPU); GPUs run float64 at a fraction of float32's rate, TPUs not at all.
+SOLVER_BY_PLATFORM = {"cpu": "gram64"}
 Triplets = tuple[jax.Array, jax.Array, jax.Array]  # U [m, k], S [k] descending, V [n, k]
 
 
-def top_triplets(x: jax.Array, keep: float, solver: str = "svd", known: Triplets | None = None,
+def solver_for(solver: str, platform: str) -> str:
+    """The solver that `solver` means on `platform` ("auto": SOLVER_BY_PLATFORM, else "svd"; others as given)."""
+    if solver not in SOLVERS:
+        raise EnchtableError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    return SOLVER_BY_PLATFORM.get(platform, "svd") if solver == "auto" else solver
+
+
+def top_triplets(x: jax.Array, keep: float, solver: str = "auto", known: Triplets | None = None,
                  algorithm: SvdAlgorithm | None = None) -> Triplets:
-    """The leading ⌊keep · min(m, n)⌋ singular triplets of x, by a thin SVD or the Gram eigenproblem.
+    """The leading ⌊keep · min(m, n)⌋ singular triplets of x, by `solver` (`SOLVERS`; "auto" chooses by the platform
+    the computation is lowered for).
 
     `known`: x's leading triplets computed before (a cache, or the factors of a low-rank x), at least as many as
     kept, or fewer when x has lower rank; they are sliced instead of decomposing x again. `algorithm`: the thin
@@ -103,10 +120,14 @@ def top_triplets(x: jax.Array, keep: float, solver: str = "svd", known: Triplets
     if known is not None:
         u, s, v = known
         return u[:, :k], s[:k], v[:, :k]
-    if solver == "gram":
-        return gram_triplets(x, k)
-    if solver != "svd":
-        raise EnchtableError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if solver == "auto":
+        by_platform = {platform: functools.partial(top_triplets, keep=keep, solver=chosen, algorithm=algorithm)
+                       for platform, chosen in SOLVER_BY_PLATFORM.items()}
+        return jax.lax.platform_dependent(x, default=functools.partial(top_triplets, keep=keep, solver="svd",
+                                                                       algorithm=algorithm), **by_platform)
+    if solver in ("gram", "gram64"):
+        return gram_triplets(x, k, jnp.float64 if solver == "gram64" else jnp.float32)
+    solver_for(solver, "")  # an unknown solver is refused
     u, s, v = thin_svd(x, algorithm)
     return u[:, :k], s[:k], v[:, :k]
 
@@ -130,7 +151,7 @@ def interference_blocks(u1, s1, v1, u2, s2, v2) -> jax.Array:
     return jnp.sum(jnp.abs((a * s2) @ b.T)) + jnp.sum(jnp.abs((a.T * s1) @ b))
 
 
-def interference_terms(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP, solver: str = "svd",
+def interference_terms(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP, solver: str = "auto",
                        known: dict[str, Triplets] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(P, Q, r) with P = Σ|A S2 Bᵀ|, Q = Σ|Aᵀ S1 B| and r = k1 + k2, so that ι = scale·(P + Q)/r².
 
@@ -149,7 +170,7 @@ def interference_terms(task: jax.Array, safety: jax.Array, keep: float = DEFAULT
 
 
 def interference(task: jax.Array, safety: jax.Array, keep: float = DEFAULT_KEEP, scale: float = DEFAULT_SCALE,
-                 solver: str = "svd", known: dict[str, Triplets] | None = None) -> jax.Array:
+                 solver: str = "auto", known: dict[str, Triplets] | None = None) -> jax.Array:
     """EnchTable interference ι of two same-shaped 2-D deltas (the safety one already scaled by α, and so are the
     "safety" triplets in `known`); 0 when both deltas are zero."""
     p, q, r = interference_terms(task, safety, keep, solver, known)
@@ -175,5 +196,5 @@ def polar(x: jax.Array) -> jax.Array:
     return p @ qt
 
 
-__all__ = ["SVD_ALGORITHMS", "Triplets", "interference", "interference_direct", "interference_terms", "kept", "polar",
-           "significant", "svd_algorithm", "thin_svd", "top_triplets"]
+__all__ = ["EXACT_SOLVERS", "SOLVERS", "SOLVER_BY_PLATFORM", "SVD_ALGORITHMS", "Triplets", "gram_triplets", "interference", "interference_direct", "interference_terms", "kept", "polar",
+           "significant", "solver_for", "svd_algorithm", "thin_svd", "top_triplets"]

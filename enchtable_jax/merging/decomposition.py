@@ -1,10 +1,12 @@
 """The safety vector's cached decomposition: the kept singular triplets of τ_safe, stored beside the vector.
 
 A safety vector serves every fine-tune of its base, and the SVD of τ_safe does not depend on the task model: the
-first merge that decomposes it (by the exact SVD) writes the triplets into the vector's folder, and every later
-merge and calibration sweep reads them instead of decomposing again, which halves the SVDs of an EnchTable merge.
-The file is named by the keep fraction and the SHA-256 of safety_vector.safetensors and records that digest, so
-an edited vector never meets a stale decomposition; a cache kept for a larger fraction serves a smaller one (the
+first merge that decomposes it (by an exact solver: kernels/spectral.EXACT_SOLVERS) writes the triplets into the
+vector's folder, and every later merge and calibration sweep with that solver reads them instead of decomposing
+again, which halves the decompositions of an EnchTable merge.
+The file is named by the keep fraction, the solver (unless it is the SVD, as earlier versions wrote) and the
+SHA-256 of safety_vector.safetensors and records that digest, so an edited vector never meets a stale
+decomposition; a cache kept for a larger fraction serves a smaller one (the
 triplets are sorted). It is a new file, renamed into place complete, never over another one; where the folder is
 not writable the merge computes the triplets in memory as before.
 """
@@ -31,12 +33,16 @@ from enchtable_jax.safe_io import check_inside
 
 FORMAT = "enchtable-safety-svd"
 _PARTS = ("U", "S", "V")
-_NAME = re.compile(r"safety_svd\.keep-(?P<keep>[0-9.]+)\.(?P<digest>[0-9a-f]{16})\.safetensors")
+_NAME = re.compile(r"safety_svd\.keep-(?P<keep>[0-9.]+)\.(?:(?P<solver>[a-z][a-z0-9]*)\.)?(?P<digest>[0-9a-f]{16})"
+                   r"\.safetensors")
+_LEGACY_SOLVER = "svd"  # the solver of a file whose name names none (all that earlier versions wrote)
 
 
-def file_name(keep: float, digest: str) -> str:
-    """The cache file's name for triplets kept at fraction `keep` of the vector whose file has SHA-256 `digest`."""
-    return f"safety_svd.keep-{keep:g}.{digest[:16]}.safetensors"
+def file_name(keep: float, digest: str, solver: str = _LEGACY_SOLVER) -> str:
+    """The cache file's name for triplets kept at fraction `keep` of the vector whose file has SHA-256 `digest`,
+    computed by `solver` (named unless it is the exact SVD, as earlier versions named their files)."""
+    named = "" if solver == _LEGACY_SOLVER else f"{solver}."
+    return f"safety_svd.keep-{keep:g}.{named}{digest[:16]}.safetensors"
 
 
 def triplet_shapes(shape: tuple[int, int], keep: float) -> dict[str, tuple[int, ...]]:
@@ -48,11 +54,12 @@ def triplet_shapes(shape: tuple[int, int], keep: float) -> dict[str, tuple[int, 
 
 
 class Cache:
-    """The decomposition cache of one safety-vector folder for one keep fraction, found once the vector's digest
-    (computed on a worker thread from construction on) is known."""
+    """The decomposition cache of one safety-vector folder for one keep fraction and solver (each exact solver's
+    triplets are their own: a merge's bytes do not depend on whether they were cached), found once the vector's
+    digest (computed on a worker thread from construction on) is known."""
 
-    def __init__(self, folder: str | Path, keep: float):
-        self.folder, self.keep = Path(folder), float(keep)
+    def __init__(self, folder: str | Path, keep: float, solver: str = _LEGACY_SOLVER):
+        self.folder, self.keep, self.solver = Path(folder), float(keep), solver
         pool = concurrent.futures.ThreadPoolExecutor(1)
         self._digest = pool.submit(file_sha256, self.folder / TENSORS)  # beside pass 1's reads
         pool.shutdown(wait=False)
@@ -74,12 +81,14 @@ class Cache:
         candidates = []
         for path in self.folder.glob("safety_svd.keep-*.safetensors"):
             match = _NAME.fullmatch(path.name)
-            if match and match["digest"] == digest[:16] and float(match["keep"]) >= self.keep:
+            if match and match["digest"] == digest[:16] and float(match["keep"]) >= self.keep \
+                    and (match["solver"] or _LEGACY_SOLVER) == self.solver:
                 candidates.append((float(match["keep"]), path))
         for _, path in sorted(candidates):
             check_inside(self.folder, path)
             infos, metadata = stf.read_header(path)
-            if metadata.get("format") == FORMAT and metadata.get("vector_sha256") == digest:
+            if metadata.get("format") == FORMAT and metadata.get("vector_sha256") == digest \
+                    and metadata.get("solver", _LEGACY_SOLVER) == self.solver:
                 return path, infos
         return None
 
@@ -106,7 +115,7 @@ class Cache:
     def writer(self, shapes: dict[str, tuple[int, int]]) -> Writer | None:
         """A writer of a new cache file holding the triplets of `shapes` ({name: matrix shape}), or None when the
         folder cannot take one (read-only, or a file of this name appeared)."""
-        path = self.folder / file_name(self.keep, self.digest)
+        path = self.folder / file_name(self.keep, self.digest, self.solver)
         specs = [(f"{name}.{part}", jax.ShapeDtypeStruct(s, np.float32)) for name, shape in shapes.items()
                  for part, s in triplet_shapes(shape, self.keep).items()]
         try:
@@ -120,7 +129,7 @@ class Cache:
         try:
             os.chmod(tmp, 0o644)  # mkstemp makes it private; the published file should read like the vector's
             files = stf.FileWriter(tmp, specs, {"format": FORMAT, "vector_sha256": self.digest,
-                                                "keep": f"{self.keep:g}", "solver": "svd"})
+                                                "keep": f"{self.keep:g}", "solver": self.solver})
         except OSError:
             Path(tmp).unlink(missing_ok=True)
             return None

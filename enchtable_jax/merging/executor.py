@@ -38,7 +38,7 @@ from enchtable_jax.kernels import cpu_threads
 from enchtable_jax.kernels.cpu_threads import blas_threads, warn_if_one_core_used
 from enchtable_jax.kernels.factored import factored_sq_norm, factored_triplets
 from enchtable_jax.kernels.mesh import fully_replicated_numpy, host_rows, put
-from enchtable_jax.kernels.spectral import top_triplets
+from enchtable_jax.kernels.spectral import EXACT_SOLVERS, solver_for, top_triplets
 from enchtable_jax.merging import base_digest, decomposition
 from enchtable_jax.merging.lora import LoraTask
 from enchtable_jax.merging.methods import DEFAULT_BETA, METHODS, HostForm, method_options
@@ -306,7 +306,7 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
     forms them, which any non-finite weight reaches; the τ_safe stack may then be None when its triplets are among
     the hints (the method never reads it).
     `triplets`: None, "read" (triplets are among the hints) or "emit" (τ_safe's kept triplets, from the hints or
-    computed here by the exact SVD, used by the method and returned for the cache). `factored`: τ_task comes as
+    computed here by the merge's solver, used by the method and returned for the cache). `factored`: τ_task comes as
     stacks of its factors (scale·B, A) of a LoRA task, not donated; τ_task is their product, and its triplets for a
     method that decomposes are the factors' (`factored.factored_triplets`), not an SVD.
     """
@@ -326,7 +326,7 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
             emitted = {}
             if triplets == "emit":
                 emitted = {"safety": hints_i["safety"] if "safety" in hints_i else
-                           top_triplets(safe_i, opts["keep"], "svd")}
+                           top_triplets(safe_i, opts["keep"], opts.get("solver", "auto"))}
                 hints_i = {**hints_i, **emitted}
             extra = {"hints": hints_i} if triplets or factored else {}
             delta, stats = fn(task_i, safe_i, alpha, jax.random.wrap_key_data(key_i), **extra, **opts)
@@ -352,7 +352,7 @@ def _split_fn(method: str, options: tuple, mesh: Mesh, triplets: str | None, cou
     opts = dict(options)
     spec = P(GROUP_AXIS)
     decompose = jax.shard_map(
-        lambda x: jax.lax.map(lambda a: top_triplets(a, opts["keep"], opts.get("solver", "svd")), x),
+        lambda x: jax.lax.map(lambda a: top_triplets(a, opts["keep"], opts.get("solver", "auto")), x),
         mesh=mesh, in_specs=spec, out_specs=spec)
     merge_ = _mapped(method, options, mesh, "emit" if triplets == "emit" else "read", False, weights_only)
 
@@ -413,11 +413,12 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         ) -> tuple[dict[str, jax.ShapeDtypeStruct], Generator[MergedTensor, None, None], dict[str, str | None]]:
     """Pass 2: (the layout: every tensor of the merged model as {name: shape and dtype}, in the order they come;
     a generator of `MergedTensor` records, copied tensors first, then group by group; what became of the safety
-    vector's decomposition cache, filled in as the generator runs: {"state", "file"}).
+    vector's decomposition cache, filled in as the generator runs: {"state", "file", "solver"}).
 
     A method that decomposes the deltas reads τ_safe's triplets from the safety vector's cache
-    (merging/decomposition.py) when there is one for this vector, else computes them by the exact SVD and, with
-    `cache_decomposition`, writes the cache for the next merge.
+    (merging/decomposition.py) when there is one for this vector and solver, else computes them and, with an exact
+    solver (`EXACT_SOLVERS`; "auto" is the platform's) and `cache_decomposition`, writes the cache for the next
+    merge.
 
     `sinks(name)`, when given, opens the output's `TensorSink` for a tensor: the tensors formed on the host
     (`HostForm`) are written there chunk by chunk, and their records hold no array (`MergedTensor`).
@@ -428,6 +429,10 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     """
     options = method_options(method, options)
     mesh = mesh or merge_mesh()
+    # The solver the decompositions use here ("auto": the platform's exact one), named for the cache and the report.
+    solver = solver_for(options.get("solver", "auto"), mesh.devices.flat[0].platform)
+    if "solver" in options:
+        options = {**options, "solver": solver}
     copied, groups = _order(plan_, task, group_bytes, mesh.size)
     layout = output_layout(plan_, task, group_bytes, mesh.size)
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
@@ -439,7 +444,8 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         records = _host_records(merged, plan_, base, task, safety, lambda _: form, allow_nonfinite, what, sinks)
         return layout, _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
                                  progress), {"state": "not used (the method does not decompose)", "file": None}
-    cache, mode, writer, outcome = _decomposition(plan_, safety, method, options, cache_decomposition)
+    cache, mode, writer, outcome = _decomposition(plan_, safety, method, options.get("keep"), solver,
+                                                  cache_decomposition)
     # Every tensor's PRNG key up front: computed per group, the keys would queue behind the running group on the
     # device, and reading the next group would wait for it (the pipeline would stall).
     keys = dict(zip(layout, tensor_keys(seed, list(layout)))) if layout else {}
@@ -646,25 +652,28 @@ def _weighted_forms(group: list[str], stats: dict[str, np.ndarray]) -> Callable[
     return form_of
 
 
-def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, options: dict[str, Any], write: bool
+def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, keep: float | None, solver: str, write: bool
                    ) -> tuple[decomposition.Cache | None, str | None, decomposition.Writer | None, dict]:
-    """(cache, mode for the matrix groups: "read" | "emit" | None, the cache writer or None, the outcome record)."""
+    """(cache, mode for the matrix groups: "read" | "emit" | None, the cache writer or None, the outcome record:
+    {"state", "file", and for a method that decomposes "solver"}) for a merge whose decompositions use `solver`."""
     if not METHODS[method].uses_triplets:
         return None, None, None, {"state": "not used (the method does not decompose)", "file": None}
     if safety.folder is None:
-        return None, None, None, {"state": "none (aligned − harmful: no safety-vector folder)", "file": None}
-    cache = decomposition.Cache(safety.folder, options["keep"])
+        return None, None, None, {"state": "none (aligned − harmful: no safety-vector folder)", "file": None,
+                                  "solver": solver}
+    cache = decomposition.Cache(safety.folder, keep, solver)
     matrices = plan_.matrices()
     if cache.covers(matrices):
-        return cache, "read", None, {"state": "read", "file": str(cache.find())}
-    if not write or options.get("solver", "svd") != "svd":
-        why = "disabled" if not write else "the solver is not the exact svd"
-        return None, None, None, {"state": f"computed, not cached ({why})", "file": None}
+        return cache, "read", None, {"state": "read", "file": str(cache.find()), "solver": solver}
+    if not write or solver not in EXACT_SOLVERS:
+        why = "disabled" if not write else f"the {solver} solver is not exact"
+        return None, None, None, {"state": f"computed, not cached ({why})", "file": None, "solver": solver}
     writer = cache.writer(matrices) if jax.process_index() == 0 else None
     if writer is None and jax.process_count() == 1:
-        return None, None, None, {"state": "computed, not cached (the folder is read-only)", "file": None}
+        return None, None, None, {"state": "computed, not cached (the folder is read-only)", "file": None,
+                                  "solver": solver}
     # Every process runs the same program; process 0 writes.
-    return None, "emit", writer, {"state": "computed, being written", "file": None}
+    return None, "emit", writer, {"state": "computed, being written", "file": None, "solver": solver}
 
 
 def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from enchtable_jax.errors import EnchtableError
-from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, Triplets, interference, interference_blocks, \
-    polar, significant, top_triplets
+from enchtable_jax.kernels.spectral import DEFAULT_KEEP, DEFAULT_SCALE, SOLVERS, Triplets, interference, \
+    interference_blocks, polar, significant, top_triplets
 from enchtable_jax.options import FRACTION, POSITIVE, SEED, Range
 
 Stats = dict[str, jax.Array]
@@ -167,7 +167,7 @@ def _with_declared_defaults(name: str, fn: Callable, options: dict[str, Option])
 
 
 def _known_triplets(hints: Mapping[str, Triplets], safety: jax.Array, alpha: jax.Array, keep: float,
-                    solver: str = "svd") -> dict[str, Triplets]:
+                    solver: str = "auto") -> dict[str, Triplets]:
     """The triplets by role for a method that decomposes: the task's when given, and α·τ_safe's as the unscaled
     τ_safe's (given, or decomposed here) with S scaled by α ≥ 0 (the singular vectors stay). Decomposing the
     unscaled delta in every case makes a merge's bytes the same whether τ_safe's triplets come from the
@@ -184,8 +184,9 @@ def _stats(interference_value=NAN, weight=NAN) -> Stats:
                        "Wu et al. 2025)", adaptive_alpha=True, weighted=True,
           keep=Option(DEFAULT_KEEP, "fraction γ of singular triplets kept per delta", FRACTION, flag=True),
           interference_scale=Option(DEFAULT_SCALE, "scale of ι", POSITIVE, flag=True),
-          solver=Option("svd", "top triplets by 'svd' (exact) or 'gram' (eigh of the smaller Gram matrix: faster "
-                               "on CPU, accurate to ~ε·(σ1/σk)²)", choices=("svd", "gram")),
+          solver=Option("auto", "top triplets by 'svd' (float32, exact), 'gram64' (eigh of the smaller Gram matrix in "
+                                "float64, exact: faster on CPU), 'gram' (the same in float32: faster, accurate to "
+                                "~ε·(σ1/σk)²) or 'auto' (gram64 on CPU, else svd)", choices=SOLVERS),
           learnable=Option(False, "learn the safety weight m0 + m by gradient descent on ι instead of exp(−ι) "
                                   "(experimental: ι is linear in |m0 + m|, see DESIGN.md)", choices=(False, True),
                            flag=True),

@@ -1,5 +1,5 @@
 """The exact-SVD bound (bench/svd_bound.py) on the tiny preset: two SVDs per merged matrix, summed from the per-shape
-timings it reports and divided by the cores given; torch's thread count is restored after its single-thread run;
+timings it reports and divided by the cores given, and the same for our CPU solver, apart; torch's thread count is restored after its single-thread run;
 the module's CLI writes the same figures."""
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def test_bound_adds_two_svds_per_matrix_over_the_cores():
         assert bound["svd_seconds_one_thread"][impl] == pytest.approx(total)
         assert bound["perfect_parallel_seconds"][impl] == pytest.approx(total / 3)
         assert all(0 < measured[key][impl] < 5 for key in measured)
+    solver = sum(2 * count * measured[key][svd_bound.SOLVER] for key, count in bound["matrices"].items())
+    assert bound["solver"] == "gram64" and bound["solver_seconds_one_thread"] == pytest.approx(solver)
+    assert bound["solver_perfect_parallel_seconds"] == pytest.approx(solver / 3)
+    assert svd_bound.SOLVER not in bound["perfect_parallel_seconds"]  # the SVD bound is the SVDs' alone
 
 
 def test_cli_writes_the_bound(tmp_path):

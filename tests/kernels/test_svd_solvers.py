@@ -1,5 +1,7 @@
-"""SVD algorithms per platform (kernels/spectral.py `SVD_ALGORITHMS`): every algorithm this CPU can run keeps
-EnchTable's interference within 1e-4 relative of a float64 numpy computation, and `thin_svd` follows the table.
+"""SVD algorithms per platform (kernels/spectral.py `SVD_ALGORITHMS`) and solvers (`SOLVERS`): every algorithm this
+CPU can run, and every exact solver (the float32 SVD, the float64 Gram eigendecomposition, "auto"), keeps
+EnchTable's interference within 1e-4 relative of a float64 numpy computation; `thin_svd` follows the table, "auto"
+the platform's solver.
 
 Spectra like a fine-tuning delta's (decaying as 1/i and exp(−i/30)), tall and wide, float32 inputs; the oracle is
 the direct r×r formula on float64 numpy SVDs of the same (float32-rounded) matrices (`oracles.iota64`).
@@ -14,8 +16,8 @@ from jax.lax.linalg import SvdAlgorithm
 
 from oracles import iota64
 
-from enchtable_jax.kernels.spectral import SVD_ALGORITHMS, interference_blocks, svd_algorithm, thin_svd, \
-    top_triplets
+from enchtable_jax.kernels.spectral import EXACT_SOLVERS, SVD_ALGORITHMS, interference_blocks, solver_for, \
+    svd_algorithm, thin_svd, top_triplets
 
 KEEP, SCALE = 0.5, 200.0
 CPU_ALGORITHMS = (SvdAlgorithm.DEFAULT, SvdAlgorithm.QR, SvdAlgorithm.DIVIDE_AND_CONQUER)  # JACOBI, POLAR: GPU only
@@ -28,7 +30,7 @@ def spectrum_matrix(shape: tuple[int, int], decay: str, seed: int) -> np.ndarray
     u = np.linalg.qr(rng.standard_normal((shape[0], n)))[0]
     v = np.linalg.qr(rng.standard_normal((shape[1], n)))[0]
     i = np.arange(1, n + 1)
-    sigma = 1.0 / i if decay == "1/i" else np.exp(-i / 30.0)
+    sigma = 1.0 / i if decay == "1/i" else np.exp(-i / (3.0 if decay == "steep" else 30.0))
     return ((u * sigma) @ v.T).astype(np.float32)
 
 
@@ -51,6 +53,41 @@ def test_every_cpu_algorithm_keeps_the_float32_bound(algorithm, shape, decay):
     expected = iota64(task, safety, KEEP, SCALE)  # full-rank spectra: no triplet is dropped as zero
     assert expected > 1e-3
     assert abs(iota_with(algorithm, task, safety) - expected) <= 1e-4 * expected
+
+
+def iota_by(solver: str, task: np.ndarray, safety: np.ndarray) -> float:
+    """Our float32 ι from `top_triplets(·, solver=solver)` and the block formula."""
+    @jax.jit
+    def iota(a, b):
+        (u1, s1, v1), (u2, s2, v2) = (top_triplets(x, KEEP, solver) for x in (a, b))
+        return SCALE * interference_blocks(u1, s1, v1, u2, s2, v2) / (s1.size + s2.size) ** 2
+
+    return float(iota(task, safety))
+
+
+@pytest.mark.parametrize("solver", [*EXACT_SOLVERS, "auto", "gram"])
+@pytest.mark.parametrize("shape", [(96, 64), (48, 120)], ids=["tall", "wide"])
+@pytest.mark.parametrize("decay", ["1/i", "steep"])  # σ_k/σ_1 at the last kept triplet: 1/32, 2e-5 (tall)
+def test_every_exact_solver_keeps_the_float32_bound(solver, shape, decay):
+    """The float64 Gram eigendecomposition ("gram64", CPU's "auto") is as accurate as the float32 SVD even where
+    the spectrum spans orders of magnitude; the float32 one ("gram") is not, which is why it is not exact."""
+    task = spectrum_matrix(shape, decay, seed=1)
+    safety = 0.3 * spectrum_matrix(shape, decay, seed=2) + 0.2 * task
+    expected = iota64(task, safety, KEEP, SCALE)
+    error = abs(iota_by(solver, task, safety) - expected) / expected
+    if solver == "gram" and decay == "steep":
+        assert error > 1e-4
+    else:
+        assert error <= 1e-4, error
+
+
+def test_auto_is_the_platforms_solver():
+    x = spectrum_matrix((80, 48), "1/i", seed=3)
+    triplets = {s: [np.asarray(t) for t in jax.jit(lambda a, s=s: top_triplets(a, KEEP, s))(x)]
+                for s in ("auto", "svd", "gram64")}
+    assert solver_for("auto", "cpu") == "gram64" and solver_for("auto", "cuda") == solver_for("auto", "tpu") == "svd"
+    assert all(np.array_equal(a, b) for a, b in zip(triplets["auto"], triplets["gram64"]))
+    assert not np.array_equal(triplets["auto"][0], triplets["svd"][0])
 
 
 def test_the_table_chooses_by_platform_and_shape():

@@ -59,14 +59,15 @@ def test_first_merge_writes_the_decomposition_and_later_merges_read_it_with_the_
     assert len(_cache_files(world)) == 1
     second = _merge(world, tmp_path / "b")
     assert second.report["safety_decomposition"] == {"state": "read", "file": first.report["safety_decomposition"]
-                                                     ["file"]}
+                                                     ["file"], "solver": "gram64"}  # "auto" on CPU
     a, b, c = _tensors(tmp_path / "a"), _tensors(tmp_path / "b"), _tensors(tmp_path / "plain")
     assert all(a[n].tobytes() == b[n].tobytes() == c[n].tobytes() for n in a)
 
 
-def test_cached_triplets_are_the_float64_truncated_svd_of_the_vector(world, tmp_path):
-    _merge(world, tmp_path / "a")
-    cache = decomposition.Cache(world["vector"], 0.5)
+@pytest.mark.parametrize("solver", ["svd", "gram64"])
+def test_cached_triplets_are_the_float64_truncated_svd_of_the_vector(world, tmp_path, solver):
+    _merge(world, tmp_path / "a", solver=solver)
+    cache = decomposition.Cache(world["vector"], 0.5, solver)
     vector = load_safety_vector(world["vector"]).tensors
     matrices = {n: v.shape for n, v in vector.items() if v.ndim == 2}
     assert cache.covers(matrices)
@@ -108,6 +109,22 @@ def test_a_decomposition_kept_for_more_triplets_serves_fewer(world, tmp_path):
                                [t["interference"] for t in fresh.report["tensors"] if "interference" in t],
                                rtol=1e-5)
     assert all(np.allclose(b[n], np.asarray(fresh.model.params[n]), atol=1e-7) for n in b)
+
+
+def test_each_exact_solver_has_its_own_cache_and_the_svds_keeps_its_old_name(world, tmp_path):
+    """A cache written by one solver is never served to a merge by another (a merge's bytes would then depend on
+    whether it was cached); the SVD's file keeps the name that earlier versions gave it."""
+    digest = decomposition.Cache(world["vector"], 0.5).digest
+    assert _merge(world, tmp_path / "a", solver="svd").report["safety_decomposition"]["state"] == "written"
+    assert _cache_files(world) == [decomposition.file_name(0.5, digest)] == [f"safety_svd.keep-0.5.{digest[:16]}"
+                                                                           ".safetensors"]
+    assert _merge(world, tmp_path / "b").report["safety_decomposition"]["state"] == "written"  # auto: gram64
+    assert _merge(world, tmp_path / "c", solver="svd").report["safety_decomposition"]["state"] == "read"
+    assert _merge(world, tmp_path / "d", solver="gram64").report["safety_decomposition"]["state"] == "read"
+    assert _cache_files(world) == sorted([decomposition.file_name(0.5, digest),
+                                          decomposition.file_name(0.5, digest, "gram64")])
+    b, d = _tensors(tmp_path / "b"), _tensors(tmp_path / "d")
+    assert all(b[n].tobytes() == d[n].tobytes() for n in b)
 
 
 def test_calibration_sweep_reads_the_cache_and_gives_the_same_weights(world, tmp_path):
@@ -165,7 +182,7 @@ def test_a_killed_merges_temporary_file_is_removed_by_the_next_write(world, tmp_
     import sys
 
     digest = decomposition.Cache(world["vector"], 0.5).digest
-    name = decomposition.file_name(0.5, digest)
+    name = decomposition.file_name(0.5, digest, "gram64")  # "auto" on CPU
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
     killed = world["vector"] / f".{name}.tmp-{dead}-abcd1234"

@@ -561,7 +561,7 @@ def test_method_options_fills_defaults():
     assert method_options("ties", {}) == {"density": 0.5}
     assert method_options("task_arithmetic", {}) == {}
     opts = method_options("enchtable", {"keep": 0.3, "learnable": True})
-    assert opts == {"keep": 0.3, "interference_scale": 200.0, "solver": "svd", "learnable": True, "m_init": 0.5,
+    assert opts == {"keep": 0.3, "interference_scale": 200.0, "solver": "auto", "learnable": True, "m_init": 0.5,
                     "m0": 0.5, "lr": 1e3, "steps": 40}
     assert method_options("breadcrumbs", {"gamma": 0.05}) == {"density": 0.9, "gamma": 0.05}
 
