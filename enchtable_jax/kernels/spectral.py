@@ -70,24 +70,43 @@ def kept(shape: tuple[int, ...], keep: float) -> int:
     return max(1, int(keep * min(shape)))
 
 
+_GRAM_ROWS = 512  # rows of X converted to float64 at a time when forming its float64 Gram matrix
+
+
+def _gram(a: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """aᵀa in `dtype`, a converted `_GRAM_ROWS` rows at a time when the rows divide evenly: an 8B layer's 14336×4096
+    in float64 at once would be 470 MB more per decomposition running."""
+    m = a.shape[0]
+    if dtype == a.dtype or m <= _GRAM_ROWS or m % _GRAM_ROWS:
+        wide = a.astype(dtype)
+        return wide.T @ wide
+    blocks = a.reshape(m // _GRAM_ROWS, _GRAM_ROWS, a.shape[1])
+
+    def add(g, block):
+        block = block.astype(dtype)
+        return g + block.T @ block, None
+
+    return jax.lax.scan(add, jnp.zeros((a.shape[1],) * 2, dtype), blocks)[0]
+
+
 def gram_triplets(x: jax.Array, k: int, dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The leading k singular triplets from the eigendecomposition of the smaller Gram matrix, computed in `dtype`.
+    """The leading k singular triplets from the eigendecomposition of the smaller Gram matrix, formed and decomposed
+    in `dtype`.
 
     For m ≥ n: XᵀX = V S² Vᵀ, U = X V / S (and the transpose for wide X). In float32 the Gram matrix squares the
     condition number: the triplets are accurate to about ε·(σ1/σk)² relative, fine while the kept part of the
     spectrum spans a few orders of magnitude. In float64 (scoped to this computation: `jax.enable_x64`) that error
-    is ε64·(σ1/σk)², below float32's own rounding until σ1/σk passes 10⁴ and still below the float32 SVD's
-    ε32·σ1/σk until about 10⁹, so the float32 triplets it returns are as accurate as the SVD's: on CPU it takes
-    0.57–1.0× the SVD's time (DESIGN.md, "SVD solvers per backend"). Returned in float32.
+    is ε64·(σ1/σk)², below float32's own rounding until σ1/σk passes 10⁴, so V and S are as accurate as the float32
+    SVD's, and U = XV/S in float32 as accurate as its U: on CPU it takes 0.57–1.0× the SVD's time (DESIGN.md, "SVD
+    solvers per backend"). Returned in float32.
     """
+    wide = x.shape[0] < x.shape[1]
+    a = (x.T if wide else x).astype(jnp.float32)  # tall
     with jax.enable_x64(dtype == jnp.float64):
-        wide = x.shape[0] < x.shape[1]
-        a = (x.T if wide else x).astype(dtype)  # tall
-        w, vecs = jnp.linalg.eigh(a.T @ a)  # ascending
-        v = vecs[:, ::-1][:, :k]
-        s = jnp.sqrt(jnp.maximum(w[::-1][:k], 0.0))
-        u = (a @ v) / jnp.where(s > 0, s, 1.0)
-        u, s, v = (t.astype(jnp.float32) for t in (u, s, v))
+        w, vecs = jnp.linalg.eigh(_gram(a, dtype))  # ascending
+        v = vecs[:, ::-1][:, :k].astype(jnp.float32)
+        s = jnp.sqrt(jnp.maximum(w[::-1][:k], 0.0)).astype(jnp.float32)
+    u = (a @ v) / jnp.where(s > 0, s, 1.0)
     return (v, s, u) if wide else (u, s, v)
 
 

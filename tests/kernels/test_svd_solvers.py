@@ -66,7 +66,7 @@ def iota_by(solver: str, task: np.ndarray, safety: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("solver", [*EXACT_SOLVERS, "auto", "gram"])
-@pytest.mark.parametrize("shape", [(96, 64), (48, 120)], ids=["tall", "wide"])
+@pytest.mark.parametrize("shape", [(96, 64), (48, 120), (1024, 48)], ids=["tall", "wide", "Gram by row blocks"])
 @pytest.mark.parametrize("decay", ["1/i", "steep"])  # σ_k/σ_1 at the last kept triplet: 1/32, 2e-5 (tall)
 def test_every_exact_solver_keeps_the_float32_bound(solver, shape, decay):
     """The float64 Gram eigendecomposition ("gram64", CPU's "auto") is as accurate as the float32 SVD even where
