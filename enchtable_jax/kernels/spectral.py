@@ -86,7 +86,8 @@ def _gram(a: jax.Array, dtype: jnp.dtype) -> jax.Array:
         block = block.astype(dtype)
         return g + block.T @ block, None
 
-    return jax.lax.scan(add, jnp.zeros((a.shape[1],) * 2, dtype), blocks)[0]
+    # Begun from the first block, not from zeros: inside shard_map the sum must vary over the mesh as the blocks do.
+    return jax.lax.scan(add, add(0, blocks[0])[0], blocks[1:])[0]
 
 
 def gram_triplets(x: jax.Array, k: int, dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -81,6 +81,23 @@ def test_every_exact_solver_keeps_the_float32_bound(solver, shape, decay):
         assert error <= 1e-4, error
 
 
+def test_gram64_by_row_blocks_runs_inside_the_merges_shard_map():
+    """The merge maps `top_triplets` over a group with shard_map (executor.py); the Gram matrix's row-block sum must
+    trace there too, and give what it gives outside."""
+    from jax.sharding import PartitionSpec as P
+
+    from enchtable_jax.merging.executor import GROUP_AXIS, merge_mesh
+
+    mesh = merge_mesh()
+    stack = np.stack([spectrum_matrix((1024, 48), "1/i", seed=i) for i in range(mesh.size)])
+    for x in (stack, stack.transpose(0, 2, 1)):  # tall and wide
+        mapped = jax.jit(jax.shard_map(lambda x: jax.lax.map(lambda a: top_triplets(a, KEEP, "gram64"), x),
+                                       mesh=mesh, in_specs=P(GROUP_AXIS), out_specs=P(GROUP_AXIS)))(x)
+        alone = jax.jit(lambda a: top_triplets(a, KEEP, "gram64"))(x[0])
+        for got, want in zip(mapped, alone):
+            np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def test_auto_is_the_platforms_solver():
     x = spectrum_matrix((80, 48), "1/i", seed=3)
     triplets = {s: [np.asarray(t) for t in jax.jit(lambda a, s=s: top_triplets(a, KEEP, s))(x)]
