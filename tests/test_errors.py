@@ -477,6 +477,7 @@ def _stderr_of(*argv) -> tuple[int, list[str]]:
     return done.returncode, done.stderr.splitlines()
 
 
+@pytest.mark.slow  # 14 s in three fresh processes; the same errors are one line in-process in the default suite
 def test_disk_full_and_damaged_resume_print_only_the_error_line(world, tmp_path):
     """No flood after (or before) the one line: orbax's background threads log the disk-full error with its
     traceback, and a truncated checkpoint on --resume leaves tensorstore posting to a closed event loop."""

@@ -45,8 +45,9 @@ def _jacrev_kernel(scope, readout, b1, b2):
     return k[:, :, 0, 0] if k.shape[2] == 1 else k
 
 
-@pytest.mark.parametrize("method", ["jacobian", "ntvp"])
-@pytest.mark.parametrize("readout_name", ["logprob", "logits"])
+# logprob by the Jacobian (8 s) is slow: the Jacobian method is checked on logits, the logprob readout by NTVPs
+@pytest.mark.parametrize("method,readout_name", [pytest.param("jacobian", "logprob", marks=pytest.mark.slow),
+                                                 ("ntvp", "logprob"), ("jacobian", "logits"), ("ntvp", "logits")])
 def test_ntk_equals_jacobian_product(method, readout_name):
     scope = resolve_scope(CONFIG, "ffn", "1:")
     readout = response_logprob if readout_name == "logprob" else last_token_logits([3, 17, 40])
