@@ -105,7 +105,8 @@ def svd_bound(preset: str, cores: int | None = None, with_torch: bool = True,
             "shapes": {f"{s[0]}x{s[1]}": measured[f"{s[0]}x{s[1]}"] for s in counts},
             "svd_seconds_one_thread": dict(total),
             "perfect_parallel_seconds": {impl: t / cores for impl, t in total.items()},
-            "solver": SOLVER, "solver_seconds_one_thread": solver, "solver_perfect_parallel_seconds": solver / cores}
+            "solver": SOLVER, "solver_seconds_one_thread": solver,
+            "solver_perfect_parallel_seconds": solver / cores}
 
 
 def main(argv: list[str] | None = None) -> None:

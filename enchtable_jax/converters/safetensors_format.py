@@ -362,7 +362,8 @@ class TensorSink:
     def write(self, start: int, values: np.ndarray) -> None:
         """Write `values` (this tensor's dtype, contiguous) as entries start, start + 1, ... of the flat tensor."""
         if values.dtype != self.dtype or not 0 <= start <= start + values.size <= self.size:
-            raise RuntimeError(f"sink of {self.dtype} {self.shape}: got {values.size} {values.dtype} entries at {start}")
+            raise RuntimeError(f"sink of {self.dtype} {self.shape}: got {values.size} {values.dtype} entries at "
+                               f"{start}")
         _write_all(self._fd, memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8)),
                    self._offset + start * self.dtype.itemsize)
 

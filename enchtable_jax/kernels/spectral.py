@@ -78,8 +78,8 @@ def _gram(a: jax.Array, dtype: jnp.dtype) -> jax.Array:
     in float64 at once would be 470 MB more per decomposition running."""
     m = a.shape[0]
     if dtype == a.dtype or m <= _GRAM_ROWS or m % _GRAM_ROWS:
-        wide = a.astype(dtype)
-        return wide.T @ wide
+        widened = a.astype(dtype)
+        return widened.T @ widened
     blocks = a.reshape(m // _GRAM_ROWS, _GRAM_ROWS, a.shape[1])
 
     def add(g, block):
@@ -120,10 +120,14 @@ SOLVER_BY_PLATFORM = {"cpu": "gram64"}
 Triplets = tuple[jax.Array, jax.Array, jax.Array]  # U [m, k], S [k] descending, V [n, k]
 
 
-def solver_for(solver: str, platform: str) -> str:
-    """The solver that `solver` means on `platform` ("auto": SOLVER_BY_PLATFORM, else "svd"; others as given)."""
+def _check_solver(solver: str) -> None:
     if solver not in SOLVERS:
         raise EnchtableError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def solver_for(solver: str, platform: str) -> str:
+    """The solver that `solver` means on `platform` ("auto": SOLVER_BY_PLATFORM, else "svd"; others as given)."""
+    _check_solver(solver)
     return SOLVER_BY_PLATFORM.get(platform, "svd") if solver == "auto" else solver
 
 
@@ -147,7 +151,7 @@ def top_triplets(x: jax.Array, keep: float, solver: str = "auto", known: Triplet
                                                                        algorithm=algorithm), **by_platform)
     if solver in ("gram", "gram64"):
         return gram_triplets(x, k, jnp.float64 if solver == "gram64" else jnp.float32)
-    solver_for(solver, "")  # an unknown solver is refused
+    _check_solver(solver)
     u, s, v = thin_svd(x, algorithm)
     return u[:, :k], s[:k], v[:, :k]
 
@@ -216,5 +220,6 @@ def polar(x: jax.Array) -> jax.Array:
     return p @ qt
 
 
-__all__ = ["EXACT_SOLVERS", "SOLVERS", "SOLVER_BY_PLATFORM", "SVD_ALGORITHMS", "Triplets", "gram_triplets", "interference", "interference_direct", "interference_terms", "kept", "polar",
-           "significant", "solver_for", "svd_algorithm", "thin_svd", "top_triplets"]
+__all__ = ["EXACT_SOLVERS", "SOLVERS", "SOLVER_BY_PLATFORM", "SVD_ALGORITHMS", "Triplets", "gram_triplets",
+           "interference", "interference_direct", "interference_terms", "kept", "polar", "significant", "solver_for",
+           "svd_algorithm", "thin_svd", "top_triplets"]

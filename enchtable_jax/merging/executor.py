@@ -400,7 +400,8 @@ def _order(plan_: MergePlan, task: TensorSource, group_bytes: int, devices: int)
 
 def output_layout(plan_: MergePlan, task: TensorSource, group_bytes: int = DEFAULT_GROUP_BYTES,
                   devices: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
-    """Every tensor of the merged model as {name: shape and dtype}, in the order `run` yields them over `devices`."""
+    """Every tensor of the merged model as {name: shape and dtype}, in the order `run` yields them over `devices`
+    (what the output's writer is declared)."""
     copied, groups = _order(plan_, task, group_bytes, devices)
     return {name: jax.ShapeDtypeStruct(plan_.tensors[name].shape, plan_.tensors[name].dtype)
             for name in copied + [name for group in groups for name in group]}
@@ -409,11 +410,10 @@ def output_layout(plan_: MergePlan, task: TensorSource, group_bytes: int = DEFAU
 def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta, method: str,
         options: dict[str, Any], seed: int = 0, mesh: Mesh | None = None, group_bytes: int = DEFAULT_GROUP_BYTES,
         progress: bool | None = None, allow_nonfinite: bool = False, cache_decomposition: bool = True,
-        sinks: Sinks | None = None
-        ) -> tuple[dict[str, jax.ShapeDtypeStruct], Generator[MergedTensor, None, None], dict[str, str | None]]:
-    """Pass 2: (the layout: every tensor of the merged model as {name: shape and dtype}, in the order they come;
-    a generator of `MergedTensor` records, copied tensors first, then group by group; what became of the safety
-    vector's decomposition cache, filled in as the generator runs: {"state", "file", "solver"}).
+        sinks: Sinks | None = None) -> tuple[Generator[MergedTensor, None, None], dict[str, str | None]]:
+    """Pass 2: (a generator of `MergedTensor` records, copied tensors first, then group by group, in the order of
+    `output_layout`; what became of the safety vector's decomposition cache, filled in as the generator runs:
+    {"state", "file", and for a method that decomposes "solver"}).
 
     A method that decomposes the deltas reads τ_safe's triplets from the safety vector's cache
     (merging/decomposition.py) when there is one for this vector and solver, else computes them and, with an exact
@@ -434,7 +434,6 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     if "solver" in options:
         options = {**options, "solver": solver}
     copied, groups = _order(plan_, task, group_bytes, mesh.size)
-    layout = output_layout(plan_, task, group_bytes, mesh.size)
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
     what = f"merge {method} (α = {plan_.alpha:.4g})"
     form = METHODS[method].host
@@ -442,13 +441,16 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         # An element-wise method on dense deltas: on the host, fused with the reads (DESIGN.md, Merging).
         merged = [name for group in groups for name in group]
         records = _host_records(merged, plan_, base, task, safety, lambda _: form, allow_nonfinite, what, sinks)
-        return layout, _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
-                                 progress), {"state": "not used (the method does not decompose)", "file": None}
+        return _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
+                         progress), {"state": "not used (the method does not decompose)", "file": None}
     cache, mode, writer, outcome = _decomposition(plan_, safety, method, options.get("keep"), solver,
                                                   cache_decomposition)
+    if METHODS[method].uses_triplets:
+        outcome["solver"] = solver
     # Every tensor's PRNG key up front: computed per group, the keys would queue behind the running group on the
     # device, and reading the next group would wait for it (the pipeline would stall).
-    keys = dict(zip(layout, tensor_keys(seed, list(layout)))) if layout else {}
+    names = copied + [name for group in groups for name in group]
+    keys = dict(zip(names, tensor_keys(seed, names))) if names else {}
 
     def weights_only(group: list[str]) -> bool:
         """Whether the devices give only the statistics of `group` and the host forms its deltas (`Method.weighted`:
@@ -505,7 +507,7 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
             outcome.update(state="written" if written else "not written (the file could not be published)",
                            file=str(written) if written else None)
 
-    return layout, produce(), outcome
+    return produce(), outcome
 
 
 def _with_bar(copied: Iterator[MergedTensor], merged: Iterator[MergedTensor], count: int, method: str,
@@ -654,26 +656,24 @@ def _weighted_forms(group: list[str], stats: dict[str, np.ndarray]) -> Callable[
 
 def _decomposition(plan_: MergePlan, safety: SafetyDelta, method: str, keep: float | None, solver: str, write: bool
                    ) -> tuple[decomposition.Cache | None, str | None, decomposition.Writer | None, dict]:
-    """(cache, mode for the matrix groups: "read" | "emit" | None, the cache writer or None, the outcome record:
-    {"state", "file", and for a method that decomposes "solver"}) for a merge whose decompositions use `solver`."""
+    """(cache, mode for the matrix groups: "read" | "emit" | None, the cache writer or None, the outcome record
+    {"state", "file"}) for a merge whose decompositions use `solver`."""
     if not METHODS[method].uses_triplets:
         return None, None, None, {"state": "not used (the method does not decompose)", "file": None}
     if safety.folder is None:
-        return None, None, None, {"state": "none (aligned − harmful: no safety-vector folder)", "file": None,
-                                  "solver": solver}
+        return None, None, None, {"state": "none (aligned − harmful: no safety-vector folder)", "file": None}
     cache = decomposition.Cache(safety.folder, keep, solver)
     matrices = plan_.matrices()
     if cache.covers(matrices):
-        return cache, "read", None, {"state": "read", "file": str(cache.find()), "solver": solver}
+        return cache, "read", None, {"state": "read", "file": str(cache.find())}
     if not write or solver not in EXACT_SOLVERS:
         why = "disabled" if not write else f"the {solver} solver is not exact"
-        return None, None, None, {"state": f"computed, not cached ({why})", "file": None, "solver": solver}
+        return None, None, None, {"state": f"computed, not cached ({why})", "file": None}
     writer = cache.writer(matrices) if jax.process_index() == 0 else None
     if writer is None and jax.process_count() == 1:
-        return None, None, None, {"state": "computed, not cached (the folder is read-only)", "file": None,
-                                  "solver": solver}
+        return None, None, None, {"state": "computed, not cached (the folder is read-only)", "file": None}
     # Every process runs the same program; process 0 writes.
-    return None, "emit", writer, {"state": "computed, being written", "file": None, "solver": solver}
+    return None, "emit", writer, {"state": "computed, being written", "file": None}
 
 
 def _load_group(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: SafetyDelta,

@@ -88,12 +88,12 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         report = functools.partial(_report, plan, stats, method, options, seed, mesh, start,
                                    {"base": str(base_src.folder), "task": str(task_src.folder), "safety": safety.what})
         if out is None:
-            _, records, decomposition = run()
+            records, decomposition = run()
             with contextlib.closing(records):
                 model = _in_memory(records, stats, task_src)
             return MergeResult(None, report(decomposition), model)
         if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
-            _, records, decomposition = run()
+            records, decomposition = run()
             with contextlib.closing(records):
                 for record in records:
                     stats[record.name] = record.stats
@@ -104,7 +104,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
             # Tensors formed on the host go straight into the output file (`HFWriter.sink`); the others come as
             # arrays. The records' generator is closed before the writer may abort: its worker threads, thread
             # limits and sinks are released at once, whether the merge ends or fails midway.
-            _, records, decomposition = run(sinks=writer.sink)
+            records, decomposition = run(sinks=writer.sink)
             with contextlib.closing(records):
                 final = _write(writer, records, stats, functools.partial(report, decomposition), extra_files)
         return MergeResult(out, final, load(out) if load_model else None)
