@@ -316,13 +316,13 @@ def _mapped(method: str, options: tuple, mesh: Mesh, triplets: str | None, facto
     def per_device(tau, safety, keys, alpha, hints):
         def one(a):
             task_i, safe_i, key_i, hints_i = a
-            if safe_i is None:  # weights only, τ_safe's triplets given: its values never enter a statistic
-                safe_i = jnp.zeros_like(task_i)
             if factored:
                 b_i, a_i = task_i
                 task_i = b_i @ a_i
                 if METHODS[method].uses_triplets:
                     hints_i = {**hints_i, "task": factored_triplets(b_i, a_i, b_i.shape[1])}
+            if safe_i is None:  # weights only, τ_safe's triplets given: its values never enter a statistic
+                safe_i = jnp.zeros_like(task_i)
             emitted = {}
             if triplets == "emit":
                 emitted = {"safety": hints_i["safety"] if "safety" in hints_i else
@@ -437,8 +437,8 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     alpha = put(np.float32(plan_.alpha), NamedSharding(mesh, P()))
     what = f"merge {method} (α = {plan_.alpha:.4g})"
     form = METHODS[method].host
-    if form is not None and all(plan_.tensors[name].rank is None for group in groups for name in group):
-        # An element-wise method on dense deltas: on the host, fused with the reads (DESIGN.md, Merging).
+    if form is not None:
+        # An element-wise method: on the host, fused with the reads (DESIGN.md, Merging).
         merged = [name for group in groups for name in group]
         records = _host_records(merged, plan_, base, task, safety, lambda _: form, allow_nonfinite, what, sinks)
         return _with_bar(_copied_records(copied, task, allow_nonfinite, what), records, len(merged), method,
@@ -454,8 +454,8 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
 
     def weights_only(group: list[str]) -> bool:
         """Whether the devices give only the statistics of `group` and the host forms its deltas (`Method.weighted`:
-        fewer bytes each way, and no delta stack; a LoRA task's deltas come from its factors on the devices)."""
-        return METHODS[method].weighted and plan_.tensors[group[0]].rank is None
+        fewer bytes each way, and no delta stack; a LoRA task's τ_task from its factors on both sides)."""
+        return METHODS[method].weighted
 
     def load(group: list[str]) -> tuple:
         # τ_safe's stack is needed on the devices only to decompose it, or to form the deltas there.
@@ -563,14 +563,28 @@ def _host_merge(name: str, spec: TensorPlan, base: TensorSource, task: TensorSou
     """One tensor by `form`, checked finite: a non-finite input always reaches the delta (`HostForm`), so the one
     check of the result also finds a bad input, which is then named as the device path names it. With `sink`, the
     result goes there chunk by chunk (closed once all of it is written and finite) and the record holds no array."""
-    b, t, parts = base.read(name).reshape(-1), task.read(name).reshape(-1), safety.parts(name)
-    n = b.size
+    b, parts = base.read(name).reshape(-1), safety.parts(name)
+    n, step = b.size, _HOST_CHUNK
+    # A LoRA task's τ_task comes from its factors (scale·B, A), a block of whole rows per step: never task − base,
+    # so the merged model the task stands for is never formed.
+    factors = task.factors(name) if spec.rank is not None else None
+    if factors is None:
+        t = task.read(name).reshape(-1)
+    else:
+        scaled_b, a = factors
+        step = max(1, _HOST_CHUNK // a.shape[1]) * a.shape[1]
+        if step > scratch[0].size:  # a row longer than the scratch: buffers of one row for this tensor
+            scratch = [np.empty(step, x.dtype) for x in scratch]
 
     def chunks() -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:  # (where, τ_task, τ_safe) in the scratch
-        for i in range(0, n, _HOST_CHUNK):
-            at = slice(i, min(i + _HOST_CHUNK, n))
+        for i in range(0, n, step):
+            at = slice(i, min(i + step, n))
             tau, safe = scratch[0][:at.stop - i], scratch[1][:at.stop - i]
-            np.subtract(t[at], b[at], out=tau, dtype=np.float32)
+            if factors is None:
+                np.subtract(t[at], b[at], out=tau, dtype=np.float32)
+            else:
+                rows = i // a.shape[1]
+                np.matmul(scaled_b[rows:rows + tau.size // a.shape[1]], a, out=tau.reshape(-1, a.shape[1]))
             if len(parts) == 1:
                 np.copyto(safe, parts[0][at], casting="same_kind")
             else:

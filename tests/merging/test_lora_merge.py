@@ -16,6 +16,7 @@ import safetensors.numpy
 import enchtable_jax as ej
 from enchtable_jax.calibration import EnchtableSweep
 from enchtable_jax.cli import main
+from enchtable_jax.merging import executor
 from enchtable_jax.merging.methods import method_options
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.merging.sources import SafetyDelta
@@ -71,6 +72,22 @@ def test_adapter_merge_equals_the_merge_of_peft_merged_model(lora_world, dense_e
     for name, array in lora.model.params.items():
         np.testing.assert_allclose(np.asarray(array), np.asarray(dense.model.params[name]), rtol=1e-5, atol=2e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("chunk", [200, 50])  # whole rows per step, the last step short; a row over the scratch
+def test_host_forms_take_tau_task_from_the_factors_row_blocks(lora_world, dense_enchtable, tmp_path, monkeypatch,
+                                                              chunk):
+    """The host forms (EnchTable's weighted deltas into the output file, task arithmetic into arrays) build τ_task
+    from the factors a block of rows at a time: equal to the merge of PEFT's merged model at any step size."""
+    dense_sum = _merge(lora_world, "dense", "task_arithmetic", alpha=0.7).model.params
+    monkeypatch.setattr(executor, "_HOST_CHUNK", chunk)
+    _merge(lora_world, "adapter", "enchtable", out=tmp_path / "merged")
+    runs = {"enchtable": (ej.load(tmp_path / "merged").params, dense_enchtable.model.params),
+            "task_arithmetic": (_merge(lora_world, "adapter", "task_arithmetic", alpha=0.7).model.params, dense_sum)}
+    for method, (ours, theirs) in runs.items():
+        for name, array in ours.items():
+            np.testing.assert_allclose(np.asarray(array), np.asarray(theirs[name]), rtol=1e-5, atol=2e-6,
+                                       err_msg=f"{method} {name}")
 
 
 def test_cli_merge_with_an_adapter_as_the_task(lora_world, dense_enchtable, tmp_path):
