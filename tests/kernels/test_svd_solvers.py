@@ -125,3 +125,17 @@ def test_thin_svd_runs_the_table_entry_of_the_platform_it_is_lowered_for(monkeyp
         monkeypatch.setitem(SVD_ALGORITHMS, "cpu", ((None, algorithm),))
         fresh = jax.jit(lambda a: thin_svd(a)[1])  # a new function: traced again under the patched table
         np.testing.assert_array_equal(np.asarray(fresh(x)), singular_values)
+
+
+@pytest.mark.parametrize("shape", [(300, 256), (1024, 400), (1536, 576)], ids=["two blocks", "rows and uneven columns",
+                                                                             "rows and four blocks"])
+def test_gram_from_lower_blocks_equals_the_float64_product(shape):
+    """gram64's Gram matrix, multiplied block by block below the diagonal (and by row blocks), is numpy's float64
+    aᵀa of the float32 input."""
+    from enchtable_jax.kernels.spectral import _gram
+
+    a = spectrum_matrix(shape, "1/i", seed=3)
+    with jax.enable_x64(True):
+        got = np.asarray(jax.jit(lambda x: _gram(x, np.float64))(a))
+    wide = a.astype(np.float64)
+    np.testing.assert_allclose(got, wide.T @ wide, rtol=1e-12, atol=1e-15)
