@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 # Defined in every child: peak_rss_bytes() and ARGS (the JSON arguments); the child prints one JSON line.
 PRELUDE = '''
@@ -61,17 +62,35 @@ def cpu_devices_env(count: int) -> dict[str, str]:
     return {"XLA_FLAGS": " ".join([*kept, f"{DEVICE_COUNT_FLAG}={count}"])}
 
 
+def read_through(paths: Iterable[Path], chunk: int = 16 << 20) -> int:
+    """Read every file at or under `paths` once, into one reused buffer, so that its pages are in the page cache;
+    returns the bytes read."""
+    buffer, total = bytearray(chunk), 0
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while read := f.readinto(buffer):
+                total += read
+    return total
+
+
 class Worker:
     """One side of a comparison in a spawned process of its own: `factory(*args)` (an importable function) builds
-    there the {name: call} it serves. `runner(name)` gives a call that runs one of them in the child, which times it,
-    syncs the disk outside its time (so that its output's write-back cannot land in the other side's next call)
-    and answers with the seconds, appended to `seconds[name]`. Nothing is shared with this process or another side:
-    in one process, torch's worker threads outlive its calls and slow the next call of JAX, and the reverse."""
+    there the {name: call} it serves. `runner(name)` gives a call that runs one of them in the child, which reads its
+    `inputs` through (files or folders: `read_through`) and then times the call, syncs the disk outside its time (so
+    that its output's write-back cannot land in the other side's next call) and answers with the seconds, appended
+    to `seconds[name]`. Nothing is shared with this process or another side: in one process, torch's worker threads
+    outlive its calls and slow the next call of JAX, and the reverse.
+    Why `inputs`: every call then starts with its inputs in the page cache, as the studies say they measure. The
+    2-core VM of BENCHMARKS.md pages out page cache left unread for a minute (a DAMON pageout scheme), so a call
+    that followed the other side's long ones read some of its inputs from disk again: a LoRA merge took 1.2-1.4 s
+    instead of 0.7 s that way, a first merge 8.6-9.4 s instead of 7.3-8.0 s."""
 
-    def __init__(self, side: str, factory: Callable[..., Mapping[str, Callable[[], object]]], *args):
+    def __init__(self, side: str, factory: Callable[..., Mapping[str, Callable[[], object]]], *args,
+                 inputs: Sequence[Path] = ()):
         context = multiprocessing.get_context("spawn")
         self.side, (self._conn, child) = side, context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._process = context.Process(target=_serve, args=(child, factory, args, tuple(inputs)), daemon=True)
         self._process.start()
         child.close()
         self.seconds: dict[str, list[float]] = {}
@@ -98,12 +117,14 @@ class Worker:
             self._process.kill()
 
 
-def _serve(conn, factory: Callable[..., Mapping[str, Callable[[], object]]], args: tuple) -> None:
-    """A `Worker` child's loop: on each name run that call, time it, sync the disk and answer with the seconds, or
-    with ("error", traceback); None ends it."""
+def _serve(conn, factory: Callable[..., Mapping[str, Callable[[], object]]], args: tuple,
+           inputs: tuple[Path, ...]) -> None:
+    """A `Worker` child's loop: on each name read the inputs through, run that call, time it, sync the disk and
+    answer with the seconds, or with ("error", traceback); None ends it."""
     try:
         calls = factory(*args)
         while (name := conn.recv()) is not None:
+            read_through(inputs)
             start = time.perf_counter()
             calls[name]()
             seconds = time.perf_counter() - start

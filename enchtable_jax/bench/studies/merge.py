@@ -250,9 +250,10 @@ def _timed_sides(world: dict, outs: dict[str, Path], torch_module: str | None, r
     """Seconds of each side after its warm-up calls, the sides alternating, ours and torch's each in a process of
     its own."""
     paths = {k: v for k, v in world.items() if isinstance(v, Path)}
-    workers = [Worker("ours", _our_merges, paths, outs)]
+    inputs = list(paths.values())  # read through before each call (`Worker`): both sides start from the page cache
+    workers = [Worker("ours", _our_merges, paths, outs, inputs=inputs)]
     if torch_module is not None:
-        workers.append(Worker("torch", _torch_merges, paths, outs, torch_module))
+        workers.append(Worker("torch", _torch_merges, paths, outs, torch_module, inputs=inputs))
     try:
         sides = {side: worker for worker in workers for side in _SIDES[worker.side]
                  if "adapter" in paths or not side.endswith("_lora")}  # the LoRA sides need the world's adapter

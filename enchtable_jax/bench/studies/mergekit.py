@@ -126,7 +126,8 @@ def run(quick: bool = False, repeats: int | None = None, size: str | None = None
                    "task": write_model(tmp / "task", config, perturbed(1, TASK_STD)),
                    "safe": write_model(tmp / "safe", config, perturbed(2, SAFETY_STD))}
         outs = {side: {m: tmp / f"{side}-{m}" for m in METHODS} for side in SIDES}
-        workers = {side: Worker(side, _sides, side, folders, outs[side]) for side in SIDES}
+        workers = {side: Worker(side, _sides, side, folders, outs[side], inputs=list(folders.values()))
+                   for side in SIDES}
         try:
             for method in METHODS:
                 alternate({side: w.runner(method) for side, w in workers.items()}, repeats, warmup=WARMUP)
