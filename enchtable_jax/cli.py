@@ -197,9 +197,9 @@ def _merge(args: argparse.Namespace) -> None:
         raise EnchtableError(f"merge needs --{', --'.join(missing)} (or --list)")
     if not args.calibrate:  # --calibrate refuses both itself
         check_strength(args.method, args.alpha, args.beta, ("--alpha", "--beta"))
-    elif args.no_decomposition_cache:
-        raise EnchtableError("--no-decomposition-cache applies to a plain merge, not with --calibrate (the sweep "
-                             "reads a stored decomposition when there is one and writes none)")
+    elif args.no_decomposition_cache or args.adapter_out:
+        flag = "--no-decomposition-cache" if args.no_decomposition_cache else "--adapter-out"
+        raise EnchtableError(f"{flag} applies to a plain merge, not with --calibrate")
     if (args.safety_vector is None) == (args.aligned is None or args.harmful is None):
         raise EnchtableError("give either --safety-vector, or both --aligned and --harmful")
     check_output(args.out, {f"--{k.replace('_', '-')}": getattr(args, k) for k in
@@ -220,13 +220,17 @@ def _merge(args: argparse.Namespace) -> None:
                        safety_vector=args.safety_vector, out=args.out, alpha=args.alpha, beta=args.beta,
                        seed=args.seed, overwrite=args.overwrite, shard_size=args.shard_size,
                        allow_nonfinite=args.allow_nonfinite, cache_decomposition=not args.no_decomposition_cache,
-                       **_method_options(args))
+                       adapter_out=args.adapter_out, adapter_rank=args.adapter_rank, **_method_options(args))
     if jax.process_index() != 0:  # process 0 writes the folder and reports
         return
     report = result.report
     print(f"merged {report['merged']} tensors with {report['method']} ({alpha_text(report)}), copied "
           f"{report['skipped']} unchanged, in {report['seconds']:.1f}s on {report['devices']} device(s); peak RSS "
           f"{report['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
+    if "adapter" in report:
+        captured = report["adapter"]["captured_min"]
+        print(f"adapter with rank-{args.adapter_rank} safety corrections -> {report['adapter']['folder']}"
+              + ("" if captured is None else f" (each carries >= {captured:.1%} of its correction's energy)"))
 
 
 def _check_new_tokens(model: str | None, max_new_tokens: int, flag: str) -> None:
@@ -705,6 +709,13 @@ def _add_merge(sub) -> None:
     p.add_argument("--no-decomposition-cache", action="store_true",
                    help="do not store the safety vector's singular triplets beside it (by default the first "
                         "enchtable or tsv merge does, and later merges read them instead of decomposing again)")
+    p.add_argument("--adapter-out", help="with a LoRA adapter as --task and enchtable: also write the merge as a PEFT "
+                                         "adapter folder here (the task's factors beside a low-rank safety "
+                                         "correction per matrix)")
+    from enchtable_jax.merging.adapter_out import ADAPTER_RANK, DEFAULT_ADAPTER_RANK
+
+    _ranged(p, "--adapter-rank", ADAPTER_RANK, "rank of each matrix's safety correction in --adapter-out",
+            default=DEFAULT_ADAPTER_RANK)
     _add_merge_options(p)
     _add_nonfinite_option(p)
     _add_calibration_options(p)

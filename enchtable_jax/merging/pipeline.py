@@ -18,9 +18,11 @@ from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, HFWriter
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.kernels.host_memory import reuse_freed_memory
-from enchtable_jax.merging import executor
+from enchtable_jax.kernels.spectral import solver_for
+from enchtable_jax.merging import decomposition, executor
+from enchtable_jax.merging.adapter_out import ADAPTER_RANK, DEFAULT_ADAPTER_RANK, check_adapter_out, write_adapter
 from enchtable_jax.merging.lora import companion_folder, open_task
-from enchtable_jax.merging.methods import MERGE_OPTIONS, check_strength, method_options
+from enchtable_jax.merging.methods import MERGE_OPTIONS, METHODS, check_strength, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, plot_png, report_dict, report_files
 from enchtable_jax.merging.sources import SafetyDelta, TensorSource, open_model
 from enchtable_jax.models.model import Model
@@ -48,7 +50,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
           shard_size: int | str = DEFAULT_SHARD_SIZE, group_bytes: int = executor.DEFAULT_GROUP_BYTES,
           mesh: jax.sharding.Mesh | None = None, progress: bool | None = None, load_model: bool = False,
           extra_files: Mapping[str, bytes | str] | None = None, allow_nonfinite: bool = False,
-          cache_decomposition: bool = True, **options: Any) -> MergeResult:
+          cache_decomposition: bool = True, adapter_out: str | Path | None = None,
+          adapter_rank: int = DEFAULT_ADAPTER_RANK, **options: Any) -> MergeResult:
     """Merge the safety delta into `task` (fine-tuned from `base`) with `method`; see `METHODS`.
 
     The safety delta is `safety_vector` (a folder from `distill`) or `aligned` − `harmful`. Models are
@@ -68,20 +71,35 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
     A method that decomposes the deltas (enchtable, tsv) reads τ_safe's singular triplets from the safety vector's
     cache when it has one, else computes them and, with `cache_decomposition`, stores them in the vector's folder
     for later merges (merging/decomposition.py); the report's `safety_decomposition` says which.
+    With `adapter_out` (a weighted method such as enchtable on a LoRA adapter task), the merge is also written as a
+    PEFT adapter folder there: the task's factors beside a rank-`adapter_rank` safety correction per matrix
+    (merging/adapter_out.py); the report's `adapter` holds its record.
     """
     options = method_options(method, options)
     check_values(MERGE_OPTIONS, alpha=alpha, beta=beta, seed=seed)
     check_strength(method, alpha, beta)
+    inputs = {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
+              "--safety-vector": safety_vector}
     if out is not None:
-        out = check_output(out, {"--base": base, "--task": task, "--aligned": aligned, "--harmful": harmful,
-                                 "--safety-vector": safety_vector}, overwrite)
+        out = check_output(out, inputs, overwrite)
+    if adapter_out is not None:
+        check_values({"adapter_rank": ADAPTER_RANK}, adapter_rank=adapter_rank)
+        adapter_out = check_output(adapter_out, {**inputs, "--out": out}, overwrite, "--adapter-out")
     with reuse_freed_memory():  # group after group frees and allocates the same large buffers (kernels.host_memory)
         start = time.perf_counter()
         base_src = open_model(base, "base")
         task_src = open_task(task, base_src)
         safety = SafetyDelta(safety_vector, aligned, harmful)
+        if adapter_out is not None:
+            check_adapter_out(task_src, METHODS[method].weighted, {}, method)
         plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
         mesh = mesh or executor.merge_mesh()
+        if adapter_out is not None:
+            check_adapter_out(task_src, True, {n: t.shape for n, t in plan.tensors.items() if t.merge}, method)
+            adapter = functools.partial(_write_adapter, adapter_out, adapter_rank, plan, task_src, safety, method,
+                                        options, mesh, overwrite)
+        else:
+            adapter = None
         run = functools.partial(executor.run, plan, base_src, task_src, safety, method, options, seed, mesh,
                                 group_bytes, progress, allow_nonfinite, cache_decomposition)
         stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
@@ -91,7 +109,8 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
             records, decomposition = run()
             with contextlib.closing(records):
                 model = _in_memory(records, stats, task_src)
-            return MergeResult(None, report(decomposition), model)
+            extra = {} if adapter is None else {"adapter": adapter(stats)}
+            return MergeResult(None, {**report(decomposition), **extra}, model)
         if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
             records, decomposition = run()
             with contextlib.closing(records):
@@ -107,7 +126,29 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
             records, decomposition = run(sinks=writer.sink)
             with contextlib.closing(records):
                 final = _write(writer, records, stats, functools.partial(report, decomposition), extra_files)
+        if adapter is not None:  # after the folder: a failure here leaves the merged model complete
+            final = {**final, "adapter": adapter(stats)}
         return MergeResult(out, final, load(out) if load_model else None)
+
+
+def _write_adapter(path: Path, rank: int, plan: executor.MergePlan, task: TensorSource, safety: SafetyDelta,
+                   method: str, options: dict[str, Any], mesh: jax.sharding.Mesh, overwrite: bool,
+                   stats: Mapping[str, Mapping[str, float]]) -> dict:
+    """The merge as a PEFT adapter at `path` (`adapter_out.write_adapter`), τ_safe's triplets read from the safety
+    vector's cached decomposition where it holds them; returns the adapter's record, with its folder."""
+    cache = None
+    if safety.folder is not None and METHODS[method].uses_triplets:
+        solver = solver_for(options.get("solver", "auto"), mesh.devices.flat[0].platform)
+        cache = decomposition.Cache(safety.folder, options["keep"], solver)
+    merged = [n for n, t in plan.tensors.items() if t.merge]
+
+    def cached(name: str, shape: tuple[int, int]):
+        return cache.read(name, shape) if cache is not None and cache.covers([name]) else None
+
+    record = write_adapter(path, task, safety, plan.alpha, {n: stats[n]["weight"] for n in merged}, rank, cached,
+                           overwrite, task.base.folder)
+    return {"folder": str(path), **{k: v for k, v in record.items() if k != "tensors"},
+            "captured_min": min((t["captured"] for t in record["tensors"] if "captured" in t), default=None)}
 
 
 def _report(plan: executor.MergePlan, stats: Mapping[str, Mapping[str, float]], method: str, options: dict[str, Any],

@@ -11,15 +11,18 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 import safetensors.numpy
 
 import enchtable_jax as ej
 from enchtable_jax.calibration import EnchtableSweep
 from enchtable_jax.cli import main
-from enchtable_jax.merging import executor
+from enchtable_jax.converters.safety_vector import write_vector
+from enchtable_jax.merging import decomposition, executor
 from enchtable_jax.merging.methods import method_options
 from enchtable_jax.merging.pipeline import merge
 from enchtable_jax.merging.sources import SafetyDelta
+from enchtable_jax.models.identity import identity
 from enchtable_jax.nonfinite import NonFiniteError
 from lora_models import CONFIGS, make_adapter
 
@@ -88,6 +91,72 @@ def test_host_forms_take_tau_task_from_the_factors_row_blocks(lora_world, dense_
         for name, array in ours.items():
             np.testing.assert_allclose(np.asarray(array), np.asarray(theirs[name]), rtol=1e-5, atol=2e-6,
                                        err_msg=f"{method} {name}")
+
+
+@pytest.mark.parametrize("rank", [64, 3])  # 64: every matrix's full rank here (exact); 3: truncated
+def test_adapter_out_is_the_merge_as_a_peft_adapter(lora_world, tmp_path, rank):
+    """PEFT applying the written adapter to the base gives our merged model: exactly (to float32) at full rank;
+    truncated, each matrix differs by |α·w|·√(Σ_{i>r} σ_i²) of τ_safe (Eckart–Young; float64 numpy SVD)."""
+    import peft
+    import torch
+    import transformers
+
+    result = _merge(lora_world, "adapter", "enchtable", out=tmp_path / "merged", adapter_out=tmp_path / "adapter",
+                    adapter_rank=rank, alpha=5.0)  # a correction well above the outputs' float32 rounding
+    base = transformers.AutoModelForCausalLM.from_pretrained(lora_world["base"], dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    weights = {t["name"]: t["weight"] for t in result.report["tensors"] if t["merged"]}
+    safety = SafetyDelta(None, lora_world["base"], lora_world["harmful"])
+    truncated = 0
+    for name, array in ej.load(tmp_path / "merged").params.items():
+        ours, other = np.asarray(array, np.float64), theirs[name].numpy().astype(np.float64)
+        sigma = np.linalg.svd(safety.read(name).astype(np.float64), compute_uv=False) if name in weights else []
+        if len(sigma) <= rank:
+            np.testing.assert_allclose(other, ours, rtol=1e-5, atol=1e-5, err_msg=name)
+            continue
+        truncated += 1
+        tail = abs(result.report["alpha"] * weights[name]) * np.sqrt(np.sum(sigma[rank:] ** 2))
+        assert np.linalg.norm(other - ours) == pytest.approx(tail, rel=1e-3), name
+    assert truncated == (len(weights) if rank == 3 else 0)
+    record = json.loads((tmp_path / "adapter" / "enchtable_adapter.json").read_text())
+    assert {t["name"] for t in record["tensors"] if t["correction_rank"]} == set(weights)
+    assert (result.report["adapter"]["captured_min"] < 0.9) == (rank == 3)
+
+
+def test_adapter_out_reads_the_vectors_cached_triplets(lora_world, tmp_path, monkeypatch):
+    """With a safety-vector folder, the corrections come from its cached decomposition (the merge wrote it): the
+    same factors' products as computed afresh (with no cache)."""
+    base, harmful = ej.load(lora_world["base"]), ej.load(lora_world["harmful"])
+    tau = {n: np.asarray(base.params[n]) - np.asarray(harmful.params[n]) for n in base.params if ".layers." in n
+           and base.params[n].ndim == 2}
+    vector = tmp_path / "vector"
+    write_vector(vector, tau, {"base_model": identity(base.config, base.params)})
+    reads = []
+    monkeypatch.setattr(decomposition.Cache, "read", lambda self, *a, _read=decomposition.Cache.read:
+                        reads.append(a[0]) or _read(self, *a))
+    products = {}
+    for run, cache in (("computed", False), ("cached", True)):  # no cache file yet, then the first merge's
+        merge("enchtable", lora_world["base"], lora_world["adapter"], safety_vector=vector, progress=False,
+              adapter_out=tmp_path / run, adapter_rank=5, cache_decomposition=cache)
+        with safetensors.safe_open(tmp_path / run / "adapter_model.safetensors", "np") as f:
+            products[run] = {k.removesuffix(".lora_A.weight"): f.get_tensor(k.replace("lora_A", "lora_B")) @
+                             f.get_tensor(k) for k in f.keys() if k.endswith(".lora_A.weight")}
+        assert bool(reads) == cache and set(reads) >= (set(tau) if cache else set())
+        reads.clear()
+    assert products["cached"].keys() == products["computed"].keys()
+    for module, product in products["cached"].items():
+        np.testing.assert_allclose(product, products["computed"][module], rtol=1e-4, atol=1e-6, err_msg=module)
+
+
+def test_adapter_out_refuses_a_dense_task_and_an_unweighted_method(lora_world, tmp_path, capsys):
+    """Refused before any work, naming the option, and nothing written."""
+    common = ["merge", "--base", str(lora_world["base"]), "--aligned", str(lora_world["base"]), "--harmful",
+              str(lora_world["harmful"]), "--out", str(tmp_path / "merged"), "--adapter-out", str(tmp_path / "a")]
+    for task, method, why in [("dense", "enchtable", "needs a PEFT LoRA adapter"),
+                              ("adapter", "ties", "has no low-rank correction")]:
+        assert main([*common, "--task", str(lora_world[task]), "--method", method, "--alpha", "0.5"]) == 2
+        assert why in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_merge_with_an_adapter_as_the_task(lora_world, dense_enchtable, tmp_path):
