@@ -147,3 +147,13 @@ def _answering_model(text: str, after: str):
 def answering_model():
     """Factory: answering_model(text, after) -> a rigged tiny `Model` that writes `text` after the byte `after`."""
     return _answering_model
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, results) of the quick demo with seed 0 through the Python API (half a minute on 2 cores), run once
+    for the demo's tests and the notebook's (whose demo cell reuses a finished demo); read-only for both."""
+    from enchtable_jax.demo import run_demo
+
+    out = tmp_path_factory.mktemp("quick-demo") / "demo"
+    return out, run_demo(out, seed=0, quick=True, progress=False, log=lambda _: None)

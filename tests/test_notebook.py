@@ -4,6 +4,7 @@ evaluation)."""
 
 import base64
 import os
+import shutil
 from pathlib import Path
 
 import nbclient
@@ -13,7 +14,10 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "enchtable_colab.
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
+def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch, quick_demo):
+    """The demo cell reuses the session's quick demo (a copy, as an earlier run of the notebook would leave it):
+    `run_demo` itself is tested in tests/demo; the notebook's own work (distil, enchant, evaluate, plots) runs."""
+    shutil.copytree(quick_demo[0], tmp_path / "work" / "demo", symlinks=True)
     monkeypatch.setenv("ENCHTABLE_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("ENCHTABLE_NOTEBOOK_WORK", str(tmp_path / "work"))
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the CPU devices of a Colab CPU runtime (conftest sets 8)
@@ -28,5 +32,6 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     assert f"devices: [{cpus}]" in text and "sizes ci" in text
     assert (tmp_path / "work" / "enchanted" / "merge_report.json").is_file()
     assert (tmp_path / "work" / "safety-vector" / "manifest.json").is_file()
+    assert "reusing the demo in" in text
     for model in ("aligned", "task", "enchanted"):
         assert f"{model:<10} unsafe rate" in text

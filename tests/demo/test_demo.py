@@ -13,7 +13,6 @@ import pytest
 
 from enchtable_jax import METHODS, describe, load
 from enchtable_jax.cli import main
-from enchtable_jax.demo import run_demo
 from enchtable_jax.demo.run import QUICK, attack_pairs
 from enchtable_jax.demo.world import JAILBREAKS, make_world, word_tokenizer
 from enchtable_jax.eval.generate import generate
@@ -50,11 +49,13 @@ def _scores_of_the_saved_model(out, name: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory):
-    """The quick demo with seed 0 twice: through the Python API, and through the CLI as a run over seeds (of
-    one seed: the summary over several is tested in test_report.py, and each world costs half a minute)."""
+def quick_runs(quick_demo, tmp_path_factory):
+    """The quick demo with seed 0 twice: through the Python API (`quick_demo`, as root / "api"), and through the
+    CLI as a run over seeds (of one seed: the summary over several is tested in test_report.py, and each world
+    costs half a minute)."""
     root = tmp_path_factory.mktemp("demo")
-    first = run_demo(root / "api", seed=0, quick=True, progress=False, log=lambda _: None)
+    (root / "api").symlink_to(quick_demo[0], target_is_directory=True)
+    first = quick_demo[1]
     assert main(["demo", "--out", str(root / "cli"), "--quick", "--seeds", "0"]) == 0
     second = json.loads((root / "cli" / "seed-0" / "results.json").read_text())
     return root, first, second
