@@ -73,7 +73,13 @@ def _expected(method, folders, options, alpha, seed=0):
     return out
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# TIES (3.5 s) and breadcrumbs (5 s) are slow here: tests/merging/test_mergekit.py holds their whole merges to
+# mergekit's outputs in the default suite (two settings each, one device), and the devices' grouping, the same for
+# every method on the device path, stays checked by DARE, TSV, EnchTable and SafeLoRA here
+_PER_TENSOR = [pytest.param(m, marks=pytest.mark.slow) if m in ("ties", "breadcrumbs") else m for m in sorted(METHODS)]
+
+
+@pytest.mark.parametrize("method", _PER_TENSOR)
 def test_executor_applies_each_method_per_tensor(world, method, tmp_path):
     uses_alpha = METHODS[method].uses_alpha  # safelora has no α: giving one is refused (check_strength)
     merged = merge(method, world["base"], world["task"], aligned=world["base"], harmful=world["harmful"],
