@@ -695,6 +695,8 @@ def _add_finetune(sub) -> None:
 
 
 def _add_merge(sub) -> None:
+    from enchtable_jax.merging.adapter_out import ADAPTER_RANK, DEFAULT_ADAPTER_RANK
+
     p = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (EnchTable or a baseline)",
                        description="Merge tau_safe (a safety vector, or aligned - harmful) into the task model. "
                                    "`enchtable merge --list` shows the methods and their options.")
@@ -712,8 +714,6 @@ def _add_merge(sub) -> None:
     p.add_argument("--adapter-out", help="with a LoRA adapter as --task and enchtable: also write the merge as a PEFT "
                                          "adapter folder here (the task's factors beside a low-rank safety "
                                          "correction per matrix)")
-    from enchtable_jax.merging.adapter_out import ADAPTER_RANK, DEFAULT_ADAPTER_RANK
-
     _ranged(p, "--adapter-rank", ADAPTER_RANK, "rank of each matrix's safety correction in --adapter-out",
             default=DEFAULT_ADAPTER_RANK)
     _add_merge_options(p)

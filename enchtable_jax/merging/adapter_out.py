@@ -34,16 +34,19 @@ DEFAULT_ADAPTER_RANK = 64
 REPORT = "enchtable_adapter.json"
 
 
-def check_adapter_out(task: LoraTask | object, weighted: bool, merged: Mapping[str, tuple[int, ...]],
-                      method: str) -> None:
-    """Refuse an adapter output (before any work) unless the task is a LoRA adapter, the method's delta is
-    τ_task + w·α·τ_safe, and every merged tensor is a matrix."""
+def check_adapter_task(task: LoraTask | object, weighted: bool, method: str) -> None:
+    """Refuse an adapter output (before any work) unless the task is a LoRA adapter and the method's delta is
+    τ_task + w·α·τ_safe."""
     if not isinstance(task, LoraTask):
         raise EnchtableError("--adapter-out needs a PEFT LoRA adapter folder as --task (the output adapter extends "
                              "its factors)")
     if not weighted:
         raise EnchtableError(f"--adapter-out: {method}'s delta is not τ_task + w·α·τ_safe per tensor, so it has no "
                              "low-rank correction; use enchtable")
+
+
+def check_adapter_tensors(merged: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse an adapter output (after pass 1, before pass 2) when a merged tensor is not a matrix."""
     for name, shape in merged.items():
         if len(shape) != 2:
             raise EnchtableError(f"--adapter-out: tensor {name} {list(shape)} changes in the merge but is not a "
@@ -106,4 +109,5 @@ def write_adapter(path: Path, task: LoraTask, safety: SafetyDelta, alpha: float,
     return report
 
 
-__all__ = ["ADAPTER_RANK", "DEFAULT_ADAPTER_RANK", "REPORT", "check_adapter_out", "write_adapter"]
+__all__ = ["ADAPTER_RANK", "DEFAULT_ADAPTER_RANK", "REPORT", "check_adapter_task", "check_adapter_tensors",
+           "write_adapter"]

@@ -452,14 +452,13 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
     names = copied + [name for group in groups for name in group]
     keys = dict(zip(names, tensor_keys(seed, names))) if names else {}
 
-    def weights_only(group: list[str]) -> bool:
-        """Whether the devices give only the statistics of `group` and the host forms its deltas (`Method.weighted`:
-        fewer bytes each way, and no delta stack; a LoRA task's τ_task from its factors on both sides)."""
-        return METHODS[method].weighted
+    # A weighted method's devices give only the statistics and the host forms the deltas (`Method.weighted`: fewer
+    # bytes each way, and no delta stack; a LoRA task's τ_task from its factors on both sides).
+    weights_only = METHODS[method].weighted
 
     def load(group: list[str]) -> tuple:
         # τ_safe's stack is needed on the devices only to decompose it, or to form the deltas there.
-        needs_safety = not weights_only(group) or (len(plan_.tensors[group[0]].shape) == 2 and mode != "read")
+        needs_safety = not weights_only or (len(plan_.tensors[group[0]].shape) == 2 and mode != "read")
         return _load_group(plan_, base, task, safety, keys, mesh, cache if mode == "read" else None, needs_safety,
                            group)
 
@@ -468,9 +467,9 @@ def run(plan_: MergePlan, base: TensorSource, task: TensorSource, safety: Safety
         factored = plan_.tensors[group[0]].rank is not None
         settings = tuple(sorted(options.items()))
         if matrix and not factored and mode != "read" and METHODS[method].uses_triplets and len(group) % mesh.size:
-            fn = _split_fn(method, settings, mesh, mode, len(group), weights_only(group))
+            fn = _split_fn(method, settings, mesh, mode, len(group), weights_only)
         else:
-            fn = _group_fn(method, settings, mesh, mode if matrix else None, factored, weights_only(group))
+            fn = _group_fn(method, settings, mesh, mode if matrix else None, factored, weights_only)
         return fn(*inputs[:3], alpha, inputs[3])
 
     def produce() -> Iterator[MergedTensor]:

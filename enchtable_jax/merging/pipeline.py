@@ -18,9 +18,9 @@ from enchtable_jax.converters.hf import DEFAULT_SHARD_SIZE, HFWriter
 from enchtable_jax.converters.model_io import load
 from enchtable_jax.converters.outputs import check_output
 from enchtable_jax.kernels.host_memory import reuse_freed_memory
-from enchtable_jax.kernels.spectral import solver_for
 from enchtable_jax.merging import decomposition, executor
-from enchtable_jax.merging.adapter_out import ADAPTER_RANK, DEFAULT_ADAPTER_RANK, check_adapter_out, write_adapter
+from enchtable_jax.merging.adapter_out import ADAPTER_RANK, DEFAULT_ADAPTER_RANK, check_adapter_tensors, \
+    check_adapter_task, write_adapter
 from enchtable_jax.merging.lora import companion_folder, open_task
 from enchtable_jax.merging.methods import MERGE_OPTIONS, METHODS, check_strength, method_options
 from enchtable_jax.merging.report import peak_rss_bytes, plot_png, report_dict, report_files
@@ -91,15 +91,14 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
         task_src = open_task(task, base_src)
         safety = SafetyDelta(safety_vector, aligned, harmful)
         if adapter_out is not None:
-            check_adapter_out(task_src, METHODS[method].weighted, {}, method)
+            check_adapter_task(task_src, METHODS[method].weighted, method)
         plan = executor.plan(base_src, task_src, safety, method, alpha, beta, progress, allow_nonfinite)
         mesh = mesh or executor.merge_mesh()
+        adapter = None
         if adapter_out is not None:
-            check_adapter_out(task_src, True, {n: t.shape for n, t in plan.tensors.items() if t.merge}, method)
-            adapter = functools.partial(_write_adapter, adapter_out, adapter_rank, plan, task_src, safety, method,
-                                        options, mesh, overwrite)
-        else:
-            adapter = None
+            check_adapter_tensors({n: t.shape for n, t in plan.tensors.items() if t.merge})
+            adapter = functools.partial(_write_adapter, adapter_out, adapter_rank, plan, task_src, safety,
+                                        options.get("keep"), overwrite)
         run = functools.partial(executor.run, plan, base_src, task_src, safety, method, options, seed, mesh,
                                 group_bytes, progress, allow_nonfinite, cache_decomposition)
         stats: dict[str, Mapping[str, float]] = {}  # the method's statistics per tensor, as the records bring them
@@ -109,7 +108,7 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
             records, decomposition = run()
             with contextlib.closing(records):
                 model = _in_memory(records, stats, task_src)
-            extra = {} if adapter is None else {"adapter": adapter(stats)}
+            extra = {} if adapter is None else {"adapter": adapter(stats, decomposition)}
             return MergeResult(None, {**report(decomposition), **extra}, model)
         if jax.process_index() != 0:  # the others compute their share of every group; process 0 writes
             records, decomposition = run()
@@ -127,19 +126,19 @@ def merge(method: str, base: ModelLike, task: ModelLike, aligned: ModelLike | No
             with contextlib.closing(records):
                 final = _write(writer, records, stats, functools.partial(report, decomposition), extra_files)
         if adapter is not None:  # after the folder: a failure here leaves the merged model complete
-            final = {**final, "adapter": adapter(stats)}
+            final = {**final, "adapter": adapter(stats, decomposition)}
         return MergeResult(out, final, load(out) if load_model else None)
 
 
 def _write_adapter(path: Path, rank: int, plan: executor.MergePlan, task: TensorSource, safety: SafetyDelta,
-                   method: str, options: dict[str, Any], mesh: jax.sharding.Mesh, overwrite: bool,
-                   stats: Mapping[str, Mapping[str, float]]) -> dict:
+                   keep: float | None, overwrite: bool, stats: Mapping[str, Mapping[str, float]],
+                   outcome: Mapping[str, str | None]) -> dict:
     """The merge as a PEFT adapter at `path` (`adapter_out.write_adapter`), τ_safe's triplets read from the safety
-    vector's cached decomposition where it holds them; returns the adapter's record, with its folder."""
+    vector's decomposition cache when the merge read or wrote one (`outcome`: what `executor.run` says of it);
+    returns the adapter's record, with its folder."""
     cache = None
-    if safety.folder is not None and METHODS[method].uses_triplets:
-        solver = solver_for(options.get("solver", "auto"), mesh.devices.flat[0].platform)
-        cache = decomposition.Cache(safety.folder, options["keep"], solver)
+    if outcome.get("file") is not None:
+        cache = decomposition.Cache(safety.folder, keep, outcome["solver"])
     merged = [n for n, t in plan.tensors.items() if t.merge]
 
     def cached(name: str, shape: tuple[int, int]):
