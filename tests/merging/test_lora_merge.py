@@ -156,7 +156,13 @@ def test_adapter_out_refuses_a_dense_task_and_an_unweighted_method(lora_world, t
                               ("adapter", "ties", "has no low-rank correction")]:
         assert main([*common, "--task", str(lora_world[task]), "--method", method, "--alpha", "0.5"]) == 2
         assert why in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    before = sorted(p.name for p in lora_world["adapter"].iterdir())
+    for where, why in [(lora_world["adapter"] / "out", "is inside the input --task"),
+                       (tmp_path / "merged" / "a", "is inside the input --out")]:
+        common[-1] = str(where)  # the adapter folder inside an input, or inside the merged model's folder
+        assert main([*common, "--task", str(lora_world["adapter"]), "--method", "enchtable"]) == 2
+        assert "--adapter-out" in (err := capsys.readouterr().err) and why in err, err
+    assert not list(tmp_path.iterdir()) and sorted(p.name for p in lora_world["adapter"].iterdir()) == before
 
 
 def test_cli_merge_with_an_adapter_as_the_task(lora_world, dense_enchtable, tmp_path):
